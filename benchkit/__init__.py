@@ -1,0 +1,48 @@
+"""benchkit: run, track and compare neural-network pruning experiments.
+
+>>> import benchkit as bk
+>>> report = bk.prune(model, compression=8, criterion="magnitude", scope="global")
+>>> bk.layer_metrics(model, input_shape=(1, 1, 28, 28))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public names → the module that defines them. Imported lazily so `import benchkit` stays fast and
+# the CLI can print --help without loading torch-heavy modules.
+_EXPORTS = {
+    "prune": "benchkit.pruning.engine",
+    "PruneReport": "benchkit.pruning.engine",
+    "CRITERIA": "benchkit.pruning.criteria",
+    "GRANULARITIES": "benchkit.pruning.granularity",
+    "SCOPES": "benchkit.pruning.scope",
+    "apply_masks": "benchkit.pruning.masks",
+    "get_masks": "benchkit.pruning.masks",
+    "make_permanent": "benchkit.pruning.masks",
+    "release": "benchkit.pruning.masks",
+    "load_pruned_state_dict": "benchkit.pruning.masks",
+    "compact": "benchkit.pruning.compact",
+    "layer_metrics": "benchkit.metrics",
+    "model_metrics": "benchkit.metrics",
+    "MODELS": "benchkit.models",
+    "build_model": "benchkit.models",
+    "DATASETS": "benchkit.data",
+    "load_data": "benchkit.data",
+    "TIMINGS": "benchkit.timing",
+    "ExperimentConfig": "benchkit.config",
+    "ConfigError": "benchkit.config",
+    "PruningExperiment": "benchkit.experiment",
+    "RunResult": "benchkit.experiment",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'benchkit' has no attribute {name!r}")

@@ -1,0 +1,390 @@
+"""Experiment description as dataclasses (OpenLTH-style hparams), loaded from YAML or dicts.
+
+The config *describes* a run; :mod:`benchkit.experiment` *executes* it. Every key has a default,
+unknown keys and wrong types are refused with the dotted key (and YAML line) named, and
+``config_hash`` identifies a run for resuming sweeps and caching dense models.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem found before any work starts. The message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """Which dataset and how it is split. The validation split is carved from the training set."""
+
+    name: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic
+    root: str | None = None  # data root; else $BENCHKIT_DATA, else the user cache directory
+    download: bool = True  # download when missing and online (never for digits/synthetic)
+    val_fraction: float = 0.1  # share of the training set held out for validation (selection)
+    val_size: int | None = None  # absolute validation size; overrides val_fraction (LTH: 5000)
+    split_seed: int = 0  # fixed seed of the train/validation split, independent of the run seed
+    train_subset: int | None = None  # use only the first N training examples (after the split)
+    augment: bool = True  # standard augmentation where the dataset has one (CIFAR crop+flip)
+    num_workers: int = 0  # DataLoader workers
+    # synthetic only
+    num_samples: int = 512
+    num_classes: int = 10
+    input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+
+
+@dataclass
+class ModelConfig:
+    """A registry name (lenet300, lenet5, conv2/4/6, resnet20/32/56, vgg11/16) or a torchvision model."""
+
+    name: str = "lenet300"
+    num_classes: int | None = None  # default: from the dataset
+    in_channels: int | None = None  # default: from the dataset
+    init: str = "default"  # default | kaiming_normal | glorot_normal (LTH uses Gaussian Glorot)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Length in epochs, or in iterations when ``iterations`` is set."""
+
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    batch_size: int = 60
+    epochs: int = 10
+    iterations: int | None = None
+    schedule: str = "constant"  # constant | step | multistep | cosine
+    step_size: int = 30  # epochs (or iterations when training by iterations), for `step`
+    milestones: list[int] = field(default_factory=list)  # for `multistep`, same unit as step_size
+    gamma: float = 0.1
+    eval_every: int | None = None  # validate every k iterations; None = every epoch
+    select_best: bool = True  # restore the weights of the best validation epoch at the end
+    patience: int | None = None  # early stopping on validation loss, in evaluations
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class FinetuneConfig:
+    """Training after each post-training pruning round (and after each lottery level's rewind)."""
+
+    epochs: int = 3
+    iterations: int | None = None
+    lr: float | None = None  # default: train.lr / 10 (Han et al. 2015)
+    optimizer: str | None = None  # default: train.optimizer
+    schedule: str | None = None  # default: constant (or the rewound original schedule with lr_rewind)
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from the dense teacher during fine-tuning (Hinton et al. 2015)."""
+
+    enabled: bool = False
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the soft-target term; 1 - alpha on the hard labels
+
+
+@dataclass
+class ScheduleConfig:
+    """Gradual pruning while training (timing ``during``): AGP cubic schedule, Zhu & Gupta 2017."""
+
+    start: float = 0.0  # fraction of training where pruning starts (t0)
+    end: float = 0.75  # fraction of training where the final sparsity is reached (t0 + n·Δt)
+    every: int = 50  # Δt: masks are updated every this many iterations
+    initial_sparsity: float = 0.0  # s_i
+    soft: bool = False  # soft pruning: pruned weights keep training; masks re-chosen every update
+
+
+@dataclass
+class LotteryConfig:
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020)."""
+
+    levels: int = 5
+    rate: float | None = None  # fraction of survivors pruned per level; default 0.2, or derived from compression
+    layer_rates: dict[str, float] = field(default_factory=dict)  # per-layer (glob) rates, e.g. {fc3: 0.1}
+    rewind_iteration: int = 0  # 0 = rewind to initialisation; k = to the weights after iteration k
+    controls: list[str] = field(default_factory=list)  # reinit | random: controls trained at every level
+
+
+@dataclass
+class PruneConfig:
+    """What is pruned, how, how much and when."""
+
+    timing: str = "post"  # pre | during | post | lottery
+    criterion: str = "magnitude"
+    granularity: str = "element"  # element | N:M | vector | kernel | channel
+    scope: str = "global"  # global | layer
+    compression: float | None = None  # ratio >= 1; None with no sparsity = 1 (dense) except lottery
+    sparsity: float | None = None  # alternative to compression, in [0, 1)
+    reduce: str = "l1"  # group score reduction: l1 | l2 | mean
+    exclude: list[str] = field(default_factory=list)  # module names or globs kept dense
+    overrides: dict[str, float] = field(default_factory=dict)  # module name/glob -> compression
+    score_batch_size: int = 100  # examples per batch for data-driven criteria (SNIP: one batch of 100)
+    score_batches: int = 1
+    iterations: int | None = None  # scoring iterations (SynFlow default 100, others 1)
+    rounds: int = 1  # post: prune in this many rounds, fine-tuning after each
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lr_rewind: bool = False  # post: fine-tune with the original schedule rewound (Renda et al. 2020)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lottery: LotteryConfig = field(default_factory=LotteryConfig)
+
+    def target_compression(self) -> float | None:
+        """The requested compression ratio, from ``compression`` or ``sparsity`` (None if neither)."""
+        if self.sparsity is not None:
+            return 1.0 / (1.0 - self.sparsity)
+        return self.compression
+
+
+@dataclass
+class ExperimentConfig:
+    """One run: data, model, training, pruning and seed. See ../shared/DESIGN.md for the contract."""
+
+    experiment: str = "benchkit"  # MLflow experiment name
+    name: str | None = None  # run name (default: derived from the pruning settings)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    deterministic: bool = True
+    output_dir: str = "runs"  # each run writes to <output_dir>/<config hash>
+    cache_dir: str | None = None  # dense-model cache; default $BENCHKIT_CACHE or ~/.cache/benchkit
+    progress: bool = True  # epoch progress bar (silent when not attached to a terminal)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None = None, overrides: dict[str, Any] | list[str] | None = None,
+                  *, lines: dict[str, int] | None = None, validate: bool = True) -> ExperimentConfig:
+        """Build from a nested dict plus dotted overrides (``{"prune.compression": 8}`` or ``["seed=1"]``)."""
+        d = copy.deepcopy(d or {})
+        for key, value in _parse_overrides(overrides).items():
+            set_dotted(d, key, value)
+        cfg = _build(cls, d, prefix="", lines=lines or {})
+        if validate:
+            cfg.validate(lines=lines)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> ExperimentConfig:
+        """Load one run. A sweep file (with ``base:``) gives its base run, experiment name included."""
+        data, lines = load_yaml(path)
+        if "base" in data or "grid" in data:
+            base = dict(data.get("base") or {})
+            if "experiment" in data:
+                base.setdefault("experiment", data["experiment"])
+            lines = {k[len("base."):]: v for k, v in lines.items() if k.startswith("base.")}
+            data = base
+        return cls.from_dict(data, overrides, lines=lines)
+
+    # ------------------------------------------------------------------------------ views
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened dotted keys → values (used as MLflow params)."""
+        return flatten(self.to_dict())
+
+    def replace(self, **dotted: Any) -> ExperimentConfig:
+        return ExperimentConfig.from_dict(self.to_dict(), {k.replace("__", "."): v for k, v in dotted.items()})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def config_hash(self) -> str:
+        """Hash of everything that determines the run's outcome (not where it is written or shown)."""
+        d = {k: v for k, v in self.flat().items() if k not in NON_SEMANTIC_KEYS}
+        return stable_hash(d)
+
+    def validate(self, lines: dict[str, int] | None = None) -> None:
+        from benchkit.validation import validate_config
+
+        validate_config(self, lines or {})
+
+
+# Keys that never change a run's numbers: where it is written, how it is displayed, its labels.
+NON_SEMANTIC_KEYS = frozenset(
+    {"experiment", "name", "output_dir", "cache_dir", "progress", "data.root", "data.num_workers", "data.download"}
+)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def stable_hash(obj: Any, length: int = 16) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and _is_section(key):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _is_section(dotted: str) -> bool:
+    """Sections are dataclass fields; free-form dicts (overrides, kwargs, layer_rates) stay whole."""
+    return dotted.split(".")[-1] not in {"overrides", "kwargs", "layer_rates"}
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {key!r}: {p!r} is a value, not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. prune.compression=8)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse YAML, returning the data and a map dotted key → 1-based line number, for error messages."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty; it needs at least a `base:` section or config keys")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    lines: dict[str, int] = {}
+
+    def walk(n: yaml.Node, prefix: str) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    walk(node, "")
+    return data, lines
+
+
+def where(key: str, lines: dict[str, int] | None) -> str:
+    if lines and key in lines:
+        return f" (line {lines[key]})"
+    return ""
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a simple annotation; returns (ok, coerced value)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v = _type_ok(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is Any:
+        return True, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        if isinstance(value, str):
+            return True, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)  # e.g. a bare YAML number where a name is expected
+        return False, value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (arg,) = typing.get_args(tp) or (Any,)
+        out = []
+        for x in value:
+            ok, v = _type_ok(x, arg)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, value
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        out = {}
+        for k, x in value.items():
+            ok, v = _type_ok(x, vt)
+            if not ok:
+                return False, value
+            out[str(k)] = v
+        return True, out
+    return isinstance(value, tp), value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, d: Any, prefix: str, lines: dict[str, int]):
+    section = prefix.rstrip(".") or "config"
+    if not isinstance(d, dict):
+        raise ConfigError(f"{section}{where(section, lines)} must be a mapping of keys, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        key = prefix + str(unknown[0])
+        raise ConfigError(
+            f"unknown config key {key!r}{where(key, lines)}; allowed keys in {section}: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key + ".", lines)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise ConfigError(f"{key}{where(key, lines)} must be {_type_name(tp)}, got {value!r}")
+        kwargs[name] = coerced
+    return cls(**kwargs)

@@ -1,0 +1,42 @@
+"""Which modules are prunable, and name/glob matching for exclusions and overrides."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from torch import nn
+
+# Conv and Linear weights are "prunable" by default (DESIGN: compression_ratio counts these).
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class LayerSelectionError(ValueError):
+    """An exclusion or override pattern that matches no prunable module."""
+
+
+def prunable_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES) -> dict[str, nn.Module]:
+    """Prunable modules by qualified name, in definition order (the order every table uses)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, types) and name}
+
+
+def match_layers(pattern: str, names: Iterable[str]) -> list[str]:
+    """Names equal to ``pattern`` or matching it as a glob (``classifier.*``, ``*.conv1``)."""
+    names = list(names)
+    if pattern in names:
+        return [pattern]
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def resolve_patterns(patterns: Iterable[str], names: Iterable[str], what: str) -> list[str]:
+    """Expand globs; a pattern matching nothing is an error naming the available layers."""
+    names = list(names)
+    out: list[str] = []
+    for p in patterns:
+        hit = match_layers(p, names)
+        if not hit:
+            raise LayerSelectionError(
+                f"{what} {p!r} matches no prunable layer; prunable layers are: {', '.join(names)}"
+            )
+        out.extend(h for h in hit if h not in out)
+    return out

@@ -1,0 +1,139 @@
+"""Masks live in ``torch.nn.utils.prune`` (``<param>_orig`` + ``<param>_mask``) so pruned models work
+with PyTorch's own tooling. Masks are keyed by parameter path, e.g. ``"features.0.weight"``.
+
+Pruned entries of ``<param>_orig`` are zeroed when a mask is applied: the forward pass already
+multiplies by the mask, and with the stored value at exactly zero neither momentum nor weight decay
+(nor Adam) can move it, so the model stays sparse through any amount of training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+
+def resolve(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """``"features.0.weight"`` → (the ``features.0`` module, ``"weight"``)."""
+    mod_name, _, pname = path.rpartition(".")
+    module = model.get_submodule(mod_name) if mod_name else model
+    return module, pname
+
+
+def is_masked(module: nn.Module, pname: str = "weight") -> bool:
+    return hasattr(module, f"{pname}_mask") and hasattr(module, f"{pname}_orig")
+
+
+def param_value(module: nn.Module, pname: str = "weight") -> Tensor:
+    """The trainable tensor behind a (possibly masked) parameter: ``<p>_orig`` if masked, else ``<p>``."""
+    return getattr(module, f"{pname}_orig") if is_masked(module, pname) else getattr(module, pname)
+
+
+def current_mask(module: nn.Module, pname: str = "weight") -> Tensor | None:
+    return getattr(module, f"{pname}_mask").bool() if is_masked(module, pname) else None
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Apply boolean masks (True = keep). An existing mask is intersected with the new one, in place,
+    so repeated pruning never builds chains of hooks and always compounds."""
+    for path, mask in masks.items():
+        module, pname = resolve(model, path)
+        orig = param_value(module, pname)
+        mask = mask.to(device=orig.device, dtype=torch.bool)
+        if mask.shape != orig.shape:
+            raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, parameter has {tuple(orig.shape)}")
+        if is_masked(module, pname):
+            buf = getattr(module, f"{pname}_mask")
+            buf.copy_(buf.bool() & mask)
+        else:
+            prune.custom_from_mask(module, pname, mask)
+        buf = getattr(module, f"{pname}_mask")
+        orig.mul_(buf)
+        setattr(module, pname, orig * buf)  # keep the attribute current before the next forward
+
+
+def get_masks(model: nn.Module) -> dict[str, Tensor]:
+    """All masks of the model as boolean tensors, keyed by parameter path."""
+    out = {}
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            for h in getattr(hook, "_pruning_methods", [hook]):
+                pname = getattr(h, "_tensor_name", None)
+                if pname and is_masked(module, pname):
+                    out[f"{name}.{pname}" if name else pname] = getattr(module, f"{pname}_mask").bool().clone()
+    return out
+
+
+def masked_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    return [(p.rpartition(".")[0], *resolve(model, p)) for p in get_masks(model)]
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold masks into the weights (``prune.remove``): plain parameters with zeros, no hooks."""
+    for _, module, pname in masked_modules(model):
+        prune.remove(module, pname)
+    return model
+
+
+@torch.no_grad()
+def release(model: nn.Module, reinit: Callable[[str, Tensor], Tensor] | None = None) -> nn.Module:
+    """Un-prune: optionally give pruned entries fresh values from ``reinit(path, like)``, then drop the
+    masks so the whole network trains again."""
+    for path, mask in get_masks(model).items():
+        module, pname = resolve(model, path)
+        orig = param_value(module, pname)
+        if reinit is not None:
+            fresh = reinit(path, orig).to(orig)
+            orig.copy_(torch.where(mask, orig, fresh))
+        prune.remove(module, pname)
+    return model
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], keep_masks: bool = True) -> None:
+    """Load plain weights (keys like ``fc1.weight``) into a possibly masked model, keeping its masks:
+    masked parameters receive ``value * mask``. This is how lottery tickets rewind."""
+    for name, module in model.named_modules():
+        for pname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            base = pname[: -len("_orig")] if pname.endswith("_orig") else pname
+            if pname.endswith("_mask"):
+                continue
+            key = f"{name}.{base}" if name else base
+            if key not in state:
+                continue
+            target = getattr(module, pname)
+            value = state[key].to(target)
+            if pname.endswith("_orig") and keep_masks:
+                value = value * getattr(module, f"{base}_mask")
+                setattr(module, base, value.clone())
+            target.copy_(value)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The effective weights (mask applied) under their plain names, cloned."""
+    out = {}
+    masks = get_masks(model)
+    for key, value in model.state_dict().items():
+        if key.endswith("_mask"):
+            continue
+        if key.endswith("_orig"):
+            base = key[: -len("_orig")]
+            out[base] = (value * masks[base]).clone()
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def load_pruned_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """Load a state dict saved from a pruned model into a fresh (unpruned) one: masks are re-created
+    from the ``*_mask`` entries first, so the round trip restores masks and weights exactly."""
+    masks = {k[: -len("_mask")]: v.bool() for k, v in state.items() if k.endswith("_mask")}
+    apply_masks(model, masks)
+    model.load_state_dict(dict(state))
+    for path in masks:  # refresh the computed attribute
+        module, pname = resolve(model, path)
+        setattr(module, pname, getattr(module, f"{pname}_orig") * getattr(module, f"{pname}_mask"))
+    return model
