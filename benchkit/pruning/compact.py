@@ -1,0 +1,279 @@
+"""Physical compaction: turn masked-out channels into a genuinely smaller dense network.
+
+A channel mask only zeroes numbers; the tensors keep their size and the FLOPs are still spent.
+Here the dead channels are removed with Torch-Pruning's dependency graph, which knows which
+tensors must shrink together (a conv's output channels, the BatchNorm after it, the next layer's
+input channels, both sides of a residual add, the slices of a concat).
+
+A channel index is removed only when **every producer in its coupled group is dead** at that index,
+because only then is the channel zero whatever the input:
+
+* Conv/Linear producing it: the weight row and the bias entry are zero;
+* BatchNorm: ``gamma`` and ``beta`` are zero (its output is then zero in train and eval mode);
+* depthwise conv (its input and output channel are one): kernel and bias zero.
+
+Layers that merely *consume* the channel (the next conv's input channels) impose nothing: a zero
+input contributes nothing. Any other parametrised member (LayerNorm, GroupNorm, PReLU, an unwrapped
+``nn.Parameter``, grouped or transposed conv, ...) is conservatively treated as alive. A residual
+add whose two sides are dead at different indices therefore keeps both sets. Groups that reach the
+model output (the final classifier's logits) are never touched. The result is checked: the compact
+model must reproduce the masked model's outputs on ``example_inputs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from benchkit import latency as _latency
+from benchkit.latency import Latency
+from benchkit.metrics import Inputs, as_tuple, count_flops, deepcopy_model
+from benchkit.pruning.layers import prunable_layers
+from benchkit.pruning.masks import make_permanent
+
+
+class CompactionError(RuntimeError):
+    """The compacted model does not reproduce the masked one (a coupling this module cannot see)."""
+
+
+@dataclass
+class CompactResult:
+    """The compact model and what compaction bought. FLOPs are fvcore multiply-adds for one sample
+    (``flops_*``: whole model; ``flops_prunable_*``: Conv/Linear layers only); params count all
+    parameters; ``channels`` maps each prunable layer to its output channels (before, after)."""
+
+    model: nn.Module
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    flops_prunable_before: int
+    flops_prunable_after: int
+    channels: dict[str, tuple[int, int]]
+    max_abs_diff: float
+    latency_masked: Latency | None = field(default=None, repr=False)
+    latency_compact: Latency | None = field(default=None, repr=False)
+
+    @property
+    def removed(self) -> dict[str, int]:
+        """Output channels removed per prunable layer (only layers that lost some)."""
+        return {k: b - a for k, (b, a) in self.channels.items() if b != a}
+
+    @property
+    def flops_speedup(self) -> float:
+        return self.flops_prunable_before / self.flops_prunable_after
+
+    @property
+    def latency_speedup(self) -> float | None:
+        if self.latency_masked is None or self.latency_compact is None:
+            return None
+        return self.latency_masked.median_ms / self.latency_compact.median_ms
+
+    def as_dict(self) -> dict[str, int | float | str]:
+        """Flat figures for tracking (``compact_*``), latency with its setting when measured."""
+        out: dict[str, int | float | str] = {
+            "compact_params_before": self.params_before,
+            "compact_params_after": self.params_after,
+            "compact_flops_before": self.flops_before,
+            "compact_flops_after": self.flops_after,
+            "compact_flops_prunable_before": self.flops_prunable_before,
+            "compact_flops_prunable_after": self.flops_prunable_after,
+            "compact_max_abs_diff": self.max_abs_diff,
+        }
+        if self.latency_masked is not None and self.latency_compact is not None:
+            out.update(self.latency_masked.as_dict("latency_masked"))
+            out["latency_compact_ms"] = self.latency_compact.median_ms
+            out["latency_speedup"] = self.latency_speedup
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# which entries of a group are dead
+
+
+def _is_depthwise(conv: nn.modules.conv._ConvNd) -> bool:
+    # Torch-Pruning's own test: it then prunes input and output channels as one.
+    return conv.groups > 1 and conv.groups == conv.out_channels
+
+
+def _rows_zero(module: nn.Module, idxs: Tensor) -> Tensor:
+    dead = module.weight.detach()[idxs].flatten(1).eq(0).all(dim=1)
+    if module.bias is not None:
+        dead &= module.bias.detach()[idxs].eq(0)
+    return dead
+
+
+def _is_consumer(item, dg: tp.DependencyGraph) -> bool:
+    """The member is a Conv/Linear whose *input* channels are the group's channels."""
+    module, handler = item.dep.target.module, item.dep.handler
+    if isinstance(module, nn.modules.conv._ConvNd) and _is_depthwise(module):
+        return False  # its input channel is its output channel
+    in_only = dg.is_in_channel_pruning_fn(handler) and not dg.is_out_channel_pruning_fn(handler)
+    return in_only and isinstance(module, nn.modules.conv._ConvNd | nn.Linear)
+
+
+def _member_dead(item, dg: tp.DependencyGraph) -> Tensor | None:
+    """Per-index dead flags of one group member, or ``None`` if it only consumes the channels."""
+    module = item.dep.target.module
+    idxs = torch.as_tensor(item.idxs, dtype=torch.long)
+    unknown = torch.zeros(len(idxs), dtype=torch.bool)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.transposed or (module.groups > 1 and not _is_depthwise(module)):
+            return unknown
+        return None if _is_consumer(item, dg) else _rows_zero(module, idxs)
+    if isinstance(module, nn.Linear):
+        return None if _is_consumer(item, dg) else _rows_zero(module, idxs)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if not module.affine:
+            return unknown
+        return module.weight.detach()[idxs].eq(0) & module.bias.detach()[idxs].eq(0)
+    if isinstance(module, nn.Module) and next(module.parameters(), None) is None:
+        return None  # parameter-free op (ReLU, pooling, add, concat, flatten): passes zeros through
+    return unknown
+
+
+def _dead_roots(group, dg: tp.DependencyGraph, n: int) -> Tensor:
+    """Root indices dead in every producing member (a root may map to several member indices)."""
+    alive = torch.zeros(n, dtype=torch.long)
+    for item in group:
+        flags = _member_dead(item, dg)
+        if flags is None:
+            continue
+        roots = torch.as_tensor(item.root_idxs, dtype=torch.long)
+        alive.index_add_(0, roots, (~flags).long())
+    return alive == 0
+
+
+def _reaches_output(group, dg: tp.DependencyGraph) -> bool:
+    """True if the group's channels are (part of) the model output, e.g. the classifier's logits:
+    some member other than a consumer is the model's output op or a node nothing reads."""
+    return any(
+        not _is_consumer(item, dg) and (not item.dep.target.outputs or item.dep.target.type == tp.ops.OPTYPE.OUTPUT)
+        for item in group
+    )
+
+
+def _remove_dead_channels(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    for layer in prunable_layers(model).values():
+        if layer not in dg.module2node:
+            continue  # never called on these inputs
+        prune_out = dg.get_pruner_of_module(layer).prune_out_channels
+        n = layer.weight.shape[0]
+        group = dg.get_pruning_group(layer, prune_out, list(range(n)))
+        if _reaches_output(group, dg):
+            continue
+        idxs = torch.nonzero(_dead_roots(group, dg, n)).flatten().tolist()
+        if len(idxs) == n:
+            idxs = idxs[1:]  # keep one (all-zero) channel: zero-width tensors break most ops
+        while idxs:
+            group = dg.get_pruning_group(layer, prune_out, idxs)
+            if dg.check_pruning_group(group):  # no coupled member may lose all its channels
+                group.prune()
+                break
+            idxs = idxs[:-1]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten_outputs(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten_outputs(v)]
+    if isinstance(out, Sequence) and not isinstance(out, str):
+        return [t for v in out for t in _flatten_outputs(v)]
+    return []
+
+
+@torch.no_grad()
+def _max_abs_diff(ref: list[Tensor], model: nn.Module, inputs: tuple[Tensor, ...]) -> float:
+    outs = _flatten_outputs(model(*inputs))
+    if len(outs) != len(ref) or any(x.shape != y.shape for x, y in zip(outs, ref)):
+        return float("inf")
+    return max((float((x - y).abs().max()) for x, y in zip(outs, ref)), default=0.0)
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def compact(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    measure_latency: bool = True,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> CompactResult:
+    """Physically remove dead output channels/neurons from a copy of ``model`` (see module docstring).
+
+    The copy gets its masks made permanent, is compacted on CPU, checked against the masked model
+    (outputs in eval mode must agree within ``rtol``/``atol``, else :class:`CompactionError`), then
+    moved to the model's device and training mode. Latency of both (``measure_latency``) uses
+    :func:`benchkit.latency.measure_latencies` (interleaved) with the given setting (device defaults to the model's).
+    """
+    inputs = tuple(t.detach().cpu() for t in as_tuple(example_inputs))
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    requires_grad = {name.removesuffix("_orig"): p.requires_grad for name, p in model.named_parameters()}
+
+    masked = deepcopy_model(model).cpu().eval()
+    net = make_permanent(deepcopy_model(masked))
+    for p in net.parameters():
+        p.requires_grad_(True)  # Torch-Pruning traces the graph through autograd
+    channels_before = {name: int(m.weight.shape[0]) for name, m in prunable_layers(net).items()}
+    params_before = _num_params(net)
+    with torch.enable_grad():
+        _remove_dead_channels(net, inputs)
+    net.eval()
+
+    with torch.no_grad():
+        ref = _flatten_outputs(masked(*inputs))
+    diff = _max_abs_diff(ref, net, inputs)
+    scale = max((float(t.abs().max()) for t in ref), default=0.0)
+    if not diff <= atol + rtol * scale:
+        raise CompactionError(
+            f"compacted model differs from the masked one by {diff:.3g} (allowed {atol + rtol * scale:.3g}); "
+            "a coupled layer type is not understood. Report the model; metrics without compaction remain valid."
+        )
+
+    layer_names = list(channels_before)
+    one = tuple(t[:1] for t in inputs)
+    flops_masked, flops_compact = count_flops(masked, one), count_flops(net, one)
+    channels = {name: (channels_before[name], int(m.weight.shape[0])) for name, m in prunable_layers(net).items()}
+
+    latency_masked = latency_compact = None
+    if measure_latency:
+        setting = dict(device=device if device is not None else home, batch_size=batch_size, dtype=dtype,
+                       threads=threads, warmup=warmup, repeats=repeats)
+        latency_masked, latency_compact = _latency.measure_latencies([masked, net], inputs, **setting)
+
+    for name, p in net.named_parameters():
+        p.requires_grad_(requires_grad.get(name, True))
+    net.to(home).train(model.training)
+    return CompactResult(
+        model=net,
+        params_before=params_before,
+        params_after=_num_params(net),
+        flops_before=flops_masked.total,
+        flops_after=flops_compact.total,
+        flops_prunable_before=flops_masked.of(layer_names),
+        flops_prunable_after=flops_compact.of(layer_names),
+        channels=channels,
+        max_abs_diff=diff,
+        latency_masked=latency_masked,
+        latency_compact=latency_compact,
+    )
+
