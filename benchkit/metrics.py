@@ -18,7 +18,6 @@ straight into MLflow and compare exactly across runs.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import warnings
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from benchkit.pruning.layers import PRUNABLE_TYPES, prunable_layers
-from benchkit.pruning.masks import current_mask, is_masked, masked_modules, param_value
+from benchkit.pruning.masks import current_mask, deepcopy_model, is_masked, param_value
 
 with warnings.catch_warnings():  # fvcore.nn scripts its losses at import: torch.jit deprecation noise
     warnings.simplefilter("ignore", FutureWarning)
@@ -69,25 +68,6 @@ def effective(module: nn.Module, pname: str = "weight") -> Tensor | None:
         return (param_value(module, pname) * current_mask(module, pname)).detach()
     value = getattr(module, pname, None)
     return value.detach() if value is not None else None
-
-
-def deepcopy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works on a pruned model after a forward pass with autograd on.
-
-    The ``torch.nn.utils.prune`` pre-hook leaves ``module.weight = weight_orig * weight_mask`` as a
-    non-leaf tensor, which ``deepcopy`` refuses. Those attributes are swapped for detached values
-    while copying and put back afterwards, so the caller's model is left exactly as it was."""
-    swapped = []
-    for _, module, pname in masked_modules(model):
-        value = getattr(module, pname, None)
-        if isinstance(value, Tensor) and not value.is_leaf:
-            swapped.append((module, pname, value))
-            setattr(module, pname, value.detach())
-    try:
-        return copy.deepcopy(model)
-    finally:
-        for module, pname, value in swapped:
-            setattr(module, pname, value)
 
 
 def _require_prunable(model: nn.Module) -> dict[str, nn.Module]:

@@ -8,6 +8,7 @@ multiplies by the mask, and with the stored value at exactly zero neither moment
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 
 import torch
@@ -137,3 +138,22 @@ def load_pruned_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> nn.
         module, pname = resolve(model, path)
         setattr(module, pname, getattr(module, f"{pname}_orig") * getattr(module, f"{pname}_mask"))
     return model
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works on a pruned model after a forward pass with autograd on.
+
+    The ``torch.nn.utils.prune`` pre-hook leaves ``module.weight = weight_orig * weight_mask`` as a
+    non-leaf tensor, which ``deepcopy`` refuses. Those attributes are swapped for detached values
+    while copying and put back afterwards, so the caller's model is left exactly as it was."""
+    swapped = []
+    for _, module, pname in masked_modules(model):
+        value = getattr(module, pname, None)
+        if isinstance(value, Tensor) and not value.is_leaf:
+            swapped.append((module, pname, value))
+            setattr(module, pname, value.detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for module, pname, value in swapped:
+            setattr(module, pname, value)
