@@ -1,0 +1,62 @@
+"""MLflow → pandas → figures and tables: read a sweep's runs back and compare strategies.
+
+>>> from benchkit import analysis as ba
+>>> runs = ba.load_runs("quickstart")                   # one row per FINISHED run, typed params
+>>> agg = ba.aggregate(runs)                             # mean / std / n over seeds per strategy
+>>> fig = ba.plot_tradeoffs(runs, y="test_acc1")        # vs compression ratio and speedup
+>>> ba.save_table(ba.summary_table(agg, ["test_acc1"], scale={"test_acc1": 100}), "results/q.md")
+"""
+
+from benchkit.analysis.aggregate import STRATEGY_COLUMNS, aggregate, strategy_columns
+from benchkit.analysis.figures import (
+    axis_label,
+    describe_strategy,
+    log_figure,
+    plot_layer_density,
+    plot_lottery,
+    plot_tradeoff,
+    plot_tradeoffs,
+    plot_training_curves,
+)
+from benchkit.analysis.references import HAN2015_LENET5, HAN2015_LENET300, lth_lenet300_percent_remaining
+from benchkit.analysis.runs import (
+    load_artifact_table,
+    load_history,
+    load_layers,
+    load_levels,
+    load_runs,
+    metric_columns,
+    param_columns,
+    parse_param,
+    runs_frame,
+)
+from benchkit.analysis.tables import save_table, summary_table, to_markdown
+
+__all__ = [
+    "HAN2015_LENET300",
+    "HAN2015_LENET5",
+    "STRATEGY_COLUMNS",
+    "aggregate",
+    "axis_label",
+    "describe_strategy",
+    "load_artifact_table",
+    "load_history",
+    "load_layers",
+    "load_levels",
+    "load_runs",
+    "log_figure",
+    "lth_lenet300_percent_remaining",
+    "metric_columns",
+    "param_columns",
+    "parse_param",
+    "plot_layer_density",
+    "plot_lottery",
+    "plot_tradeoff",
+    "plot_tradeoffs",
+    "plot_training_curves",
+    "runs_frame",
+    "save_table",
+    "strategy_columns",
+    "summary_table",
+    "to_markdown",
+]

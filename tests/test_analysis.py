@@ -1,0 +1,297 @@
+"""benchkit.analysis against a small tracking store written by the real Tracker (see fake_runs.py).
+
+Expectations come from the closed formulas that generated the runs and from Python's
+``statistics`` module, never from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from fake_runs import (
+    COMPRESSIONS,
+    CONTROLS,
+    LAYERS,
+    LEVELS,
+    LOTTERY,
+    SEEDS,
+    STRATEGIES,
+    SWEEP,
+    achieved,
+    build_store,
+    curve,
+    dense_acc1,
+    density,
+    final_acc,
+    lottery_acc,
+    lottery_best_step,
+    lottery_percent,
+    speedup,
+)
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+
+from benchkit import analysis as ba
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return build_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    return ba.load_runs(SWEEP, tracking_uri=store.uri)
+
+
+def _mean_std(values):
+    return statistics.mean(values), statistics.stdev(values)
+
+
+# --------------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("text, value", [
+    ("8.0", 8.0), ("3", 3), ("True", True), ("False", False), ("None", None), ("[]", []),
+    ("['fc3']", ["fc3"]), ("{'conv1': 2.0}", {"conv1": 2.0}), ("magnitude", "magnitude"), ("2:4", "2:4"),
+    ("1e-3", 1e-3), ("sqlite:///x.db", "sqlite:///x.db"),
+])
+def test_parse_param_restores_logged_python_values(text, value):
+    parsed = ba.parse_param(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_load_runs_one_row_per_finished_run(store, runs):
+    assert len(runs) == len(STRATEGIES) * len(COMPRESSIONS) * len(SEEDS)
+    assert runs["run_id"].is_unique
+    assert set(runs["run_id"]) == set(store.run_ids.values())
+    assert set(runs["status"]) == {"FINISHED"}
+    assert set(runs["experiment"]) == {SWEEP} and set(runs["sweep"]) == {SWEEP}
+
+    everything = ba.load_runs(SWEEP, tracking_uri=store.uri, status=None)
+    assert len(everything) == len(runs) + 2
+    assert set(everything["run_id"]) - set(runs["run_id"]) == {store.failed_id, store.running_id}
+    failed = ba.load_runs(SWEEP, tracking_uri=store.uri, status="FAILED")
+    assert list(failed["run_id"]) == [store.failed_id]
+
+
+def test_load_runs_types_and_values(store, runs):
+    assert runs["compression"].dtype == np.float64
+    assert runs["seed"].dtype == np.int64
+    assert runs["prune.finetune.epochs"].dtype == np.int64
+    assert runs["data.augment"].dtype == bool
+    assert runs["test_acc1"].dtype == np.float64
+    assert runs["granularity"].tolist() == ["element"] * len(runs)
+    assert all(v == [] for v in runs["prune.exclude"])  # a list, not the string "[]"
+    assert all(v is None for v in runs["data.train_subset"])
+    for row in runs.itertuples(index=False):
+        key = (row.criterion, row.scope, row.compression, row.seed)
+        assert store.run_ids[key] == row.run_id
+        assert row.test_acc1 == pytest.approx(final_acc(*key))
+        assert row.compression_ratio == pytest.approx(achieved(row.compression, row.seed))
+        assert row.config_hash and row.run_name
+
+
+def test_load_runs_filter_and_several_experiments(store):
+    layer = ba.load_runs(SWEEP, tracking_uri=store.uri, filter_string="params.`prune.scope` = 'layer'")
+    assert len(layer) == len(COMPRESSIONS) * len(SEEDS) and set(layer["scope"]) == {"layer"}
+    both = ba.load_runs([SWEEP, LOTTERY], tracking_uri=store.uri)
+    assert both.groupby("experiment").size().to_dict() == {SWEEP: 18, LOTTERY: len(SEEDS)}
+    assert "experiment" in ba.strategy_columns(both)  # two sweeps are never averaged together
+
+
+def test_load_runs_refuses_bad_input_naming_the_fix(store):
+    with pytest.raises(ValueError, match=r"no MLflow experiment named 'nope'.*'fake-strategies'"):
+        ba.load_runs("nope", tracking_uri=store.uri)
+    with pytest.raises(ValueError, match="status must be one of .*FINISHED"):
+        ba.load_runs(SWEEP, tracking_uri=store.uri, status="DONE")
+
+
+# --------------------------------------------------------------------------------------------- aggregation
+def test_aggregate_matches_hand_computed_mean_std_n(runs):
+    agg = ba.aggregate(runs, metrics=["test_acc1", "compression_ratio"])
+    assert len(agg) == len(STRATEGIES) * len(COMPRESSIONS)
+    assert "seed" not in agg and set(agg["n"]) == {len(SEEDS)}
+    for row in agg.itertuples(index=False):
+        accs = [final_acc(row.criterion, row.scope, row.compression, s) for s in SEEDS]
+        mean, std = _mean_std(accs)
+        assert row.test_acc1_mean == pytest.approx(mean)
+        assert row.test_acc1_std == pytest.approx(std)  # sample std (ddof=1): 0.01/sqrt(2)
+        assert row.test_acc1_std == pytest.approx(0.01 / math.sqrt(2))
+        assert row.compression_ratio_mean == pytest.approx(statistics.mean(achieved(row.compression, s) for s in SEEDS))
+
+
+def test_aggregate_warns_when_a_varying_axis_is_left_out(runs):
+    with pytest.warns(UserWarning, match="same seed more than once"):
+        ba.aggregate(runs, by=["criterion", "compression"], metrics=["test_acc1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ba.aggregate(runs, metrics=["test_acc1"])
+    with pytest.raises(KeyError, match="not in the runs frame"):
+        ba.aggregate(runs, by=["criterion"], metrics=["top1"])
+
+
+# --------------------------------------------------------------------------------------------- figures
+def _strategy_lines(ax):
+    return {ln.get_label(): ln for ln in ax.get_lines() if ln.get_label() != "dense"}
+
+
+def test_tradeoff_figure_draws_aggregated_means_with_bands_and_baseline(runs):
+    fig = ba.plot_tradeoff(runs, "compression_ratio", "test_acc1")
+    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    assert ax.get_xlabel().startswith("Compression ratio") and "log₂" in ax.get_xlabel()
+    assert ax.get_ylabel() == "Test top-1 accuracy (%)"
+    assert ax.get_title()
+    lines = _strategy_lines(ax)
+    assert set(lines) == {f"{c} · {s}" for c, s in STRATEGIES}
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == len(STRATEGIES)
+    for (criterion, scope), line in zip(STRATEGIES, (lines[f"{c} · {s}"] for c, s in STRATEGIES)):
+        xs = [statistics.mean(achieved(r, s) for s in SEEDS) for r in COMPRESSIONS]
+        ys = [100 * statistics.mean(final_acc(criterion, scope, r, s) for s in SEEDS) for r in COMPRESSIONS]
+        np.testing.assert_allclose(line.get_xdata(), xs)
+        np.testing.assert_allclose(line.get_ydata(), ys)
+    # each band spans mean ± std in y
+    band_y = bands[0].get_paths()[0].vertices[:, 1]
+    half = 100 * 0.01 / math.sqrt(2)
+    first = lines[f"{STRATEGIES[0][0]} · {STRATEGIES[0][1]}"].get_ydata()
+    assert band_y.max() == pytest.approx(first.max() + half) and band_y.min() == pytest.approx(first.min() - half)
+    (dense,) = [ln for ln in ax.get_lines() if ln.get_label() == "dense"]
+    assert dense.get_ydata()[0] == pytest.approx(100 * statistics.mean(dense_acc1(s) for s in SEEDS))
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == set(lines) | {"dense"}
+
+
+def test_tradeoffs_speedup_panel_uses_theoretical_speedup(runs):
+    fig = ba.plot_tradeoffs(runs, "test_acc1", title="fake")
+    assert len(fig.axes) == 2
+    ax = fig.axes[1]
+    assert ax.get_xlabel().startswith("Theoretical speedup") and ax.xaxis.get_transform().base == 2
+    line = _strategy_lines(ax)["magnitude · layer"]
+    np.testing.assert_allclose(line.get_xdata(),
+                               [statistics.mean(speedup("layer", r, s) for s in SEEDS) for r in COMPRESSIONS])
+
+
+def test_layer_density_bars_from_artifact_beside_reference(store):
+    run_id = store.run_ids[("magnitude", "global", 8.0, 0)]
+    layers = ba.load_layers(run_id, tracking_uri=store.uri)
+    assert list(layers["layer"]) == [n for n, _ in LAYERS]
+    assert {"layer", "type", "shape", "params", "nonzero", "density", "flops", "flops_nonzero", "speedup"} <= set(layers)
+    fig = ba.plot_layer_density({"global 8×": layers}, ba.HAN2015_LENET300, reference_label="Han et al. 2015")
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "Density (% of weights kept)" and ax.get_xlabel() == "Layer"
+    ours, ref = ax.containers
+    assert [b.get_height() for b in ours] == pytest.approx([100 * density(i, 8.0) for i in range(len(LAYERS))])
+    assert [b.get_height() for b in ref] == pytest.approx([8, 9, 26])
+    assert [t.get_text() for t in ax.get_xticklabels()] == [n for n, _ in LAYERS]
+    with pytest.raises(KeyError, match=r"reference layers \['conv1', 'conv2'\] are not among"):
+        ba.plot_layer_density(layers, ba.HAN2015_LENET5)
+    with pytest.raises(FileNotFoundError, match="no artifact 'nope.csv'.*layers.csv"):
+        ba.load_artifact_table(run_id, "nope.csv", tracking_uri=store.uri)
+
+
+def test_lottery_levels_and_figure(store):
+    runs = ba.load_runs(LOTTERY, tracking_uri=store.uri)
+    # the ticket's level metrics are `level_*` or `ticket_level_*` (tracking names the branch or not)
+    assert {"level_percent_remaining", "ticket_level_percent_remaining"} & set(runs)
+    assert {"reinit_level_test_acc1", "random_level_best_step"} <= set(runs)
+    levels = ba.load_levels(runs, tracking_uri=store.uri)
+    per_seed = (LEVELS + 1) + len(CONTROLS) * LEVELS
+    assert len(levels) == per_seed * len(SEEDS)
+    assert set(levels["branch"]) == {"ticket", *CONTROLS}
+    for row in levels.itertuples(index=False):
+        assert row.percent_remaining == pytest.approx(lottery_percent(row.level))
+        assert row.test_acc1 == pytest.approx(lottery_acc(row.branch, row.level, row.seed))
+        assert row.best_step == lottery_best_step(row.branch, row.level, row.seed)
+
+    fig = ba.plot_lottery(levels)
+    acc_ax, stop_ax = fig.axes
+    for ax in (acc_ax, stop_ax):
+        assert ax.get_xscale() == "log" and ax.xaxis_inverted()  # 100 % on the left, sparsest on the right
+        assert ax.get_xlabel().startswith("Weights remaining (%)")
+        assert len(ax.get_lines()) == 1 + len(CONTROLS)
+    assert acc_ax.get_ylabel() == "Test top-1 accuracy (%)" and stop_ax.get_ylabel() == "Early-stopping iteration"
+    lines = {ln.get_label(): ln for ln in acc_ax.get_lines()}
+    ticket = lines["winning ticket"]
+    np.testing.assert_allclose(ticket.get_xdata(), [lottery_percent(lv) for lv in range(LEVELS + 1)])
+    np.testing.assert_allclose(ticket.get_ydata(), [100 * statistics.mean(lottery_acc("ticket", lv, s) for s in SEEDS)
+                                                    for lv in range(LEVELS + 1)])
+    reinit = {ln.get_label(): ln for ln in stop_ax.get_lines()}["random reinitialisation"]
+    np.testing.assert_allclose(reinit.get_ydata(), [statistics.mean(lottery_best_step("reinit", lv, s) for s in SEEDS)
+                                                    for lv in range(1, LEVELS + 1)])
+    with pytest.raises(ValueError, match="no level_\\* metrics"):
+        ba.load_levels(runs.drop(columns=[c for c in runs if "level_" in c]), tracking_uri=store.uri)
+
+
+def test_training_curves_from_metric_history(store, runs):
+    chosen = runs[(runs.criterion == "magnitude") & (runs.scope == "global") & (runs.compression == 4.0)]
+    hist = ba.load_history(chosen, "val_acc1", tracking_uri=store.uri)
+    assert set(hist["phase"]) == {"dense", "finetune_r1"} and set(hist["metric"]) == {"val_acc1"}
+    assert len(hist) == len(SEEDS) * 2 * 3
+    for row in hist.itertuples(index=False):
+        assert row.value == pytest.approx(curve(row.phase, row.step, row.seed))
+    fig = ba.plot_training_curves(hist)
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "Validation top-1 accuracy (%)" and ax.get_xlabel().startswith("Iteration")
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"dense", "finetune_r1"}
+    np.testing.assert_allclose(lines["finetune_r1"].get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(lines["finetune_r1"].get_ydata(),
+                               [100 * statistics.mean(curve("finetune_r1", st, s) for s in SEEDS) for st in (1, 2, 3)])
+    with pytest.raises(ValueError, match="none of the runs logged a history"):
+        ba.load_history(chosen, "val_acc9", tracking_uri=store.uri)
+
+
+def test_log_figure_stores_a_png_artifact(store, runs):
+    run_id = store.run_ids[("random", "global", 2.0, 1)]
+    path = ba.log_figure(ba.plot_tradeoff(runs), run_id, "figures/tradeoff", tracking_uri=store.uri)
+    assert path == "figures/tradeoff.png"
+    client = MlflowClient(store.uri)
+    assert [f.path for f in client.list_artifacts(run_id, "figures")] == ["figures/tradeoff.png"]
+    local = client.download_artifacts(run_id, path, str(store.root / "dl"))
+    with open(local, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------- tables
+def _parse_markdown(text):
+    lines = text.strip().splitlines()
+    split = [[c.strip().replace("\\|", "|") for c in ln.strip()[1:-1].split(" | ")] for ln in lines]
+    return split[0], lines[1], split[2:]
+
+
+def test_markdown_table_round_trip():
+    df = pd.DataFrame({"strategy": ["magnitude | global", "random"], "n": [2, 3],
+                       "acc": [94.12345, float("nan")], "ok": [True, False]})
+    header, rule, rows = _parse_markdown(ba.to_markdown(df, floatfmt=".3f"))
+    assert header == ["strategy", "n", "acc", "ok"]
+    assert rule.count("|") == 5 and rule.count(":") == 4 and "-:|" in rule  # numbers right-aligned
+    assert rows == [["magnitude | global", "2", "94.123", "True"], ["random", "3", "", "False"]]
+
+
+def test_csv_and_markdown_files_round_trip(runs, tmp_path):
+    agg = ba.aggregate(runs, metrics=["test_acc1", "theoretical_speedup"])
+    back = pd.read_csv(ba.save_table(agg, tmp_path / "t.csv"))
+    pd.testing.assert_frame_equal(back, agg, check_dtype=False, check_exact=False, rtol=1e-12)
+    md = ba.save_table(agg, tmp_path / "t.md", floatfmt=".6g").read_text()
+    header, _, rows = _parse_markdown(md)
+    assert header == list(agg.columns) and len(rows) == len(agg)
+    col = header.index("test_acc1_mean")
+    assert [float(r[col]) for r in rows] == pytest.approx(agg["test_acc1_mean"].tolist(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"\.csv or \.md"):
+        ba.save_table(agg, tmp_path / "t.xlsx")
+
+
+def test_summary_table_prints_mean_pm_std(runs):
+    agg = ba.aggregate(runs, metrics=["test_acc1"])
+    table = ba.summary_table(agg, ["test_acc1"], scale={"test_acc1": 100}, labels={"test_acc1": "top-1 (%)"})
+    row = table[(table.criterion == "magnitude") & (table.scope == "layer") & (table.compression == 4.0)].iloc[0]
+    mean, std = _mean_std([100 * final_acc("magnitude", "layer", 4.0, s) for s in SEEDS])
+    assert row["top-1 (%)"] == f"{mean:.2f} ± {std:.2f}" and row["n"] == 2
+    with pytest.raises(KeyError, match="aggregate"):
+        ba.summary_table(agg, ["val_acc5"])
