@@ -40,7 +40,7 @@ class Registry(Generic[T]):
         if key not in self._items:
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self._items))}"
-                f" (or register your own with benchkit.{self.kind.upper().replace(' ', '_')}S.register)"
+                f" (or register your own {self.kind} with the registry's .register(name))"
             )
         return self._items[key]
 

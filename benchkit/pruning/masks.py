@@ -36,6 +36,19 @@ def current_mask(module: nn.Module, pname: str = "weight") -> Tensor | None:
     return getattr(module, f"{pname}_mask").bool() if is_masked(module, pname) else None
 
 
+def _custom_from_mask(module: nn.Module, pname: str, orig: Tensor, mask: Tensor) -> None:
+    """Exactly the reparametrisation ``prune.custom_from_mask`` leaves (``<p>_orig`` parameter, float
+    ``<p>_mask`` buffer, ``CustomFromMask`` pre-hook), without its model-sized temporaries (a ones
+    tensor, a float-mask product, a masked copy we would overwrite): on VGG-16 this is most of the
+    cost of holding masks (benchmarks/bench_global_magnitude.py)."""
+    method = prune.CustomFromMask(mask)
+    method._tensor_name = pname
+    module.register_parameter(f"{pname}_orig", orig)
+    del module._parameters[pname]
+    module.register_buffer(f"{pname}_mask", mask.to(dtype=orig.dtype))
+    module.register_forward_pre_hook(method)
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Apply boolean masks (True = keep). An existing mask is intersected with the new one, in place,
@@ -50,7 +63,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             buf = getattr(module, f"{pname}_mask")
             buf.copy_(buf.bool() & mask)
         else:
-            prune.custom_from_mask(module, pname, mask)
+            _custom_from_mask(module, pname, orig, mask)
         buf = getattr(module, f"{pname}_mask")
         orig.mul_(buf)
         setattr(module, pname, orig * buf)  # keep the attribute current before the next forward

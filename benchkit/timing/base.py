@@ -1,0 +1,331 @@
+"""What every timing shares: the run context (data, device, history, phase clocks), the dense
+model (trained once, then cached), scoring batches for data-driven criteria, and the conversion of
+"reach overall compression C" into the *incremental* compression that :func:`benchkit.prune`
+expects (it compounds on the current survivors).
+
+A timing is a class registered in :data:`benchkit.timing.TIMINGS` with ``run(ctx) -> nn.Module``
+returning the final pruned model (weights selected on the validation split), an optional
+``check(cfg)`` yielding ``(dotted key, problem)`` pairs that
+:func:`benchkit.validation.validate_config` reports before any work starts, and an optional
+``preflight(ctx)`` for checks that need the loaded data (run before any training).
+
+Reproducibility: the model is built right after seeding (:meth:`RunContext.build_model`), and every
+training phase reseeds from (seed, phase name), so a phase never depends on whether an earlier
+one ran in this process or came from the dense cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from benchkit.cache import DenseCache, DenseEntry, dense_key_material
+from benchkit.config import ExperimentConfig, PruneConfig, stable_hash
+from benchkit.models import build_model
+from benchkit.pruning.engine import PruneReport, prune
+from benchkit.pruning.layers import prunable_layers, resolve_patterns
+from benchkit.pruning.masks import get_masks, plain_state_dict
+from benchkit.seeding import make_generator, seed_everything
+from benchkit.training import History, evaluate, train
+
+
+class Timing:
+    """When pruning happens relative to training. Subclasses implement :meth:`run`."""
+
+    name = "timing"
+
+    def run(self, ctx: RunContext) -> nn.Module:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def check(self, cfg: ExperimentConfig) -> Iterator[tuple[str, str]]:
+        """Timing-specific config problems as ``(dotted key, message)``; none by default."""
+        return iter(())
+
+    def preflight(self, ctx: RunContext) -> None:
+        """Checks that need the data or model (e.g. step counts), run before any training."""
+
+
+# --------------------------------------------------------------------------------------------- context
+@dataclass
+class RunContext:
+    """Everything a timing needs, and where it records what happened (history, levels, clocks)."""
+
+    cfg: ExperimentConfig
+    data: Any  # benchkit.data.DataBundle
+    device: torch.device
+    cache: DenseCache | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    levels: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    metrics: dict[str, float] = field(default_factory=dict)  # extra run metrics (dense_*, cache hit)
+    _clock_stack: list[float] = field(default_factory=list, repr=False)
+
+    # ---------------------------------------------------------------------------- building blocks
+    def build_model(self, seed: int | None = None) -> nn.Module:
+        """A freshly initialised model; seeding right before construction makes the init a pure
+        function of the seed (the lottery ticket's rewind point and the dense cache rely on it)."""
+        seed_everything(self.cfg.seed if seed is None else seed, self.cfg.deterministic)
+        return build_model(self.cfg.model, self.data).to(self.device)
+
+    @contextmanager
+    def clock(self, kind: str) -> Iterator[None]:
+        """Accumulate wall time under ``time_<kind>_s`` (rounds and levels add up per kind). Clocks
+        are exclusive: time inside a nested clock (evaluation inside dense training) counts there only."""
+        start = time.perf_counter()
+        self._clock_stack.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            nested = self._clock_stack.pop()
+            self.timings[kind] += elapsed - nested
+            if self._clock_stack:
+                self._clock_stack[-1] += elapsed
+
+    def fit(self, model: nn.Module, phase: str, *, kind: str = "train", train_cfg=None, **kwargs: Any) -> History:
+        """Train ``model`` and append its per-epoch records to the run history under ``phase``.
+
+        Every phase starts from RNG state derived from (seed, phase) — global generators and the
+        training loader's shuffling generator — so a phase's data order and dropout never depend on
+        what ran before it in this process (e.g. whether the dense model came from the cache)."""
+        self.reseed(phase)
+        with self.clock(kind):
+            history = train(model, self.data, train_cfg or self.cfg.train, device=self.device,
+                            progress=self.cfg.progress, desc=phase, **kwargs)
+        self.history.extend({**r, "phase": phase} for r in history.records)
+        return history
+
+    def reseed(self, phase: str) -> None:
+        seed = phase_seed(self.cfg.seed, phase)
+        seed_everything(seed, self.cfg.deterministic)
+        generator = getattr(self.data.train, "generator", None)
+        if generator is not None:
+            generator.manual_seed(seed)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Loss/top-1/top-5 on ``val`` or ``test``. Only ever called outside training, so test
+        numbers are reported and never feed a selection."""
+        with self.clock("eval"):
+            return {k: float(v) for k, v in evaluate(model, getattr(self.data, split), self.device).items()}
+
+    def evaluate_splits(self, model: nn.Module, prefix: str = "") -> dict[str, float]:
+        out = {}
+        for split in ("val", "test"):
+            if getattr(self.data, split) is None:  # data.val_fraction 0: no validation split
+                continue
+            out.update({f"{prefix}{split}_{k}": v for k, v in self.evaluate(model, split).items()})
+        return out
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the main training run (iterations, or epochs × batches per epoch)."""
+        t = self.cfg.train
+        return t.iterations if t.iterations is not None else t.epochs * len(self.data.train)
+
+    # ---------------------------------------------------------------------------- pruning
+    def scoring_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """``score_batches`` training batches of ``score_batch_size`` for data-driven criteria, drawn
+        with a generator seeded from the run seed (same seed → same batches → same masks)."""
+        from benchkit.pruning.criteria import CRITERIA
+
+        p = self.cfg.prune
+        if not _needs_data(CRITERIA.get(p.criterion)):
+            return None
+        loader = DataLoader(self.data.train.dataset, batch_size=p.score_batch_size, shuffle=True,
+                            generator=make_generator(self.cfg.seed))
+        return [(x.to(self.device), y.to(self.device)) for x, y in itertools.islice(loader, p.score_batches)]
+
+    def prune(self, model: nn.Module, compression: float | None, overrides: dict[str, float] | None = None,
+              *, criterion: str | None = None, scope: str | None = None, seed: int | None = None) -> PruneReport:
+        """One call of the engine with the run's criterion/granularity/scope/exclusions."""
+        p = self.cfg.prune
+        criterion = criterion or p.criterion
+        batches = self.scoring_batches() if criterion == p.criterion else None
+        data_kw: dict[str, Any] = {"input_shape": tuple(self.data.input_shape)}  # data-free SynFlow
+        if batches:
+            data_kw.update(loader=batches, score_batches=len(batches))
+        if compression is None and not is_n_m(p.granularity):
+            compression = 1.0  # only overridden layers are pruned
+        was_training = model.training
+        with self.clock("prune"):
+            report = prune(model, compression=compression, criterion=criterion, granularity=p.granularity,
+                           scope=scope or p.scope, exclude=list(p.exclude),
+                           overrides=dict(p.overrides if overrides is None else overrides), reduce=p.reduce,
+                           iterations=p.iterations, seed=self.cfg.seed if seed is None else seed, **data_kw)
+        model.train(was_training)
+        return report
+
+    def prune_to(self, model: nn.Module, target: float, override_targets: dict[str, float] | None = None,
+                 **kwargs: Any) -> PruneReport | None:
+        """Prune until the pruned set reaches overall compression ``target`` (and each overridden
+        layer its own target), whatever pruning happened before. ``None`` if nothing to prune."""
+        compression, overrides = catch_up(model, self.cfg.prune, target, override_targets)
+        if compression <= 1.0 and all(c <= 1.0 for c in overrides.values()):
+            return None
+        return self.prune(model, compression, overrides, **kwargs)
+
+    # ---------------------------------------------------------------------------- dense model
+    def dense(self, capture_steps: Iterable[int] = ()) -> tuple[nn.Module, DenseEntry]:
+        """The trained dense model, from the cache when an identical one was trained before. Its
+        history joins the run as phase ``dense``; its val/test metrics become ``dense_*``.
+        ``capture_steps``: weights after these training steps are kept too (lottery rewinding)."""
+        capture_steps = sorted(set(capture_steps))
+        material = dense_key_material(self.cfg, self.device.type)
+
+        def create() -> DenseEntry:
+            model = self.build_model()
+            capture = CaptureWeights(model, capture_steps)
+            history = self.fit(model, "dense", kind="dense", callbacks=[capture])
+            return DenseEntry(state_dict=plain_state_dict(model), history=dataclasses.asdict(history),
+                              metrics=self.evaluate_splits(model, "dense_"), checkpoints=capture.states)
+
+        def usable(entry: DenseEntry) -> bool:
+            return all(s in entry.checkpoints for s in capture_steps)
+
+        with self.clock("dense"):
+            if self.cache is None:
+                entry = create()
+            else:
+                entry = self.cache.get_or_create(material, create, usable)
+        if entry.hit:  # the fresh-training path already recorded its history
+            self.history.extend({**r, "phase": "dense"} for r in entry.history["records"])
+        model = self.build_model()
+        model.load_state_dict(entry.state_dict)
+        self.metrics.update(entry.metrics)
+        self.metrics["dense_cache_hit"] = float(entry.hit)
+        return model, entry
+
+
+def phase_seed(seed: int, phase: str) -> int:
+    """A seed for one training phase of a run, e.g. (0, "finetune_r2")."""
+    return int(stable_hash([seed, phase], length=8), 16)
+
+
+def _needs_data(criterion: Any) -> bool:
+    return bool(getattr(criterion, "needs_data", False))
+
+
+class CaptureWeights:
+    """Training callback keeping a copy of the plain weights right after the given steps."""
+
+    def __init__(self, model: nn.Module, steps: Iterable[int]):
+        self.model, self.steps = model, set(steps)
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if step in self.steps:
+            self.states[step] = {k: v.detach().cpu() for k, v in plain_state_dict(model).items()}
+
+
+class BestAfter:
+    """Best-validation selection restricted to evaluations at or after ``step`` (gradual pruning:
+    an earlier, less sparse checkpoint must never be selected). Restore with :meth:`restore`."""
+
+    def __init__(self, model: nn.Module, step: int):
+        self.model, self.step = model, step
+        self.best_acc, self.best_step, self.state = float("-inf"), None, None
+
+    def on_eval(self, step: int, record: dict[str, Any]) -> None:
+        acc = record.get("val_acc1")
+        if step >= self.step and acc is not None and acc > self.best_acc:
+            self.best_acc, self.best_step = acc, step
+            self.state = copy.deepcopy(self.model.state_dict())
+
+    def restore(self) -> int | None:
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+        return self.best_step
+
+
+@torch.no_grad()
+def zero_pruned_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum/Adam moments at pruned entries, so a pruned weight's stored value stays exactly
+    zero (the forward pass masks it anyway; this keeps ``_orig`` honest for rewinding and release)."""
+    for path, mask in get_masks(model).items():
+        mod_name, _, pname = path.rpartition(".")
+        module = model.get_submodule(mod_name) if mod_name else model
+        param = getattr(module, f"{pname}_orig")
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.mul_(mask.to(value.device))
+
+
+# --------------------------------------------------------------------------------------------- targets
+def pruned_groups(model: nn.Module, p: PruneConfig) -> tuple[list[str], dict[str, float]]:
+    """Layer names of the jointly-pruned set, and each overridden layer with its compression."""
+    names = list(prunable_layers(model))
+    excluded = set(resolve_patterns(p.exclude, names, "prune.exclude"))
+    overrides: dict[str, float] = {}
+    for pattern, c in p.overrides.items():
+        for name in resolve_patterns([pattern], names, "prune.overrides"):
+            if name not in excluded:
+                overrides.setdefault(name, float(c))
+    main = [n for n in names if n not in excluded and n not in overrides]
+    return main, overrides
+
+
+def weight_density(model: nn.Module, names: Iterable[str]) -> tuple[int, int]:
+    """(surviving weights, total weights) over the given layers, from their masks."""
+    masks = get_masks(model)
+    layers = prunable_layers(model)
+    kept = total = 0
+    for name in names:
+        weight = layers[name].weight
+        total += weight.numel()
+        mask = masks.get(f"{name}.weight")
+        kept += int(mask.sum()) if mask is not None else weight.numel()
+    return kept, total
+
+
+def catch_up(model: nn.Module, p: PruneConfig, target: float,
+             override_targets: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
+    """Incremental compressions that take the current model to overall ``target`` (jointly over
+    the pruned set in ``global`` scope, per layer in ``layer`` scope) and each layer of
+    ``override_targets`` (default: the config's overrides) to its own overall target. Because the engine prunes ``round(s · survivors)``, asking for
+    ``c = target · kept / total`` removes exactly ``kept − total/target`` weights: no drift over rounds."""
+    main, overridden = pruned_groups(model, p)
+    targets = dict(overridden if override_targets is None else override_targets)
+    main = [n for n in main if n not in targets]
+    overrides: dict[str, float] = {}
+    for name, layer_target in targets.items():
+        kept, total = weight_density(model, [name])
+        overrides[name] = max(1.0, layer_target * kept / total)
+    if p.scope == "layer":  # same target per layer: pass each layer its own catch-up as an override
+        for name in main:
+            kept, total = weight_density(model, [name])
+            overrides[name] = max(1.0, target * kept / total)
+        return 1.0, overrides
+    kept, total = weight_density(model, main)
+    return (max(1.0, target * kept / total) if total else 1.0), overrides
+
+
+def is_n_m(granularity: str) -> bool:
+    """``"2:4"``-style granularities fix the compression themselves (M/N per layer)."""
+    return ":" in str(granularity)
+
+
+def prunes_anything(p: PruneConfig) -> bool:
+    """False for the dense baseline (no compression, no overrides, not N:M)."""
+    target = p.target_compression()
+    return is_n_m(p.granularity) or bool(p.overrides) or (target is not None and target > 1.0)
+
+
+def compression_summary(model: nn.Module, p: PruneConfig) -> dict[str, float]:
+    """Compression of the jointly pruned set, and compression/percent remaining over all prunable
+    weights (the figure LTH plots)."""
+    main, _ = pruned_groups(model, p)
+    kept, total = weight_density(model, main)
+    all_kept, all_total = weight_density(model, prunable_layers(model))
+    return {"compression": total / kept if kept else float("inf"),
+            "compression_ratio": all_total / all_kept if all_kept else float("inf"),
+            "percent_remaining": 100.0 * all_kept / all_total}

@@ -1,0 +1,199 @@
+"""Value checks on a whole config, across registries, before any data loads or anything trains.
+
+:func:`validate_config` (called by :meth:`ExperimentConfig.validate`) collects every problem and
+raises one :class:`ConfigError` listing them, each naming the dotted key, its YAML line when known,
+and the allowed values or the fix. Types and unknown keys are checked earlier by
+:mod:`benchkit.config`; checks that need the model (layer globs) run in the experiment's preflight.
+
+Decisions documented here:
+
+* ``lottery`` prunes by ``magnitude`` (IMP) or ``random``; other criteria are refused (the
+  procedure is defined on magnitudes; ``post`` with ``rounds`` covers iterative pruning with
+  other criteria).
+* Knobs that belong to one timing are refused with the others rather than silently ignored:
+  ``schedule.soft``→``during``, ``rounds > 1``/``lr_rewind``/``distill``→``post``,
+  ``lottery.controls``/``lottery.rate``/``lottery.layer_rates``/``lottery.rewind_iteration``→``lottery``.
+* ``N:M`` fixes the compression at M/N: ``compression`` must be unset or M/N, and it cannot be
+  reached gradually (``during``) nor compounded (``lottery``, ``rounds > 1``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from benchkit.config import ConfigError, ExperimentConfig, where
+
+Problem = tuple[str, str]  # (dotted key, what is wrong and how to fix it)
+Check = Callable[[ExperimentConfig], Iterator[Problem]]
+CHECKS: list[Check] = []
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def check(fn: Check) -> Check:
+    CHECKS.append(fn)
+    return fn
+
+
+def validate_config(cfg: ExperimentConfig, lines: dict[str, int] | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``cfg`` (nothing when it is valid)."""
+    lines = lines or {}
+    problems: list[Problem] = []
+    for fn in CHECKS:
+        problems.extend(fn(cfg))
+    if problems:
+        msgs = [f"{key}{where(key, lines)}: {msg}" for key, msg in problems]
+        raise ConfigError(msgs[0] if len(msgs) == 1 else "invalid config:\n  - " + "\n  - ".join(msgs))
+
+
+def _unknown(kind: str, value: Any, allowed: list[str], extra: str = "") -> str:
+    return f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}{extra}"
+
+
+# --------------------------------------------------------------------------------------------- names
+@check
+def names(cfg: ExperimentConfig) -> Iterator[Problem]:
+    from benchkit.data import DATASETS
+    from benchkit.models import INITS, MODELS, torchvision_names
+    from benchkit.pruning.criteria import CRITERIA
+    from benchkit.pruning.scope import SCOPES
+    from benchkit.timing import TIMINGS
+    from benchkit.training import OPTIMIZERS, SCHEDULES
+
+    if cfg.data.name not in DATASETS:
+        yield "data.name", _unknown("dataset", cfg.data.name, DATASETS.names())
+    if cfg.model.name not in MODELS and cfg.model.name not in torchvision_names():
+        yield "model.name", _unknown("model", cfg.model.name, MODELS.names(),
+                                     " (or any torchvision classification model, e.g. resnet18)")
+    if cfg.model.init != "default" and cfg.model.init not in INITS:
+        yield "model.init", _unknown("init", cfg.model.init, ["default", *INITS.names()])
+    for key, value in (("train.optimizer", cfg.train.optimizer), ("prune.finetune.optimizer",
+                                                                  cfg.prune.finetune.optimizer)):
+        if value is not None and value not in OPTIMIZERS:
+            yield key, _unknown("optimizer", value, OPTIMIZERS.names())
+    for key, value in (("train.schedule", cfg.train.schedule), ("prune.finetune.schedule",
+                                                                cfg.prune.finetune.schedule)):
+        if value is not None and value not in SCHEDULES:
+            yield key, _unknown("schedule", value, SCHEDULES.names())
+    if cfg.prune.timing not in TIMINGS:
+        yield "prune.timing", _unknown("timing", cfg.prune.timing, TIMINGS.names())
+    if cfg.prune.criterion not in CRITERIA:
+        yield "prune.criterion", _unknown("criterion", cfg.prune.criterion, CRITERIA.names())
+    if cfg.prune.scope not in SCOPES:
+        yield "prune.scope", _unknown("scope", cfg.prune.scope, SCOPES.names())
+    from benchkit.pruning.granularity import REDUCTIONS
+
+    if cfg.prune.reduce not in REDUCTIONS:
+        yield "prune.reduce", _unknown("reduction", cfg.prune.reduce, list(REDUCTIONS))
+    if not DEVICE.match(str(cfg.device).lower()):
+        yield "device", f"invalid device {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps"
+    yield from _granularity(cfg)
+
+
+def _granularity(cfg: ExperimentConfig) -> Iterator[Problem]:
+    from benchkit.pruning.granularity import get_granularity
+
+    g = cfg.prune.granularity
+    try:
+        gran = get_granularity(g)
+    except ValueError as e:  # UnknownNameError lists the names; GranularityError explains N:M syntax
+        yield "prune.granularity", f"{e}"
+        return
+    fixed = getattr(gran, "compression", None)  # N:M: M/N per layer
+    sparsity = cfg.prune.sparsity
+    target = None if sparsity is not None and not 0 <= sparsity < 1 else cfg.prune.target_compression()
+    if fixed is not None and target is not None and not math.isclose(target, fixed, rel_tol=1e-9):
+        key = "prune.compression" if cfg.prune.compression is not None else "prune.sparsity"
+        yield key, f"granularity {g!r} fixes the compression at M/N = {fixed:g}; leave it unset or set it to {fixed:g}"
+
+
+# --------------------------------------------------------------------------------------------- numbers
+@check
+def compression(cfg: ExperimentConfig) -> Iterator[Problem]:
+    p = cfg.prune
+    if p.compression is not None and p.sparsity is not None:
+        yield "prune.compression", "set either prune.compression or prune.sparsity, not both"
+    if p.compression is not None and not (p.compression >= 1.0 and math.isfinite(p.compression)):
+        yield "prune.compression", (f"must be a ratio >= 1 (total / non-zero weights; 1 = dense), "
+                                    f"got {p.compression}")
+    if p.sparsity is not None and not 0.0 <= p.sparsity < 1.0:
+        yield "prune.sparsity", f"must be in [0, 1), got {p.sparsity}"
+    for pattern, c in p.overrides.items():
+        if not (c >= 1.0 and math.isfinite(c)):
+            yield "prune.overrides", f"compression of {pattern!r} must be a ratio >= 1, got {c}"
+    if p.iterations is not None and p.iterations < 1:
+        yield "prune.iterations", f"must be >= 1 scoring iterations, got {p.iterations}"
+    needs_data = _criterion_needs_data(p.criterion)
+    if needs_data and p.score_batch_size < 1:
+        yield "prune.score_batch_size", f"criterion {p.criterion!r} scores on data; must be >= 1"
+    if needs_data and p.score_batches < 1:
+        yield "prune.score_batches", f"criterion {p.criterion!r} scores on data; must be >= 1"
+
+
+def _criterion_needs_data(name: str) -> bool:
+    from benchkit.pruning.criteria import CRITERIA
+
+    return name in CRITERIA and bool(getattr(CRITERIA.get(name), "needs_data", False))
+
+
+@check
+def training(cfg: ExperimentConfig) -> Iterator[Problem]:
+    t = cfg.train
+    if not t.lr > 0:
+        yield "train.lr", f"must be > 0, got {t.lr}"
+    if t.iterations is not None and t.iterations < 1:
+        yield "train.iterations", f"must be >= 1, got {t.iterations}"
+    if t.iterations is None and t.epochs < 1:
+        yield "train.epochs", f"must be >= 1, got {t.epochs}"
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(t, key) < 1:
+            yield f"train.{key}", f"must be >= 1, got {getattr(t, key)}"
+    if not 0.0 <= t.momentum < 1.0:
+        yield "train.momentum", f"must be in [0, 1), got {t.momentum}"
+    if t.weight_decay < 0:
+        yield "train.weight_decay", f"must be >= 0, got {t.weight_decay}"
+    if t.eval_every is not None and t.eval_every < 1:
+        yield "train.eval_every", f"must be >= 1 iterations, got {t.eval_every}"
+    if t.patience is not None and t.patience < 1:
+        yield "train.patience", f"must be >= 1 evaluations, got {t.patience}"
+    if t.schedule == "multistep" and not t.milestones:
+        yield "train.milestones", "schedule 'multistep' needs milestones, e.g. [80, 120]"
+    d = cfg.data
+    if d.val_size is None and not 0.0 <= d.val_fraction < 1.0:
+        yield "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"
+    if d.val_size is not None and d.val_size < 0:
+        yield "data.val_size", f"must be >= 0, got {d.val_size}"
+    if d.train_subset is not None and d.train_subset < 1:
+        yield "data.train_subset", f"must be >= 1 examples, got {d.train_subset}"
+    if cfg.threads is not None and cfg.threads < 1:
+        yield "threads", f"must be >= 1, got {cfg.threads}"
+
+
+# --------------------------------------------------------------------------------------------- timings
+# A knob set away from its default only means something for these timings.
+TIMING_KNOBS: list[tuple[str, Callable[[ExperimentConfig], bool], tuple[str, ...]]] = [
+    ("prune.schedule.soft", lambda c: c.prune.schedule.soft, ("during",)),
+    ("prune.rounds", lambda c: c.prune.rounds > 1, ("post",)),
+    ("prune.lr_rewind", lambda c: c.prune.lr_rewind, ("post",)),
+    ("prune.distill.enabled", lambda c: c.prune.distill.enabled, ("post",)),
+    ("prune.lottery.controls", lambda c: bool(c.prune.lottery.controls), ("lottery",)),
+    ("prune.lottery.rate", lambda c: c.prune.lottery.rate is not None, ("lottery",)),
+    ("prune.lottery.layer_rates", lambda c: bool(c.prune.lottery.layer_rates), ("lottery",)),
+    ("prune.lottery.rewind_iteration", lambda c: c.prune.lottery.rewind_iteration != 0, ("lottery",)),
+]
+
+
+@check
+def timing(cfg: ExperimentConfig) -> Iterator[Problem]:
+    from benchkit.timing import TIMINGS
+
+    t = cfg.prune.timing
+    for key, is_set, timings in TIMING_KNOBS:
+        if is_set(cfg) and t not in timings:
+            yield key, (f"only applies to timing {' or '.join(timings)}, but prune.timing is {t!r}; "
+                        f"remove it or change the timing")
+    if t in TIMINGS and not list(compression(cfg)):  # timing checks may rely on a sane target
+        yield from TIMINGS.get(t)().check(cfg)

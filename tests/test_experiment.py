@@ -1,0 +1,264 @@
+"""PruningExperiment end to end: reproducibility, the dense-model cache, test-split hygiene, and
+what a run writes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import benchkit
+from benchkit import cache as cache_mod
+from benchkit.cache import DenseCache, DenseEntry, dense_key_material
+from benchkit.config import ExperimentConfig
+from benchkit.experiment import PruningExperiment, RunResult
+from benchkit.models import build_model
+from benchkit.pruning.masks import get_masks, load_pruned_state_dict
+from benchkit.timing import base
+from benchkit.training import evaluate
+
+torch.set_num_threads(1)
+
+
+def tiny(tmp_path, **overrides) -> ExperimentConfig:
+    d = {"data": {"name": "digits"}, "model": {"name": "lenet300", "kwargs": {"hidden": [32, 16]}},
+         "train": {"epochs": 2, "lr": 0.05, "batch_size": 64}, "progress": False,
+         "output_dir": str(tmp_path / "runs"), "prune": {"timing": "post", "compression": 4}}
+    return ExperimentConfig.from_dict(d, overrides)
+
+
+def count_training(monkeypatch) -> list[str]:
+    phases: list[str] = []
+    real = base.train
+
+    def spy(model, data, cfg, **kwargs):
+        phases.append(kwargs["desc"])
+        return real(model, data, cfg, **kwargs)
+
+    monkeypatch.setattr(base, "train", spy)
+    return phases
+
+
+def test_public_contract(tmp_path):
+    result = benchkit.PruningExperiment(tiny(tmp_path)).run()
+    assert isinstance(result, RunResult)
+    m = result.metrics
+    for key in ("compression_ratio", "sparsity", "model_compression_ratio", "flops_dense", "flops_nonzero",
+                "theoretical_speedup", "size_bytes_dense", "size_bytes_sparse", "val_acc1", "val_acc5", "val_loss",
+                "test_acc1", "test_acc5", "test_loss", "dense_val_acc1", "dense_test_acc1", "time_dense_s",
+                "time_prune_s", "time_finetune_s", "time_total_s"):
+        assert isinstance(m[key], float), key
+    assert m["compression_ratio"] == pytest.approx(4, rel=1e-3) and m["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    # clocks are exclusive: the phases add up to (at most) the total
+    assert sum(v for k, v in m.items() if k.startswith("time_") and k != "time_total_s") <= m["time_total_s"]
+    assert list(result.layers["layer"]) == ["fc1", "fc2", "fc3"]
+    assert {r["phase"] for r in result.history} == {"dense", "finetune_r1"}
+    assert set(result.masks) == {"fc1.weight", "fc2.weight", "fc3.weight"}
+    # the written folder has everything, and the saved model reloads to the same numbers
+    out = result.output_dir
+    assert out == tmp_path / "runs" / result.config_hash
+    for name in ("config.yaml", "metrics.json", "history.csv", "levels.csv", "layers.csv", "model.pt"):
+        assert (out / name).is_file(), name
+    assert ExperimentConfig.from_yaml(out / "config.yaml").config_hash() == result.config_hash
+    assert json.loads((out / "metrics.json").read_text())["test_acc1"] == m["test_acc1"]
+    assert len(pd.read_csv(out / "history.csv")) == len(result.history)
+    assert list(pd.read_csv(out / "levels.csv")["round"]) == [1]
+    model = build_model(result.config.model, (1, 8, 8), 10)
+    load_pruned_state_dict(model, torch.load(out / "model.pt"))
+    assert all(torch.equal(get_masks(model)[k], v) for k, v in result.masks.items())
+    assert evaluate(model, _digits_test(result.config), "cpu")["acc1"] == pytest.approx(m["test_acc1"])
+
+
+def _digits_test(cfg):
+    from benchkit.data import load_data
+
+    return load_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed).test
+
+
+@pytest.mark.parametrize("timing", ["post", "lottery", "during", "pre"])
+def test_same_config_and_seed_give_identical_results(tmp_path, monkeypatch, timing):
+    extra = {"prune.lottery.levels": 1, "prune.lottery.controls": ["random"]} if timing == "lottery" else {}
+    cfg = tiny(tmp_path, **{"prune.timing": timing, "prune.criterion": "random", **extra})
+    monkeypatch.setenv("BENCHKIT_CACHE", str(tmp_path / "cache_a"))
+    a = PruningExperiment(cfg).run()
+    monkeypatch.setenv("BENCHKIT_CACHE", str(tmp_path / "cache_b"))  # retrain the dense net too
+    b = PruningExperiment(cfg).run()
+    assert a.dense_cache_hit in (None, False) and b.dense_cache_hit in (None, False)
+    strip = {k: v for k, v in a.metrics.items() if not k.startswith("time_")}
+    assert strip == {k: v for k, v in b.metrics.items() if not k.startswith("time_")}
+    assert a.masks.keys() == b.masks.keys() and all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    different = PruningExperiment(cfg.replace(seed=1)).run()
+    assert not all(torch.equal(a.masks[k], different.masks[k]) for k in a.masks)
+
+
+def test_dense_model_is_trained_once_per_key(tmp_path, monkeypatch):
+    phases = count_training(monkeypatch)
+    first = PruningExperiment(tiny(tmp_path)).run()
+    second = PruningExperiment(tiny(tmp_path, **{"prune.compression": 8, "prune.scope": "layer"})).run()
+    third = PruningExperiment(tiny(tmp_path, **{"prune.timing": "lottery", "prune.compression": None,
+                                                "prune.lottery.levels": 1})).run()
+    assert phases == ["dense", "finetune_r1", "finetune_r1", "level_1"]
+    assert (first.dense_cache_hit, second.dense_cache_hit, third.dense_cache_hit) == (False, True, True)
+    for key in ("dense_val_acc1", "dense_test_acc1", "dense_val_loss"):
+        assert first.metrics[key] == second.metrics[key] == third.metrics[key]
+    # the cached history is part of the run's history
+    assert [r for r in second.history if r["phase"] == "dense"] == [r for r in first.history if r["phase"] == "dense"]
+    # anything that changes the dense model is a different key: retrained
+    PruningExperiment(tiny(tmp_path, **{"train.lr": 0.04})).run()
+    PruningExperiment(tiny(tmp_path, **{"seed": 3})).run()
+    assert phases.count("dense") == 3
+
+
+def test_rewind_checkpoint_missing_from_cache_retrains_and_adds_it(tmp_path, monkeypatch):
+    phases = count_training(monkeypatch)
+    PruningExperiment(tiny(tmp_path)).run()
+    lottery = tiny(tmp_path, **{"prune.timing": "lottery", "prune.compression": None, "prune.lottery.levels": 1,
+                                "prune.lottery.rewind_iteration": 5})
+    first = PruningExperiment(lottery).run()
+    second = PruningExperiment(lottery).run()
+    assert phases.count("dense") == 2 and (first.dense_cache_hit, second.dense_cache_hit) == (False, True)
+    # a cache hit changes nothing downstream: every later phase starts from the same RNG state
+    drop = {"dense_cache_hit"}
+    assert ({k: v for k, v in first.metrics.items() if not k.startswith("time_") and k not in drop}
+            == {k: v for k, v in second.metrics.items() if not k.startswith("time_") and k not in drop})
+
+
+def test_stale_or_foreign_entries_are_never_served(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    cache = DenseCache(tmp_path / "c")
+    material = dense_key_material(cfg, "cpu")
+    entry = DenseEntry(state_dict={"w": torch.ones(2)}, history={"records": []}, metrics={"dense_val_acc1": 0.5})
+    cache.store(material, entry)
+    assert cache.load(material).metrics == {"dense_val_acc1": 0.5}
+    # a file under this key whose stored key material differs (collision, tampering) is a miss
+    path = cache.path(cache_mod.stable_hash(material))
+    blob = torch.load(path, weights_only=True)
+    blob["material"]["train"]["lr"] = 123.0
+    torch.save(blob, path)
+    assert cache.load(material) is None
+    # a new trainer version changes the key: old entries are not found
+    cache.store(material, entry)
+    monkeypatch.setattr(cache_mod, "TRAINER_VERSION", cache_mod.TRAINER_VERSION + 1)
+    assert cache.load(dense_key_material(cfg, "cpu")) is None
+    # a truncated file is a miss, not a crash
+    path.write_bytes(b"not a torch file")
+    assert cache.load(material) is None
+    # the key covers data, model, train, seed and device type; not where outputs go
+    base_key = cache_mod.stable_hash(dense_key_material(cfg, "cpu"))
+    for changed in (cfg.replace(data__val_fraction=0.2), cfg.replace(model__init="kaiming_normal"),
+                    cfg.replace(train__epochs=3), cfg.replace(seed=2)):
+        assert cache_mod.stable_hash(dense_key_material(changed, "cpu")) != base_key
+    assert cache_mod.stable_hash(dense_key_material(cfg, "cuda")) != base_key
+    for same in (cfg.replace(output_dir="/elsewhere"), cfg.replace(prune__compression=16),
+                 cfg.replace(data__num_workers=2)):
+        assert cache_mod.stable_hash(dense_key_material(same, "cpu")) == base_key
+
+
+def test_concurrent_runs_create_the_entry_once(tmp_path):
+    cache = DenseCache(tmp_path / "c")
+    material = {"any": "key"}
+    created = []
+
+    def create():
+        created.append(1)
+        time.sleep(0.3)
+        return DenseEntry(state_dict={"w": torch.zeros(1)}, history={"records": []}, metrics={})
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_create(material, create)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(created) == 1
+    assert sorted(r.hit for r in results) == [False, True, True]
+    assert not list((tmp_path / "c").glob("*.tmp"))  # temp files are moved into place
+
+
+def test_cache_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCHKIT_CACHE", str(tmp_path / "env"))
+    assert cache_mod.cache_root(tiny(tmp_path)) == tmp_path / "env"
+    assert cache_mod.cache_root(tiny(tmp_path, cache_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
+    monkeypatch.delenv("BENCHKIT_CACHE")
+    assert cache_mod.cache_root(tiny(tmp_path)).parts[-2:] == (".cache", "benchkit")
+
+
+class GuardedLoader:
+    """A test loader that refuses to be read while any training call is running."""
+
+    def __init__(self, loader, state):
+        self.loader, self.state = loader, state
+        self.reads_outside_training = 0
+
+    def __iter__(self):
+        if self.state["training"]:
+            raise AssertionError("the test split was read during training")
+        self.reads_outside_training += 1
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"prune.timing": "post", "prune.rounds": 2},
+    {"prune.timing": "lottery", "prune.compression": None, "prune.lottery.levels": 1,
+     "prune.lottery.controls": ["reinit"]},
+    {"prune.timing": "during"},
+])
+def test_test_split_is_never_read_during_training(tmp_path, monkeypatch, overrides):
+    import benchkit.experiment as experiment
+
+    state = {"training": False}
+    guards = []
+    real_load, real_train = experiment.load_data, base.train
+
+    def load(*args, **kwargs):
+        bundle = real_load(*args, **kwargs)
+        bundle.test = GuardedLoader(bundle.test, state)
+        guards.append(bundle.test)
+        return bundle
+
+    def train(*args, **kwargs):
+        state["training"] = True
+        try:
+            return real_train(*args, **kwargs)
+        finally:
+            state["training"] = False
+
+    monkeypatch.setattr(experiment, "load_data", load)
+    monkeypatch.setattr(base, "train", train)
+    result = PruningExperiment(tiny(tmp_path, **overrides)).run()
+    assert guards[0].reads_outside_training >= 1 and "test_acc1" in result.metrics
+
+
+def test_structured_run_reports_compacted_figures(tmp_path):
+    cfg = tiny(tmp_path, **{"prune.granularity": "channel", "prune.compression": 2, "prune.scope": "layer",
+                            "prune.exclude": ["fc3"]})
+    result = PruningExperiment(cfg).run()
+    m = result.metrics
+    # fc1 keeps 16 of 32 neurons, fc2 8 of 16, fc3 (excluded) loses the inputs fc2 no longer feeds:
+    # 64·16 + 16·8 + 8·10 = 1232 weights and multiply-adds, against 2720 dense
+    assert m["compacted_params_prunable"] == 1232 and m["compacted_flops"] == 1232
+    assert m["compacted_speedup"] == pytest.approx(2720 / 1232)
+    assert m["theoretical_speedup"] == pytest.approx(2720 / (1024 + 256 + 160))  # masks alone
+    assert "fc1.bias" in result.masks  # channel pruning masks the bias with its row
+
+
+def test_invalid_config_fails_before_data_loads(tmp_path, monkeypatch):
+    import benchkit.experiment as experiment
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before validation")
+
+    monkeypatch.setattr(experiment, "load_data", no_data)
+    cfg = tiny(tmp_path)
+    cfg.prune.criterion = "magnitudes"  # edited after construction: validated again by the experiment
+    with pytest.raises(benchkit.ConfigError, match="prune.criterion"):
+        PruningExperiment(cfg)
