@@ -1,0 +1,373 @@
+"""Datasets: a registry of sources and one entry point, :func:`load_data`, that splits them the
+way a pruning study needs.
+
+Three splits, three roles:
+
+* **train** — what the optimiser sees (shuffled by a generator seeded from the run's seed, so the
+  data order is part of the seed);
+* **val** — carved from the *official training set* with ``data.split_seed`` (fixed across runs and
+  seeds), used for every selection: best epoch, early stopping, pruning decisions;
+* **test** — the official test set, reported only. :func:`benchkit.training.train` never receives it.
+
+Small image datasets are loaded into memory once as normalised tensors and served whole batches at
+a time (one tensor index per batch instead of one Python call and PIL conversion per image); on a
+2-core machine this is the difference between data loading and training dominating an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
+
+from benchkit.config import ConfigError, DataConfig
+from benchkit.registry import Registry
+from benchkit.seeding import make_generator
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is not on disk (and could not be downloaded). Raised before any training."""
+
+
+# --------------------------------------------------------------------------------------------- containers
+@dataclass
+class Source:
+    """A dataset's official training and test sets, before the validation split.
+
+    ``train`` and ``train_eval`` hold the *same examples in the same order*; ``train`` carries the
+    training augmentation, ``train_eval`` the evaluation transform (the validation split is drawn
+    from ``train_eval`` so it is never augmented). Without augmentation they are the same object.
+    """
+
+    train: Dataset
+    train_eval: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+@dataclass
+class DataBundle:
+    """Loaders and facts about the data that models and metrics need."""
+
+    train: DataLoader
+    val: DataLoader | None  # None: no validation split (selection and early stopping are off)
+    test: DataLoader
+    num_classes: int
+    in_channels: int
+    input_shape: tuple[int, int, int]  # (C, H, W) of one example
+    name: str
+    sizes: dict[str, int] = field(default_factory=dict)  # examples per split: train, val, test
+    indices: dict[str, Tensor] = field(default_factory=dict)  # train/val rows of the official training set
+    batch_size: int = 0
+
+
+DATASETS: Registry[Callable[[DataConfig], Source]] = Registry("dataset")
+
+# (mean, std) per channel, computed on each official training set.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+SYNTHETIC_SEED = 0  # the synthetic dataset (inputs and teacher) is fixed; run seeds vary only the order
+
+
+# --------------------------------------------------------------------------------------------- data roots
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/benchkit/data``, else ``~/.cache/benchkit/data``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "benchkit" / "data"
+
+
+def data_roots(cfg: DataConfig) -> list[Path]:
+    """Where datasets are looked for, in order: ``data.root``, ``$BENCHKIT_DATA``, the user cache."""
+    roots = [cfg.root, os.environ.get("BENCHKIT_DATA"), default_cache_dir()]
+    out: list[Path] = []
+    for r in roots:
+        if r:
+            p = Path(r).expanduser()
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def _not_found(name: str, looked: Sequence[str], layout: str, download_error: str | None) -> str:
+    lines = [f"dataset {name!r} not found. Looked in:"]
+    lines += [f"  - {p}" for p in looked]
+    lines.append(f"Expected layout under a data root: {layout}.")
+    if download_error:
+        lines.append(f"Download was attempted and failed: {download_error.strip()}")
+    lines.append(
+        "Fix: set the environment variable BENCHKIT_DATA (or data.root in the config) to the folder that "
+        "contains it" + ("" if download_error else ", or set data.download: true when online") + "."
+    )
+    return "\n".join(lines)
+
+
+def _torchvision_dataset(name: str, cls: type, cfg: DataConfig, layout: str) -> tuple[Dataset, Dataset]:
+    """(train, test) of a torchvision dataset from the first data root that has it; download into the
+    first root only when ``data.download`` is set. Every failure becomes one clear DataNotFoundError."""
+    roots = data_roots(cfg)
+    for root in roots:
+        try:
+            return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+        except RuntimeError:  # torchvision: "Dataset not found [or corrupted]. You can use download=True"
+            continue
+    looked = [str(r) for r in roots]
+    if not cfg.download:
+        raise DataNotFoundError(_not_found(name, looked, layout, None))
+    target = roots[0]
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        return cls(str(target), train=True, download=True), cls(str(target), train=False, download=True)
+    except (RuntimeError, OSError) as e:  # URLError is an OSError; torchvision wraps mirror failures
+        raise DataNotFoundError(_not_found(name, looked, layout, f"{type(e).__name__}: {e}")) from e
+
+
+# --------------------------------------------------------------------------------------------- datasets
+def _normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 or [0, 1] images (N, C, H, W) → float32 standardised per channel."""
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+class AugmentedImages(Dataset):
+    """uint8 images held in memory, augmented per example, then normalised: padding happens in pixel
+    space (black borders, as torchvision's PIL pipeline does) before standardisation."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor],
+                 mean: Sequence[float], std: Sequence[float]):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.transform(self.images[i]).float() / 255.0
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def _grayscale_source(name: str, cls_name: str, cfg: DataConfig) -> Source:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    layout = f"<root>/{cls_name}/raw/train-images-idx3-ubyte (torchvision layout)"
+    train, test = _torchvision_dataset(name, cls, cfg, layout)
+    mean, std = NORMALIZATION[name]
+    tr = TensorDataset(_normalize(train.data.unsqueeze(1), mean, std), train.targets.long())
+    te = TensorDataset(_normalize(test.data.unsqueeze(1), mean, std), test.targets.long())
+    return Source(tr, tr, te, 10, (1, 28, 28))
+
+
+@DATASETS.register("mnist")
+def mnist(cfg: DataConfig) -> Source:
+    """MNIST (LeCun et al. 1998), 60K/10K 28×28 grayscale."""
+    return _grayscale_source("mnist", "MNIST", cfg)
+
+
+@DATASETS.register("fashion-mnist")
+def fashion_mnist(cfg: DataConfig) -> Source:
+    """Fashion-MNIST (Xiao et al. 2017): MNIST's format and protocol, harder images."""
+    return _grayscale_source("fashion-mnist", "FashionMNIST", cfg)
+
+
+def _cifar_source(name: str, cls_name: str, folder: str, num_classes: int, cfg: DataConfig) -> Source:
+    import torchvision
+    from torchvision.transforms import v2
+
+    cls = getattr(torchvision.datasets, cls_name)
+    train, test = _torchvision_dataset(name, cls, cfg, f"<root>/{folder}/ (torchvision layout)")
+    mean, std = NORMALIZATION[name]
+
+    def images(ds) -> Tensor:
+        return torch.as_tensor(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW uint8
+
+    x_train, y_train = images(train), torch.as_tensor(train.targets, dtype=torch.long)
+    train_eval = TensorDataset(_normalize(x_train, mean, std), y_train)
+    test_ds = TensorDataset(_normalize(images(test), mean, std), torch.as_tensor(test.targets, dtype=torch.long))
+    if cfg.augment:  # the standard CIFAR augmentation (He et al. 2016): 4-pixel padded crop + flip
+        augment = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
+        train_ds: Dataset = AugmentedImages(x_train, y_train, augment, mean, std)
+    else:
+        train_ds = train_eval
+    return Source(train_ds, train_eval, test_ds, num_classes, (3, 32, 32))
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg: DataConfig) -> Source:
+    """CIFAR-10 (Krizhevsky 2009), 50K/10K 32×32 colour; crop+flip augmentation when ``augment``."""
+    return _cifar_source("cifar10", "CIFAR10", "cifar-10-batches-py", 10, cfg)
+
+
+@DATASETS.register("cifar100")
+def cifar100(cfg: DataConfig) -> Source:
+    """CIFAR-100, 100 classes, same images and augmentation as CIFAR-10."""
+    return _cifar_source("cifar100", "CIFAR100", "cifar-100-python", 100, cfg)
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DataConfig) -> Source:
+    """An ImageNet-style folder: ``<root>/train/<class>/*.jpg`` and ``<root>/val/<class>/*.jpg``.
+
+    ``data.root`` is the folder itself; otherwise ``<BENCHKIT_DATA or cache>/imagenet``. ``val/``
+    (ImageNet's validation set) is this framework's *test* split; validation is carved from ``train/``.
+    Standard ImageNet preprocessing: RandomResizedCrop(224)+flip for training, Resize(256)+CenterCrop(224).
+    """
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    candidates = [Path(cfg.root).expanduser()] if cfg.root else []
+    candidates += [r / "imagenet" for r in data_roots(DataConfig(root=None))]
+    root = next((c for c in candidates if (c / "train").is_dir() and (c / "val").is_dir()), None)
+    if root is None:
+        raise DataNotFoundError(
+            "dataset 'imagefolder' not found. Looked in:\n" + "\n".join(f"  - {c}" for c in candidates)
+            + "\nExpected layout: <root>/train/<class>/<images> and <root>/val/<class>/<images>."
+            "\nFix: set data.root to that folder (or put it at $BENCHKIT_DATA/imagenet). It is never downloaded."
+        )
+    mean, std = NORMALIZATION["imagenet"]
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), *norm])
+    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *norm]) if cfg.augment else eval_tf
+    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    train_eval = datasets.ImageFolder(str(root / "train"), transform=eval_tf)
+    test = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
+    if test.classes != train.classes:
+        raise ValueError(f"{root}: train/ and val/ have different class folders; they must match")
+    return Source(train, train_eval, test, len(train.classes), (3, 224, 224))
+
+
+@DATASETS.register("digits")
+def digits(cfg: DataConfig) -> Source:
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images): works anywhere with no download.
+
+    The test split is fixed: a stratified 20% drawn with ``random_state=0`` (360 images). Pixels
+    (0..16) are scaled to [0, 1] and standardised with the training split's mean and std.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=d.target, random_state=0)
+    idx_train, idx_test = torch.as_tensor(np.sort(idx_train)), torch.as_tensor(np.sort(idx_test))
+    mean, std = x[idx_train].mean().item(), x[idx_train].std().item()
+    x = (x - mean) / std
+    train = TensorDataset(x[idx_train], y[idx_train])
+    return Source(train, train, TensorDataset(x[idx_test], y[idx_test]), 10, (1, 8, 8))
+
+
+@DATASETS.register("synthetic")
+def synthetic(cfg: DataConfig) -> Source:
+    """Gaussian inputs of ``data.input_shape`` labelled by a fixed random linear teacher
+    (``argmax(W x)``), so a model can learn it. ``num_samples`` training examples plus
+    ``num_samples // 5`` test examples; inputs and teacher are fixed (seed 0), independent of the run seed."""
+    shape = tuple(int(s) for s in cfg.input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"data.input_shape must be [C, H, W] with positive sizes, got {list(cfg.input_shape)}")
+    if cfg.num_classes < 2:
+        raise ConfigError(f"data.num_classes must be at least 2, got {cfg.num_classes}")
+    if cfg.num_samples < 2:
+        raise ConfigError(f"data.num_samples must be at least 2, got {cfg.num_samples}")
+    g = make_generator(SYNTHETIC_SEED)
+    n_test = max(1, cfg.num_samples // 5)
+    dim = int(np.prod(shape))
+    teacher = torch.randn(dim, cfg.num_classes, generator=g)
+    x = torch.randn(cfg.num_samples + n_test, *shape, generator=g)
+    y = (x.flatten(1) @ teacher).argmax(1)
+    train = TensorDataset(x[: cfg.num_samples], y[: cfg.num_samples])
+    return Source(train, train, TensorDataset(x[cfg.num_samples:], y[cfg.num_samples:]), cfg.num_classes, shape)
+
+
+# --------------------------------------------------------------------------------------------- splits and loaders
+def split_train_val(n: int, cfg: DataConfig) -> tuple[Tensor, Tensor]:
+    """Disjoint (train, val) row indices of an n-example training set, from ``data.split_seed`` only."""
+    if cfg.val_size is not None:
+        if not 0 <= cfg.val_size < n:
+            raise ConfigError(f"data.val_size must be in [0, {n - 1}] for {cfg.name!r} ({n} training examples), "
+                              f"got {cfg.val_size}")
+        n_val = cfg.val_size
+    else:
+        if not 0.0 <= cfg.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        n_val = int(round(cfg.val_fraction * n))
+    perm = torch.randperm(n, generator=make_generator(cfg.split_seed))
+    val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
+    if cfg.train_subset is not None:
+        if cfg.train_subset < 1:
+            raise ConfigError(f"data.train_subset must be a positive number of examples, got {cfg.train_subset}")
+        train = train[: cfg.train_subset]
+    return train, val
+
+
+def subset(ds: Dataset, idx: Tensor) -> Dataset:
+    """Rows ``idx`` of a dataset; in-memory tensors are sliced (so batches stay one index op)."""
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[idx] for t in ds.tensors))
+    return Subset(ds, idx.tolist())
+
+
+def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                num_workers: int = 0) -> DataLoader:
+    """A DataLoader; for a TensorDataset each batch is a single tensor index (no per-example calls).
+
+    Shuffling draws from ``generator``, so the order is reproducible and independent of other RNG use.
+    """
+    if isinstance(ds, TensorDataset):
+        inner = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
+        return DataLoader(ds, sampler=BatchSampler(inner, batch_size, drop_last=False), batch_size=None,
+                          num_workers=num_workers, generator=generator)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
+
+
+def load_data(data_cfg: DataConfig, batch_size: int, eval_batch_size: int = 1000, seed: int = 0) -> DataBundle:
+    """Load ``data_cfg.name``, carve the validation split, and build the three loaders.
+
+    Raises :class:`DataNotFoundError` (offline and missing) or :class:`ConfigError` (bad split
+    sizes) before anything trains.
+    """
+    if batch_size < 1 or eval_batch_size < 1:
+        raise ConfigError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+    source = DATASETS.get(data_cfg.name)(data_cfg)
+    train_idx, val_idx = split_train_val(len(source.train_eval), data_cfg)
+    if len(train_idx) == 0:
+        raise ConfigError(f"no training examples left for {data_cfg.name!r} after the validation split; "
+                          "lower data.val_size / data.val_fraction")
+    workers = data_cfg.num_workers
+    train = make_loader(subset(source.train, train_idx), batch_size, shuffle=True,
+                        generator=make_generator(seed), num_workers=workers)
+    val = make_loader(subset(source.train_eval, val_idx), eval_batch_size, shuffle=False,
+                      num_workers=workers) if len(val_idx) else None
+    test = make_loader(source.test, eval_batch_size, shuffle=False, num_workers=workers)
+    shape = tuple(int(s) for s in source.input_shape)
+    return DataBundle(
+        train=train, val=val, test=test, num_classes=source.num_classes, in_channels=shape[0], input_shape=shape,
+        name=data_cfg.name.lower(),
+        sizes={"train": len(train_idx), "val": len(val_idx), "test": len(source.test)},
+        indices={"train": train_idx, "val": val_idx}, batch_size=batch_size,
+    )

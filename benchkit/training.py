@@ -1,0 +1,489 @@
+"""The training loop every timing shares: dense training, fine-tuning after pruning, gradual pruning
+(through callbacks) and lottery-ticket rounds.
+
+Selection uses the validation split only; ``train`` never sees the test loader. Pruned models
+(``torch.nn.utils.prune``: ``weight_orig`` + ``weight_mask``) need nothing special: the optimiser
+runs over ``model.parameters()``, masked entries get zero gradient through the mask, and since
+:func:`benchkit.pruning.masks.apply_masks` zeroes them in ``weight_orig`` too, neither momentum nor
+weight decay can revive them.
+
+Learning-rate schedules are functions of elapsed *units* — epochs when training by epochs,
+iterations when training by iterations. ``schedule_offset`` starts the schedule that many units in,
+which is how learning-rate rewinding (Renda et al. 2020) fine-tunes with the tail of the original
+schedule: ``train(..., epochs=k, schedule_offset=E - k)`` replays the last k of E epochs' rates.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copyreg
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import prune
+from torch.utils.data import DataLoader
+
+from benchkit.config import ConfigError, TrainConfig
+from benchkit.registry import Registry
+from benchkit.seeding import resolve_device
+
+# Train masked parameters by masking their gradients instead of re-multiplying weight_orig by the mask
+# in every forward (see _GradientMasking). Results are identical; set False to use the prune hooks as they are.
+GRADIENT_MASKING = True
+
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, y, x) -> scalar loss
+Multiplier = Callable[[int], float]  # elapsed units -> factor on the base learning rate
+
+# --------------------------------------------------------------------------------------------- optimizers
+OPTIMIZERS: Registry[Callable[[Iterable[nn.Parameter], TrainConfig, float], torch.optim.Optimizer]] = Registry(
+    "optimizer"
+)
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise ConfigError(f"train.nesterov needs train.momentum > 0, got momentum={cfg.momentum}")
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+@OPTIMIZERS.register("adam")
+def _adam(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)  # L2 added to the gradient
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)  # decoupled decay
+
+
+# --------------------------------------------------------------------------------------------- schedules
+SCHEDULES: Registry[Callable[[TrainConfig, int], Multiplier]] = Registry("schedule")
+
+
+@SCHEDULES.register("constant")
+def _constant(cfg: TrainConfig, total: int) -> Multiplier:
+    return lambda t: 1.0
+
+
+@SCHEDULES.register("step")
+def _step(cfg: TrainConfig, total: int) -> Multiplier:
+    """× gamma every ``step_size`` units (torch's StepLR)."""
+    if cfg.step_size < 1:
+        raise ConfigError(f"train.step_size must be a positive number of units, got {cfg.step_size}")
+    return lambda t: cfg.gamma ** (t // cfg.step_size)
+
+
+@SCHEDULES.register("multistep")
+def _multistep(cfg: TrainConfig, total: int) -> Multiplier:
+    """× gamma at each milestone (torch's MultiStepLR): the rate of unit t is gamma^#(milestones <= t)."""
+    if not cfg.milestones:
+        raise ConfigError("train.schedule 'multistep' needs train.milestones, e.g. [80, 120]")
+    milestones = sorted(cfg.milestones)
+    return lambda t: cfg.gamma ** bisect.bisect_right(milestones, t)
+
+
+@SCHEDULES.register("cosine")
+def _cosine(cfg: TrainConfig, total: int) -> Multiplier:
+    """Half a cosine from the base rate to 0 over the whole run (torch's CosineAnnealingLR, T_max=total)."""
+    return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / max(total, 1)))
+
+
+# --------------------------------------------------------------------------------------------- history
+@dataclass
+class History:
+    """What happened during one ``train`` call. ``records`` has one dict per evaluation."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int | None = None  # step of the best validation accuracy (the restored one with select_best)
+    best_val_acc1: float | None = None
+    best_val_loss: float | None = None
+    seconds: float = 0.0
+    steps: int = 0
+    stopped_early: bool = False
+    restored_best: bool = False
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.records[-1] if self.records else {}
+
+
+def default_loss(logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "auto") -> dict[str, float]:
+    """Mean cross-entropy and top-1/top-5 accuracy (fractions in [0, 1]) over a loader, in eval mode.
+
+    top-5 becomes top-k with k = number of classes when there are fewer than 5.
+    """
+    dev = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct1, correct5, n = 0.0, 0, 0, 0
+    try:
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == y.unsqueeze(1)
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+            n += y.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate() got an empty loader")
+    return {"loss": loss_sum / n, "acc1": correct1 / n, "acc5": correct5 / n}
+
+
+# --------------------------------------------------------------------------------------------- training
+def train(
+    model: nn.Module,
+    data: Any,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device = "auto",
+    epochs: int | None = None,
+    iterations: int | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    schedule: str | None = None,
+    schedule_offset: int = 0,
+    loss_fn: LossFn | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = False,
+    desc: str = "train",
+) -> History:
+    """Train ``model`` on ``data.train``, validating on ``data.val``; returns a :class:`History`.
+
+    Length: ``iterations`` if given, else ``epochs``; with neither, ``cfg.iterations`` or else
+    ``cfg.epochs``. ``lr``/``optimizer``/``schedule`` override the config (fine-tuning uses this).
+    ``data.val = None`` turns validation off (no selection, no early stopping). Validation runs
+    every epoch, or every ``cfg.eval_every`` iterations, and at the last step.
+
+    ``select_best`` restores the best-validation-accuracy state (masks included) among evaluations
+    made since the masks last changed, so a callback that prunes during training is never undone.
+    """
+    dev = resolve_device(device)
+    length, by_iterations = _length(cfg, epochs, iterations)
+    steps_per_epoch = len(data.train)
+    if steps_per_epoch == 0:
+        raise ValueError("the training loader is empty")
+    if schedule_offset < 0:
+        raise ValueError(f"schedule_offset must be >= 0, got {schedule_offset}")
+    if cfg.eval_every is not None and cfg.eval_every < 1:
+        raise ConfigError(f"train.eval_every must be a positive number of iterations, got {cfg.eval_every}")
+    if cfg.patience is not None and cfg.patience < 1:
+        raise ConfigError(f"train.patience must be a positive number of evaluations, got {cfg.patience}")
+    total_steps = length if by_iterations else length * steps_per_epoch
+    base_lr = cfg.lr if lr is None else lr
+    model.to(dev)
+    opt = OPTIMIZERS.get(optimizer or cfg.optimizer)(model.parameters(), cfg, base_lr)
+    multiplier = SCHEDULES.get(schedule or cfg.schedule)(cfg, schedule_offset + length)
+    loss_fn = loss_fn or default_loss
+    val_loader = data.val
+    on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
+    on_eval = [cb.on_eval for cb in callbacks if hasattr(cb, "on_eval")]
+    bar = _progress_bar(progress, total_steps, desc)
+
+    history = History()
+    start = time.perf_counter()
+    best_state: dict[str, Tensor] | None = None
+    best_masks = _mask_signature(model)
+    evals_without_improvement = 0
+    running = _RunningMetrics()
+    step = epoch = last_eval = 0
+    stop = False
+
+    def set_lr(unit: int) -> float:
+        value = base_lr * multiplier(unit + schedule_offset)
+        for group in opt.param_groups:
+            group["lr"] = value
+        return value
+
+    def evaluate_now() -> None:
+        nonlocal best_state, best_masks, evals_without_improvement, stop, last_eval
+        train_loss, train_acc1 = running.summary()
+        record: dict[str, Any] = {
+            "phase": desc,
+            "epoch": epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4),
+            "step": step,
+            "lr": opt.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "train_acc1": train_acc1,
+            "val_loss": None, "val_acc1": None, "val_acc5": None,
+        }
+        last_eval = step
+        if val_loader is not None:
+            metrics = evaluate(model, val_loader, dev)
+            record.update(val_loss=metrics["loss"], val_acc1=metrics["acc1"], val_acc5=metrics["acc5"])
+            masks_now = _mask_signature(model)
+            if masks_now != best_masks:  # a callback pruned: earlier weights are no longer candidates
+                best_masks, history.best_val_acc1, history.best_step, best_state = masks_now, None, None, None
+                history.best_val_loss, evals_without_improvement = None, 0
+            if history.best_val_acc1 is None or metrics["acc1"] > history.best_val_acc1:
+                history.best_val_acc1, history.best_step = metrics["acc1"], step
+                if cfg.select_best:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if history.best_val_loss is None or metrics["loss"] < history.best_val_loss:
+                history.best_val_loss, evals_without_improvement = metrics["loss"], 0
+            else:
+                evals_without_improvement += 1
+                if cfg.patience is not None and evals_without_improvement >= cfg.patience:
+                    stop = history.stopped_early = True
+        record["seconds"] = time.perf_counter() - start
+        history.records.append(record)
+        for fn in on_eval:
+            fn(step, record)
+        if masking is not None and on_eval:
+            masking.sync()
+        if bar is not None:
+            bar.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "val_acc1") if record[k] is not None})
+
+    masking = _GradientMasking(model, opt) if GRADIENT_MASKING else None
+    model.train()
+    try:
+        while step < total_steps and not stop:
+            if not by_iterations:
+                set_lr(epoch)
+            epoch += 1
+            for x, y in data.train:
+                if by_iterations:
+                    set_lr(step)
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                opt.zero_grad()  # before the forward: last step's gradients are freed before new activations
+                logits = model(x)
+                loss = loss_fn(logits, y, x)
+                loss.backward()  # masked entries' gradients are zeroed as they are accumulated
+                opt.step()
+                step += 1
+                running.add(loss, logits, y)
+                for fn in on_step:
+                    fn(step, model, opt)
+                if masking is not None and on_step:
+                    masking.sync()
+                if bar is not None:
+                    bar.update(1)
+                if (cfg.eval_every is not None and step % cfg.eval_every == 0) or step == total_steps:
+                    evaluate_now()
+                if stop or step >= total_steps:
+                    break
+            if cfg.eval_every is None and last_eval != step:
+                evaluate_now()
+    finally:
+        if masking is not None:
+            masking.close()
+        if bar is not None:
+            bar.close()
+
+    if cfg.select_best and best_state is not None and history.best_step != step:
+        model.load_state_dict(best_state)
+        _refresh_masked_weights(model)
+        history.restored_best = True
+    history.steps = step
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+class _RunningMetrics:
+    """Training loss and top-1 since the last evaluation. A step only keeps references (the detached
+    loss, the argmax, the labels); the reductions run at evaluation time, so the loop pays one small
+    op per step and never waits for the GPU."""
+
+    def __init__(self) -> None:
+        self.losses: list[Tensor] = []
+        self.sizes: list[int] = []
+        self.preds: list[Tensor] = []
+        self.labels: list[Tensor] = []
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        self.losses.append(loss.detach())
+        self.sizes.append(y.shape[0])
+        if y.dim() == 1:  # class labels (a custom loss may train on other targets)
+            self.preds.append(logits.argmax(1))
+            self.labels.append(y)
+
+    def summary(self) -> tuple[float | None, float | None]:
+        """(mean loss weighted by batch size, top-1 accuracy), then start over."""
+        if not self.sizes:
+            return None, None
+        losses = torch.stack(self.losses).double()
+        weights = torch.tensor(self.sizes, dtype=torch.float64, device=losses.device)
+        loss = (losses * weights).sum().item() / sum(self.sizes)
+        acc = None
+        if self.preds:
+            acc = (torch.cat(self.preds) == torch.cat(self.labels)).sum().item() / sum(len(p) for p in self.preds)
+        self.__init__()
+        return loss, acc
+
+
+def _length(cfg: TrainConfig, epochs: int | None, iterations: int | None) -> tuple[int, bool]:
+    """(length, by_iterations): explicit arguments win over the config; iterations win over epochs."""
+    if iterations is not None:
+        length, by_iterations, key = iterations, True, "iterations"
+    elif epochs is not None:
+        length, by_iterations, key = epochs, False, "epochs"
+    elif cfg.iterations is not None:
+        length, by_iterations, key = cfg.iterations, True, "train.iterations"
+    else:
+        length, by_iterations, key = cfg.epochs, False, "train.epochs"
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ConfigError(f"{key} must be a positive int, got {length!r}")
+    return length, by_iterations
+
+
+def _mask_signature(model: nn.Module) -> tuple[tuple[str, int], ...]:
+    """Kept count per prune mask: changes whenever a callback prunes (cheap enough per evaluation)."""
+    return tuple((name, int(buf.count_nonzero())) for name, buf in model.named_buffers() if name.endswith("_mask"))
+
+
+@torch.no_grad()
+def _refresh_masked_weights(model: nn.Module) -> None:
+    """After loading a state dict, recompute ``weight = weight_orig * weight_mask`` so code that reads
+    the attribute before the next forward sees the restored values."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            base = name[: -len("_mask")]
+            if name.endswith("_mask") and hasattr(module, f"{base}_orig"):
+                setattr(module, base, getattr(module, f"{base}_orig") * buf)
+
+
+def _progress_bar(progress: bool, total: int, desc: str):
+    if not progress or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------- masked training
+@dataclass
+class _MaskedParam:
+    module: nn.Module
+    name: str  # "weight", "bias", ...
+    hook_id: int
+    hook: prune.BasePruningMethod
+    base_class: type
+    orig: nn.Parameter
+    mask: Tensor
+    version: int  # the mask buffer's in-place version counter when last synchronised
+    grad_hook: Any = None  # handle of the post-accumulate-grad hook that masks the gradient
+
+
+class _GradientMasking:
+    """Masked training without re-multiplying every masked weight in every forward.
+
+    ``torch.nn.utils.prune`` recomputes ``weight = weight_orig * weight_mask`` before each forward, and
+    autograd multiplies the gradient by the mask again on the way back: two weight-sized passes and
+    allocations per step, about 20% of an epoch of LeNet-300-100 on a CPU. When ``weight_orig`` is
+    already zero at every masked entry (as :func:`benchkit.pruning.masks.apply_masks` leaves it), that
+    product *is* ``weight_orig``. So while ``train`` runs, the prune hook exposes ``weight_orig`` itself
+    as ``weight`` and the gradient is masked in place as backward accumulates it: one pass over a
+    cache-hot tensor, bit-identical numbers.
+    Masked entries get exactly zero gradient, so momentum, weight decay and Adam keep them at zero.
+
+    The hooks stay registered (only their class is swapped for a subclass), so ``get_masks``,
+    ``apply_masks``, ``prune.remove`` and ``state_dict`` work as usual inside callbacks. A mask changed
+    in place by a callback is noticed through the buffer's version counter: newly masked entries are
+    zeroed in ``weight_orig`` and in the optimiser state. A parameter whose hook is removed or whose mask
+    is replaced, or whose ``weight_orig`` holds values under its mask, keeps the ordinary hook.
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
+        self.opt = opt
+        self.entries: list[_MaskedParam] = []
+        try:
+            for module in model.modules():
+                for hook_id, hook in module._forward_pre_hooks.items():
+                    self._take_over(module, hook_id, hook)
+        except BaseException:
+            self.close()
+            raise
+
+    @torch.no_grad()
+    def _take_over(self, module: nn.Module, hook_id: int, hook: Any) -> None:
+        if not isinstance(hook, prune.BasePruningMethod) or hook._tensor_name is None:
+            return
+        name = hook._tensor_name
+        orig, mask = module._parameters.get(f"{name}_orig"), module._buffers.get(f"{name}_mask")
+        if orig is None or mask is None or mask.shape != orig.shape or mask.dtype != orig.dtype:
+            return
+        if bool(orig.masked_select(mask == 0).any()):
+            return  # values under the mask: only the multiplying hook keeps them out of the forward
+        base = getattr(type(hook), "_aliased_base", type(hook))
+        hook.__class__ = _aliased_class(base)
+        entry = _MaskedParam(module, name, hook_id, hook, base, orig, mask, mask._version)
+        self.entries.append(entry)
+        # Mask right after backward writes the gradient, while it is still in cache.
+        entry.grad_hook = orig.register_post_accumulate_grad_hook(_grad_masker(mask))
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Catch up with callbacks that changed masks (called after callbacks run)."""
+        kept = []
+        for e in self.entries:
+            m = e.module
+            if (m._forward_pre_hooks.get(e.hook_id) is not e.hook or m._buffers.get(f"{e.name}_mask") is not e.mask
+                    or m._parameters.get(f"{e.name}_orig") is not e.orig):
+                self._restore(e)
+                continue
+            if e.mask._version != e.version:
+                e.orig.mul_(e.mask)
+                for state in self.opt.state.get(e.orig, {}).values():
+                    if torch.is_tensor(state) and state.shape == e.orig.shape:
+                        state.mul_(e.mask)
+                e.version = e.mask._version
+            kept.append(e)
+        self.entries = kept
+
+    def close(self) -> None:
+        for e in self.entries:
+            self._restore(e)
+        self.entries = []
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(e: _MaskedParam) -> None:
+        if e.grad_hook is not None:
+            e.grad_hook.remove()
+        e.hook.__class__ = e.base_class
+        if e.module._forward_pre_hooks.get(e.hook_id) is e.hook:
+            setattr(e.module, e.name, e.hook.apply_mask(e.module))  # a proper product again
+
+
+def _grad_masker(mask: Tensor) -> Callable[[Tensor], None]:
+    def hook(param: Tensor) -> None:
+        param.grad.mul_(mask)
+
+    return hook
+
+
+_ALIASED: dict[type, type] = {}
+
+
+def _aliased_class(base: type) -> type:
+    """A subclass of a pruning method whose hook exposes ``<name>_orig`` as ``<name>`` (no multiply).
+    Copies and pickles of it turn back into ``base``, so nothing outside ``train`` ever keeps it."""
+    if base not in _ALIASED:
+
+        def __call__(self, module: nn.Module, inputs: Any) -> None:
+            module.__dict__[self._tensor_name] = module._parameters[self._tensor_name + "_orig"]
+
+        def __reduce_ex__(self, protocol: int):
+            return copyreg.__newobj__, (base,), self.__dict__
+
+        _ALIASED[base] = type(f"Aliased{base.__name__}", (base,),
+                              {"__call__": __call__, "__reduce_ex__": __reduce_ex__, "_aliased_base": base})
+    return _ALIASED[base]
