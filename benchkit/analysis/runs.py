@@ -336,6 +336,9 @@ def load_levels(runs: pd.DataFrame, *, tracking_uri: str | None = None) -> pd.Da
         idx = pd.MultiIndex.from_frame(levels.loc[missing, ["run_id", "level"]])
         levels.loc[missing, "percent_remaining"] = ticket.reindex(idx).to_numpy()
     keep = [c for c in (*RUN_COLUMNS, *CONFIG_COLUMNS) if c in runs and c != "run_id"]
+    # A level quantity named like a run column (`level_compression` → `compression`, the level's own
+    # ratio) keeps its prefix, so the run's requested `compression` still groups strategies.
+    levels = levels.rename(columns={c: f"level_{c}" for c in keep if c in levels})
     levels = levels.merge(runs[["run_id", *keep]], on="run_id", how="left")
     return levels.sort_values(["run_id", "branch", "level"]).reset_index(drop=True)
 

@@ -1,0 +1,577 @@
+"""Sweeps: a YAML grid → a plan of runs → executed, resumable, one MLflow run per config hash.
+
+A sweep file is a base config plus axes::
+
+    experiment: quickstart
+    base: {data: {name: digits}, train: {epochs: 1}}
+    grid:                                  # cartesian product over dotted keys
+      prune.criterion: [magnitude, random]
+      prune.compression: [2, 8]
+    zip:                                   # axes that move together (same length)
+      prune.timing: [post, lottery]
+      train.epochs: [2, 4]
+    exclude:                               # combinations refused on purpose, with the reason
+      - match: {prune.criterion: random, prune.timing: lottery}
+        reason: "IMP is magnitude pruning by definition"
+
+Combinations that validation refuses are excluded too, each with validation's reason in the plan.
+A grid value refused in *every* combination is a typo, not an incompatibility: the file is refused,
+naming the key and line. Resuming is by config hash (the ``benchkit.config_hash`` tag): configs
+already FINISHED are skipped, FAILED / KILLED / dead RUNNING ones are redone, and the store ends up
+with exactly one FINISHED run per hash (see :func:`run_tracked`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from benchkit.config import ConfigError, ExperimentConfig, load_yaml, set_dotted, where
+from benchkit.tracking import (
+    TAG_HASH,
+    TAG_HEARTBEAT,
+    TAG_OVERRIDES,
+    TAG_REPLACES,
+    TAG_SWEEP,
+    TAG_SWEEP_FILE,
+    Heartbeat,
+    Owner,
+    Tracker,
+    run_is_alive,
+    runtime_tags,
+    sqlite_path,
+)
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+SWEEP_KEYS = {
+    "experiment": "MLflow experiment name (default: the file name)",
+    "description": "free text",
+    "base": "the config every run starts from",
+    "grid": "dotted key -> list of values (cartesian product)",
+    "zip": "dotted key -> list of values, all the same length, moving together",
+    "exclude": "list of {match: {key: value}, reason: text}",
+}
+FREE_FORM = ("prune.overrides", "model.kwargs", "prune.lottery.layer_rates")
+
+
+# --------------------------------------------------------------------------------------------- spec
+@dataclass
+class SweepSpec:
+    """A parsed sweep file: base dict, axes and exclusions, with the line of every key."""
+
+    experiment: str
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    zip: dict[str, list[Any]]
+    exclude: list[dict[str, Any]]
+    lines: dict[str, int] = field(default_factory=dict)
+    path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def config_keys() -> set[str]:
+    return set(ExperimentConfig().flat())
+
+
+def check_key(key: str, where_: str, lines: dict[str, int], line_key: str) -> None:
+    """A dotted key must name a config value (or an entry of a free-form dict such as prune.overrides)."""
+    keys = config_keys()
+    if key in keys or any(key.startswith(f + ".") for f in FREE_FORM):
+        return
+    if key == "experiment":
+        raise ConfigError(f"{where_} key 'experiment'{where(line_key, lines)}: a sweep is one MLflow experiment; "
+                          "set `experiment:` at the top of the file instead")
+    close = difflib.get_close_matches(key, sorted(keys), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+        f"; config keys are e.g. {', '.join(sorted(keys)[:8])}, ... (see benchkit/config.py)"
+    raise ConfigError(f"{where_} key {key!r}{where(line_key, lines)} is not a config key{hint}")
+
+
+def _axes(section: str, raw: Any, lines: dict[str, int]) -> dict[str, list[Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}{where(section, lines)} must be a mapping of dotted key -> list of values, "
+                          f"got {raw!r}")
+    if not raw:
+        raise ConfigError(f"{section}{where(section, lines)} is empty; give at least one `dotted.key: [values]` "
+                          "(or use `benchkit run` for a single config)")
+    out = {}
+    for key, values in raw.items():
+        key = str(key)
+        lk = f"{section}.{key}"
+        check_key(key, section, lines, lk)
+        if not isinstance(values, list):
+            raise ConfigError(f"{lk}{where(lk, lines)} must be a list of values (e.g. [{values!r}]), "
+                              f"got {type(values).__name__} {values!r}")
+        if not values:
+            raise ConfigError(f"{lk}{where(lk, lines)} has no values; give at least one or remove the key")
+        out[key] = values
+    return out
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> SweepSpec:
+    """Parse and check a sweep file. Every problem names the key and its line; nothing runs before."""
+    from benchkit.config import _parse_overrides
+
+    data, lines = load_yaml(path)
+    unknown = [k for k in data if k not in SWEEP_KEYS]
+    if unknown:
+        k = str(unknown[0])
+        if k in config_keys() or k in {f.split(".")[0] for f in config_keys()}:
+            hint = f"; config keys go under `base:` (base.{k})"
+        else:
+            hint = "; allowed: " + ", ".join(f"{n} ({d})" for n, d in SWEEP_KEYS.items())
+        raise ConfigError(f"{path}: unknown sweep key {k!r}{where(k, lines)}{hint}")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: base{where('base', lines)} must be a mapping of config keys, got {base!r}")
+    grid = _axes("grid", data.get("grid"), lines)
+    zipped = _axes("zip", data.get("zip"), lines)
+    if not grid and not zipped:
+        raise ConfigError(f"{path}: a sweep needs a non-empty `grid:` (or `zip:`) of dotted keys -> lists of "
+                          "values; for a single config use `benchkit run`")
+    both = set(grid) & set(zipped)
+    if both:
+        k = sorted(both)[0]
+        raise ConfigError(f"{path}: {k!r} is both a grid axis{where('grid.' + k, lines)} and a zip axis"
+                          f"{where('zip.' + k, lines)}; keep one")
+    lengths = {k: len(v) for k, v in zipped.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"{path}: zip{where('zip', lines)} axes must have the same length, got "
+                          + ", ".join(f"{k}: {n}{where('zip.' + k, lines)}" for k, n in lengths.items()))
+    exclude = _excludes(data.get("exclude"), lines)
+    experiment = str(data.get("experiment") or base.get("experiment") or Path(path).stem)
+    ov = _parse_overrides(overrides)
+    for k in ov:
+        if k in grid:
+            grid[k] = [ov[k]]  # pin the axis: an override that a grid value replaced would silently do nothing
+    return SweepSpec(experiment, base, grid, zipped, exclude, lines, str(path), ov)
+
+
+def _excludes(raw: Any, lines: dict[str, int]) -> list[dict[str, Any]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"exclude{where('exclude', lines)} must be a list of {{match: {{key: value}}, "
+                          f"reason: text}}, got {raw!r}")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) - {"match", "reason"} or not isinstance(item.get("match"), dict):
+            raise ConfigError(f"exclude[{i}]{where('exclude', lines)} must be {{match: {{key: value}}, "
+                              f"reason: text}}, got {item!r}")
+        if not item.get("reason"):
+            raise ConfigError(f"exclude[{i}]{where('exclude', lines)} needs a `reason:` saying why the "
+                              "combination is excluded")
+        for key in item["match"]:
+            check_key(str(key), f"exclude[{i}].match", lines, "exclude")
+        out.append({"match": {str(k): v for k, v in item["match"].items()}, "reason": str(item["reason"])})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- expansion
+@dataclass
+class PlanEntry:
+    """One combination of the sweep and what the sweep will do with it."""
+
+    index: int
+    overrides: dict[str, Any]
+    config: ExperimentConfig | None
+    config_hash: str | None
+    status: str = "new"  # new | finished-skip | redo | running | excluded | duplicate
+    reason: str = ""
+    run_ids: list[str] = field(default_factory=list)  # existing runs with this hash
+
+    @property
+    def runnable(self) -> bool:
+        return self.status in ("new", "redo")
+
+    def label(self) -> str:
+        return " ".join(f"{k}={_fmt(v)}" for k, v in self.overrides.items()) or "(base)"
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def run_name(cfg: ExperimentConfig, overrides: dict[str, Any]) -> str:
+    """The config's ``name``, else its varying values (``criterion=random compression=8``): what a table row needs."""
+    from benchkit.config import NON_SEMANTIC_KEYS
+
+    if cfg.name:
+        return cfg.name
+    shown = {k: v for k, v in overrides.items() if k not in NON_SEMANTIC_KEYS}
+    shorts = [k.split(".")[-1] for k in shown]
+    parts = [f"{k if shorts.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={_fmt(v)}" for k, v in shown.items()]
+    p = cfg.prune
+    return " ".join(parts) or f"{p.timing} {p.criterion} {p.granularity} {p.scope} x{p.target_compression() or 1:g}"
+
+
+def combinations(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Grid (cartesian, in file order) × zip (moving together), as override dicts."""
+    grid_items = [[(k, v) for v in vs] for k, vs in spec.grid.items()]
+    zip_len = len(next(iter(spec.zip.values()))) if spec.zip else 1
+    zip_rows = [{k: vs[i] for k, vs in spec.zip.items()} for i in range(zip_len)]
+    out = []
+    for combo in itertools.product(*grid_items):
+        for z in zip_rows:
+            out.append({**dict(combo), **z})
+    return out
+
+
+def _matches(flat: dict[str, Any], match: dict[str, Any]) -> bool:
+    for key, want in match.items():
+        have = flat.get(key, _lookup_free_form(flat, key))
+        if isinstance(want, list) and not isinstance(have, list):
+            if have not in want and str(have) not in map(str, want):
+                return False
+        elif have != want and str(have) != str(want):
+            return False
+    return True
+
+
+def _lookup_free_form(flat: dict[str, Any], key: str) -> Any:
+    for f in FREE_FORM:
+        if key.startswith(f + ".") and isinstance(flat.get(f), dict):
+            return flat[f].get(key[len(f) + 1:])
+    return None
+
+
+def expand(spec: SweepSpec) -> list[PlanEntry]:
+    """All combinations as configs, with explicit and validation exclusions and duplicates marked.
+
+    Type errors and unknown keys abort (the file is wrong); validation refusals exclude the one
+    combination; a grid value refused wherever it appears aborts too (most likely a typo).
+    """
+    base_lines = {k[len("base."):]: v for k, v in spec.lines.items() if k.startswith("base.")}
+    axis_lines = {k: spec.lines.get(f"grid.{k}", spec.lines.get(f"zip.{k}")) for k in [*spec.grid, *spec.zip]}
+    lines = {**base_lines, **{k: v for k, v in axis_lines.items() if v}}
+    base = dict(spec.base)
+    base["experiment"] = spec.experiment
+    entries: list[PlanEntry] = []
+    seen: dict[str, int] = {}
+    for i, combo in enumerate(combinations(spec)):
+        d = json.loads(json.dumps(base, default=str)) if _jsonable(base) else dict(base)
+        for k, v in {**combo, **{k: v for k, v in spec.overrides.items() if k not in spec.grid}}.items():
+            set_dotted(d, k, v)
+        cfg = ExperimentConfig.from_dict(d, lines=lines, validate=False)  # type errors / unknown keys: abort
+        entry = PlanEntry(i, combo, cfg, cfg.config_hash())
+        flat = cfg.flat()
+        rule = next((x for x in spec.exclude if _matches(flat, x["match"])), None)
+        if rule is not None:
+            entry.status, entry.reason = "excluded", f"excluded: {rule['reason']}"
+        else:
+            try:
+                cfg.validate(lines)
+            except ConfigError as e:
+                entry.status, entry.reason = "excluded", f"invalid: {e}"
+        if entry.status != "excluded":
+            if entry.config_hash in seen:
+                entry.status, entry.reason = "duplicate", f"same config as #{seen[entry.config_hash]}"
+            else:
+                seen[entry.config_hash] = i
+        entries.append(entry)
+    _refuse_dead_values(spec, entries)
+    return entries
+
+
+def _jsonable(d: Any) -> bool:
+    try:
+        json.dumps(d)
+        return True
+    except TypeError:
+        return False
+
+
+def _refuse_dead_values(spec: SweepSpec, entries: list[PlanEntry]) -> None:
+    invalid = [e for e in entries if e.reason.startswith("invalid:")]
+    if not invalid:
+        return
+    alive = [e for e in entries if not e.reason.startswith("invalid:")]
+    if not alive and not any(e.reason.startswith("excluded:") for e in entries):
+        raise ConfigError(f"every combination of the sweep is refused; the first: {invalid[0].reason[9:]}")
+    for section, axes in (("grid", spec.grid), ("zip", spec.zip)):
+        for key, values in axes.items():
+            for v in values:
+                with_v = [e for e in entries if e.overrides.get(key) == v]
+                if with_v and all(e.reason.startswith("invalid:") for e in with_v):
+                    lk = f"{section}.{key}"
+                    raise ConfigError(f"{lk}{where(lk, spec.lines)}: value {v!r} is refused in every combination: "
+                                      f"{with_v[0].reason[9:]}")
+
+
+# --------------------------------------------------------------------------------------------- plan against the store
+@dataclass
+class HashState:
+    """What the store holds for one config hash."""
+
+    finished: list[Run]
+    alive: list[Run]
+    stale: list[Run]  # FAILED, KILLED, or RUNNING with a dead owner: to redo
+
+    @classmethod
+    def of(cls, runs: Iterable[Run]) -> HashState:
+        runs = sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        fin = [r for r in runs if r.info.status == "FINISHED"]
+        alive = [r for r in runs if r.info.status in ("RUNNING", "SCHEDULED") and run_is_alive(r)]
+        stale = [r for r in runs if r not in fin and r not in alive]
+        return cls(fin, alive, stale)
+
+
+def plan_sweep(entries: list[PlanEntry], tracker: Tracker | None, experiment: str) -> list[PlanEntry]:
+    """Set each entry's status from the store: finished-skip, running (elsewhere), redo or new.
+
+    Reads only: a dry run on a store that does not exist yet creates nothing.
+    """
+    if tracker is None:
+        return entries
+    db = sqlite_path(tracker.uri)
+    if db is not None and not db.exists():
+        return entries
+    exp = tracker.client.get_experiment_by_name(experiment)
+    if exp is None:
+        return entries
+    by_hash: dict[str, list[Run]] = {}
+    for r in tracker.runs(exp.experiment_id):
+        h = r.data.tags.get(TAG_HASH)
+        if h:
+            by_hash.setdefault(h, []).append(r)
+    for e in entries:
+        if e.status not in ("new",) or e.config_hash not in by_hash:
+            continue
+        state = HashState.of(by_hash[e.config_hash])
+        e.run_ids = [r.info.run_id for r in by_hash[e.config_hash]]
+        if state.finished:
+            e.status, e.reason = "finished-skip", f"run {state.finished[0].info.run_id[:8]}"
+        elif state.alive:
+            r = state.alive[0]
+            e.status = "running"
+            e.reason = f"in flight elsewhere: run {r.info.run_id[:8]} pid {r.data.tags.get('benchkit.pid')}"
+        else:
+            e.status = "redo"
+            e.reason = ", ".join(f"{r.info.run_id[:8]} {_why_stale(r)}" for r in state.stale)
+    return entries
+
+
+def _why_stale(r: Run) -> str:
+    return "interrupted (RUNNING, owner gone)" if r.info.status == "RUNNING" else r.info.status
+
+
+def format_plan(entries: Sequence[PlanEntry], experiment: str, uri: str) -> str:
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.status] = counts.get(e.status, 0) + 1
+    head = (f"sweep {experiment!r} -> {uri}: {len(entries)} combinations; "
+            + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    lines = [head]
+    for e in entries:
+        h = e.config_hash or "-" * 16
+        line = f"  #{e.index:<3} {h}  {e.status:<13}  {e.label()}"
+        if e.reason:
+            line += f"  [{e.reason}]"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- one run, tracked
+@dataclass
+class RunTask:
+    """Everything a worker (process or Ray task) needs to run one config; plain data, picklable."""
+
+    index: int
+    config: dict[str, Any]
+    config_hash: str
+    run_name: str
+    overrides: dict[str, Any]
+    experiment_id: str
+    tracking_uri: str
+    sweep: str
+    sweep_file: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    plots: bool = True  # PNG plots as artifacts (the costliest part of tracking; see results/benchmarks.md)
+
+
+@dataclass
+class RunOutcome:
+    index: int
+    config_hash: str
+    status: str  # finished | failed | killed | skipped
+    run_id: str | None = None
+    seconds: float = 0.0
+    error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+SUMMARY_METRICS = ("compression_ratio", "val_acc1", "test_acc1")
+#: Set once run_tracked has caught an interrupt and is marking its run KILLED (see executors._on_sigterm).
+INTERRUPT_HANDLED = threading.Event()
+
+
+def run_tracked(task: RunTask) -> RunOutcome:
+    """Run one config into MLflow, at most once per hash.
+
+    1. Create our RUNNING run (the claim), then look at the hash's other runs: if one is FINISHED,
+       or RUNNING in a live process and claimed before ours, delete ours and skip — the earliest
+       claim wins, so two sweeps racing on one store never both train a config. Dead RUNNING
+       runs are marked KILLED.
+    2. Train; log everything; FINISHED. Exceptions → FAILED with traceback.txt; Ctrl-C → KILLED.
+    3. Delete superseded FAILED/KILLED runs of the hash (their ids go into ``benchkit.replaces``).
+    """
+    from benchkit.experiment import PruningExperiment
+
+    t0 = time.time()
+    INTERRUPT_HANDLED.clear()
+    tracker = Tracker(task.tracking_uri)
+    exp_id, h = task.experiment_id, task.config_hash
+    cfg = ExperimentConfig.from_dict(task.config, validate=False)
+    if cfg.config_hash() != h:
+        raise RuntimeError(f"config hash changed in transit: {cfg.config_hash()} != {h}")
+    tags = {**task.tags, TAG_SWEEP: task.sweep, TAG_HASH: h, TAG_OVERRIDES: json.dumps(task.overrides, default=str),
+            TAG_HEARTBEAT: f"{time.time():.0f}", **Owner.me().tags(), **runtime_tags(cfg.device)}
+    if task.sweep_file:
+        tags[TAG_SWEEP_FILE] = task.sweep_file
+    # Claim first, then look: one search settles both "already done" and "someone else is on it".
+    run_id, started = tracker.start_run(exp_id, cfg, run_name=task.run_name, tags=tags, return_start=True)
+    try:
+        others = [r for r in tracker.runs(exp_id, h) if r.info.run_id != run_id]
+        state = HashState.of(others)
+        earlier_alive = [r for r in state.alive if (r.info.start_time, r.info.run_id) < (started, run_id)]
+        if state.finished or earlier_alive:
+            tracker.delete_run(run_id)
+            r = (state.finished or earlier_alive)[0]
+            return RunOutcome(task.index, h, "skipped", r.info.run_id,
+                              error="already FINISHED" if state.finished else "in flight elsewhere")
+        stale = list(state.stale)
+        for r in stale:
+            if r.info.status == "RUNNING":
+                tracker.end_run(r.info.run_id, "KILLED")
+        if stale:
+            tracker.set_tags(run_id, {TAG_REPLACES: ",".join(r.info.run_id for r in stale)})
+        with Heartbeat(tracker, run_id):
+            result = PruningExperiment(cfg).run()
+            tracker.log_result(run_id, result, plots=task.plots)
+    except KeyboardInterrupt as e:
+        INTERRUPT_HANDLED.set()  # further stop requests must not cut the bookkeeping short
+        tracker.fail_run(run_id, e, status="KILLED")
+        return RunOutcome(task.index, h, "killed", run_id, time.time() - t0, "interrupted")
+    except Exception as e:  # noqa: BLE001 - a failing config must not stop the sweep
+        tracker.fail_run(run_id, e, status="FAILED")
+        return RunOutcome(task.index, h, "failed", run_id, time.time() - t0, f"{type(e).__name__}: {e}")
+    tracker.end_run(run_id, "FINISHED")
+    if stale or state.alive:  # a later claimant yields to us; only these cases can leave extra runs
+        _settle(tracker, exp_id, h)
+    metrics = {k: float(result.metrics[k]) for k in SUMMARY_METRICS if k in (result.metrics or {})}
+    return RunOutcome(task.index, h, "finished", run_id, time.time() - t0, metrics=metrics)
+
+
+def _settle(tracker: Tracker, exp_id: str, h: str) -> None:
+    """Leave exactly one FINISHED run for the hash (the first to finish) and no superseded failures."""
+    state = HashState.of(tracker.runs(exp_id, h))
+    keep = min(state.finished, key=lambda r: (r.info.end_time or 0, r.info.run_id), default=None)
+    for r in state.finished:
+        if r is not keep:
+            tracker.delete_run(r.info.run_id)
+    if keep is not None:
+        for r in state.stale:
+            if r.info.status in ("FAILED", "KILLED"):
+                tracker.delete_run(r.info.run_id)
+
+
+# --------------------------------------------------------------------------------------------- sweep driver
+@dataclass
+class SweepSummary:
+    outcomes: list[RunOutcome]
+    skipped: int
+    excluded: int
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def ok(self) -> bool:
+        return not self.interrupted and self.count("failed") == 0 and self.count("killed") == 0
+
+
+def make_tasks(entries: Sequence[PlanEntry], *, experiment_id: str, tracking_uri: str, sweep: str,
+               sweep_file: str | None, tags: dict[str, str], progress: bool, plots: bool = True) -> list[RunTask]:
+    tasks = []
+    for e in entries:
+        if not e.runnable:
+            continue
+        d = e.config.to_dict()
+        if not progress:
+            d["progress"] = False  # parallel runs would garble per-run bars; non-semantic: same hash
+        tasks.append(RunTask(e.index, d, e.config_hash, run_name(e.config, e.overrides), e.overrides,
+                             experiment_id, tracking_uri, sweep, sweep_file, tags, plots))
+    return tasks
+
+
+def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, executor: str = "local",
+              workers: int = 1, sweep_file: str | None = None, executor_options: dict[str, Any] | None = None,
+              on_outcome: Callable[[RunOutcome, RunTask], None] | None = None, verbose: bool = True,
+              plots: bool = True,
+              run_fn: Callable[[RunTask], RunOutcome] = run_tracked) -> SweepSummary:
+    """Execute the runnable entries of a plan. The experiment is created here, once, before any worker starts."""
+    from benchkit.executors import get_executor
+    from benchkit.progress import SweepProgress
+    from benchkit.tracking import source_tags
+
+    exp_id = tracker.ensure_experiment(experiment)
+    tags = source_tags()
+    per_run_bar = workers == 1 and executor == "local"  # the trainer hides its bar off a terminal
+    tasks = make_tasks(entries, experiment_id=exp_id, tracking_uri=tracker.uri, sweep=experiment,
+                       sweep_file=sweep_file, tags=tags, progress=per_run_bar, plots=plots)
+    by_index = {t.index: t for t in tasks}
+    skipped = sum(e.status in ("finished-skip", "running", "duplicate") for e in entries)
+    excluded = sum(e.status == "excluded" for e in entries)
+    outcomes: list[RunOutcome] = []
+    bar = SweepProgress(len(tasks), desc=experiment)
+    ex = get_executor(executor, workers=workers, **(executor_options or {}))
+    interrupted = False
+    try:
+        for outcome in ex.run(run_fn, tasks):
+            outcomes.append(outcome)
+            bar.update(outcome)
+            if verbose:
+                bar.write(describe(outcome, by_index[outcome.index], len(outcomes), len(tasks)))
+            if on_outcome:
+                on_outcome(outcome, by_index[outcome.index])
+    except KeyboardInterrupt:
+        interrupted = True
+        for outcome in ex.interrupted_outcomes():
+            outcomes.append(outcome)
+    finally:
+        bar.close()
+    return SweepSummary(outcomes, skipped, excluded, interrupted)
+
+
+def describe(o: RunOutcome, task: RunTask, k: int, n: int) -> str:
+    """One log line per completed run: ``[3/8] finished  #2 1a2b3c4d  criterion=random ...  test_acc1=0.91``."""
+    line = f"[{k}/{n}] {o.status:<8} #{o.index:<3} {o.config_hash[:8]}  {task.run_name}"
+    if o.metrics:
+        line += "  " + " ".join(f"{m}={v:.4g}" for m, v in o.metrics.items())
+    if o.seconds:
+        line += f"  ({o.seconds:.1f}s)"
+    if o.error and o.status != "finished":
+        line += f"  {o.error}"
+    return line
+
+
+def cores() -> int:
+    """CPU cores this process may use (cgroup/affinity aware where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+

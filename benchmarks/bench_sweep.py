@@ -1,0 +1,157 @@
+"""Sweep throughput (2 local workers vs 1) and MLflow tracking overhead per run.
+
+    .venv/bin/python benchmarks/bench_sweep.py                 # both parts
+    .venv/bin/python benchmarks/bench_sweep.py --part throughput --runs 12
+    .venv/bin/python benchmarks/bench_sweep.py --part overhead --repeats 3
+
+throughput: the same small digits sweep (timing `pre`: every run trains, no dense cache to share)
+run through `benchkit sweep` with --workers 1 and --workers 2, each into a fresh store; wall
+time of the whole command, process start-up included. Goal on 2 cores: >= 1.6x.
+
+overhead: a 1-epoch LeNet-300-100 run on Fashion-MNIST (from ../shared/data) timed as
+PruningExperiment.run() alone, and through the sweep's per-run path ``run_tracked`` (dedup
+searches, run + params, metrics, artifacts, plots, end) whose tracking cost is its wall time minus
+the run() inside it; alternating in one process after a warm-up run, so both see the same machine
+state. Goal: tracking <= 2% of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("BENCHKIT_DATA", REPO.parent / "shared" / "data"))
+
+
+def sweep_yaml(folder: Path, runs: int) -> Path:
+    seeds = list(range(max(1, runs // 4)))
+    p = folder / "bench.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        experiment: bench-throughput
+        base:
+          data: {{name: digits}}
+          model: {{name: lenet300}}
+          train: {{epochs: 3, batch_size: 64, lr: 0.05}}
+          prune: {{timing: pre, compression: 4}}
+          output_dir: {folder / 'runs'}
+        grid:
+          prune.criterion: [magnitude, random]
+          prune.scope: [global, layer]
+          seed: {seeds}
+        """))
+    return p
+
+
+def throughput(runs: int) -> dict[str, float]:
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        tmp = Path(tmp)
+        p = sweep_yaml(tmp, runs)
+        env = {**os.environ, "BENCHKIT_CACHE": str(tmp / "cache"), "CI": "true"}
+        for workers in (1, 2):
+            uri = f"sqlite:///{tmp / f'w{workers}.db'}"
+            # create the store first: its one-off schema migration is not sweep throughput
+            subprocess.run([sys.executable, "-c", f"from benchkit.tracking import Tracker; Tracker({uri!r}).client"],
+                           check=True, env=env, cwd=REPO)
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "benchkit.cli", "sweep", str(p), "--workers", str(workers),
+                                "--tracking-uri", uri], env=env, cwd=REPO, capture_output=True, text=True)
+            out[f"w{workers}_s"] = time.perf_counter() - t0
+            if r.returncode != 0:
+                raise SystemExit(r.stdout + r.stderr)
+            out["runs"] = r.stdout.count(" finished ")
+    out["speedup"] = out["w1_s"] / out["w2_s"]
+    return out
+
+
+def overhead(repeats: int) -> dict[str, float]:
+    """Tracking cost of ``run_tracked`` (the sweep's per-run path: dedup searches, run creation with
+    params, metrics, artifacts, plots, end) = its wall time minus the experiment's own ``run()``,
+    next to untracked ``run()`` calls of the same config, alternating."""
+    import torch
+
+    torch.set_num_threads(1)
+    import benchkit.experiment as experiment
+    from benchkit.config import ExperimentConfig
+    from benchkit.sweep import RunTask, run_tracked
+    from benchkit.tracking import Tracker
+
+    if not (DATA / "FashionMNIST" / "raw").is_dir():
+        raise SystemExit(f"Fashion-MNIST not found under {DATA}; set BENCHKIT_DATA")
+    inner: list[float] = []
+    real_run = experiment.PruningExperiment.run
+
+    def timed_run(self):
+        t0 = time.perf_counter()
+        try:
+            return real_run(self)
+        finally:
+            inner.append(time.perf_counter() - t0)
+
+    experiment.PruningExperiment.run = timed_run
+    with tempfile.TemporaryDirectory(prefix="bench-track-") as tmp:
+        os.environ["BENCHKIT_CACHE"] = str(Path(tmp) / "cache")
+        base = ExperimentConfig.from_dict({
+            "experiment": "bench-overhead", "threads": 1, "output_dir": str(Path(tmp) / "runs"),
+            "data": {"name": "fashion-mnist", "root": str(DATA), "download": False},
+            "model": {"name": "lenet300"}, "train": {"epochs": 1, "batch_size": 60, "lr": 0.1},
+            "prune": {"timing": "pre", "criterion": "magnitude", "compression": 8},
+        })
+        tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        exp = tracker.ensure_experiment("bench-overhead")
+
+        def tracked(cfg, plots: bool) -> tuple[float, float]:
+            task = RunTask(0, cfg.to_dict(), cfg.config_hash(), "bench", {}, exp, tracker.uri, "bench", plots=plots)
+            t0 = time.perf_counter()
+            outcome = run_tracked(task)
+            total = time.perf_counter() - t0
+            assert outcome.status == "finished", outcome
+            return inner[-1], total - inner[-1]
+
+        tracked(base.replace(seed=100), True)  # warm-up: imports, fonts, store connection, data in page cache
+        alone, tracking, tracking_noplots = [], [], []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            experiment.PruningExperiment(base.replace(seed=i)).run()
+            alone.append(time.perf_counter() - t0)
+            tracking.append(tracked(base.replace(seed=i), True)[1])
+            tracking_noplots.append(tracked(base.replace(seed=1000 + i), False)[1])
+    experiment.PruningExperiment.run = real_run
+    run_med = statistics.median(alone)
+    return {"run_alone_s": run_med, "tracking_s": statistics.median(tracking),
+            "tracking_noplots_s": statistics.median(tracking_noplots),
+            "tracking_pct": 100 * statistics.median(tracking) / run_med,
+            "tracking_noplots_pct": 100 * statistics.median(tracking_noplots) / run_med}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["throughput", "overhead", "all"], default="all")
+    ap.add_argument("--runs", type=int, default=16, help="throughput: runs in the sweep (multiple of 4)")
+    ap.add_argument("--repeats", type=int, default=3, help="overhead: timed pairs (median reported)")
+    args = ap.parse_args()
+    load = os.getloadavg()
+    print(f"# cores={len(os.sched_getaffinity(0))} load(1/5/15 min)={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+    if args.part in ("throughput", "all"):
+        t = throughput(args.runs)
+        print(f"throughput: {int(t['runs'])} runs; 1 worker {t['w1_s']:.1f}s, 2 workers {t['w2_s']:.1f}s, "
+              f"speedup {t['speedup']:.2f}x (goal >= 1.6x)")
+    if args.part in ("overhead", "all"):
+        o = overhead(args.repeats)
+        print(f"overhead: PruningExperiment.run() alone {o['run_alone_s']:.2f}s (median of {args.repeats}); "
+              f"tracking {o['tracking_s'] * 1000:.0f} ms = {o['tracking_pct']:.2f}% with plots, "
+              f"{o['tracking_noplots_s'] * 1000:.0f} ms = {o['tracking_noplots_pct']:.2f}% with --no-plots (goal <= 2%)")
+    load = os.getloadavg()
+    print(f"# load after (1/5/15 min)={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The `benchkit` command end to end on digits: help, run, report, resume after SIGKILL, two workers, ui."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from benchkit.cli import main
+from benchkit.config import ExperimentConfig
+from benchkit.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchkit.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def write_sweep(tmp_path: Path, grid: str, experiment: str = "cli", extra_base: str = "") -> Path:
+    p = tmp_path / f"{experiment}.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        experiment: {experiment}
+        base:
+          data: {{name: digits}}
+          model: {{name: lenet300}}
+          train: {{epochs: 1, batch_size: 64, lr: 0.05}}
+          prune: {{timing: post, compression: 2, finetune: {{epochs: 1, lr: 0.005}}}}
+          output_dir: {tmp_path / 'runs'}
+        {extra_base}""") + textwrap.dedent(grid))
+    return p
+
+
+def search(uri: str, experiment: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], run_view_type=mlflow.entities.ViewType.ACTIVE_ONLY)
+
+
+# --------------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", [[], ["run"], ["sweep"], ["report"], ["ui"]])
+def test_every_command_has_fast_help_without_torch(command):
+    code = ("import sys\nfrom benchkit.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"
+            "except SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = [m for m in ('torch', 'mlflow', 'ray', 'pandas') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "usage: benchkit" in out.stdout
+    assert "--tracking-uri" in out.stdout or not command
+    assert time.perf_counter() - t0 < 5
+
+
+# --------------------------------------------------------------------------------------------- run + report
+def test_run_then_report_reads_it_back(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write_sweep(tmp_path, "grid:\n  seed: [0]\n")
+    out = cli("run", str(p), "prune.compression=4", "--tracking-uri", uri)
+    assert out.returncode == 0, out.stderr
+    df = search(uri, "cli")
+    assert len(df) == 1 and df["status"][0] == "FINISHED"
+    cfg = ExperimentConfig.from_yaml(p, ["prune.compression=4"])
+    assert df["tags.benchkit.config_hash"][0] == cfg.config_hash() and df["params.prune.compression"][0] == "4.0"
+
+    assert df["tags.mlflow.runName"][0] == "compression=4"
+
+    assert main(["run", str(p), "prune.compression=4", "--tracking-uri", uri]) == 0  # finished: not run twice
+    assert "finished-skip" in capsys.readouterr().out and len(search(uri, "cli")) == 1
+
+    assert main(["report", "--tracking-uri", uri, "--experiment", "cli", "--format", "csv",
+                 "--columns", "run_name,prune.compression,compression_ratio,test_acc1,hash"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(table.columns) == ["run", "prune.compression", "compression_ratio", "test_acc1", "hash"]
+    assert table["compression_ratio"][0] == pytest.approx(4.0, rel=1e-3)
+    assert table["test_acc1"][0] == pytest.approx(df["metrics.test_acc1"][0])
+    assert table["hash"][0] == cfg.config_hash()
+
+
+def test_report_filters_and_formats(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write_sweep(tmp_path, "grid:\n  prune.criterion: [magnitude, random]\n  prune.compression: [2, 4]\n")
+    assert main(["sweep", str(p), "--tracking-uri", uri]) == 0
+    capsys.readouterr()
+    assert main(["report", "--tracking-uri", uri, "-e", "cli", "--filter", "params.prune.criterion = 'magnitude'",
+                 "--format", "markdown", "--sort=-compression_ratio"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    # default columns: name, status, hash, the params that vary among the selected runs, headline metrics
+    assert header[:4] == ["run", "status", "hash", "prune.compression"] and "prune.criterion" not in header
+    assert "test_acc1" in header and "compression_ratio" in header and lines[1].startswith("|---")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    ratios = [float(r[header.index("compression_ratio")]) for r in rows]
+    assert len(rows) == 2 and ratios == sorted(ratios, reverse=True) and ratios[0] == pytest.approx(4, rel=1e-3)
+
+    assert main(["report", "--tracking-uri", uri, "-e", "cli", "--format", "table"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 5  # header + 4 runs
+    # mistakes are named, with what exists
+    assert main(["report", "--tracking-uri", uri, "-e", "nope"]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err
+    assert main(["report", "--tracking-uri", uri, "--columns", "test_acc9"]) == 2
+    assert "no column 'test_acc9'" in capsys.readouterr().err
+    assert main(["report", "--tracking-uri", uri, "--filter", "params.x ==== 1"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- resume after kill -9
+def test_sweep_killed_with_sigkill_resumes_to_exactly_one_finished_run_per_config(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write_sweep(tmp_path, "grid:\n  prune.criterion: [magnitude, random]\n  prune.compression: [2, 4]\n",
+                    experiment="killed")
+    proc = subprocess.Popen([sys.executable, "-m", "benchkit.cli", "sweep", str(p), "--tracking-uri", uri],
+                            cwd=REPO, stdout=open(tmp_path / "sweep.log", "w"), stderr=subprocess.STDOUT)
+    client = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            time.sleep(0.2)
+            if client is None and (tmp_path / "mlflow.db").exists():
+                client = Tracker(uri).client  # waits while the sweep creates the store's tables
+            exp = client.get_experiment_by_name("killed") if client else None
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if any(r.info.status == "FINISHED" for r in runs) and any(r.info.status == "RUNNING" for r in runs):
+                break
+        else:
+            pytest.fail("the sweep never had a finished and a running run")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    runs = client.search_runs([exp.experiment_id])
+    finished_before = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
+    assert 1 <= len(finished_before) < 4 and any(r.info.status == "RUNNING" for r in runs)
+
+    dry = cli("sweep", str(p), "--tracking-uri", uri, "--dry-run")
+    plan = dry.stdout.splitlines()[1:]  # one line per config after the summary line
+    assert sum(" finished-skip " in line for line in plan) == len(finished_before)
+    assert sum(" redo " in line and "interrupted" in line for line in plan) == 1
+
+    out = cli("sweep", str(p), "--tracking-uri", uri)
+    assert out.returncode == 0, out.stderr
+    df = search(uri, "killed")
+    base = ExperimentConfig.from_yaml(p)
+    planned = {base.replace(prune__criterion=c, prune__compression=k).config_hash()
+               for c in ("magnitude", "random") for k in (2, 4)}
+    assert sorted(df["tags.benchkit.config_hash"]) == sorted(planned)  # each config exactly once
+    assert set(df["status"]) == {"FINISHED"}
+    assert finished_before <= set(df["run_id"])  # finished runs were skipped, not redone
+    # the interrupted run was marked KILLED, then superseded by its redo (kept in MLflow's trash)
+    redone = df[df["tags.benchkit.replaces"].notna()]
+    assert len(redone) >= 1
+    for old in ",".join(redone["tags.benchkit.replaces"]).split(","):
+        gone = client.get_run(old)
+        assert gone.info.lifecycle_stage == "deleted" and gone.info.status == "KILLED"
+
+
+# --------------------------------------------------------------------------------------------- parallel
+def test_two_workers_lose_no_run(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write_sweep(tmp_path, "grid:\n  prune.criterion: [magnitude, random]\n  prune.compression: [2, 4]\n"
+                    "  prune.scope: [global, layer]\n", experiment="parallel")
+    assert main(["sweep", str(p), "--workers", "2", "--tracking-uri", uri]) == 0
+    df = search(uri, "parallel")
+    assert len(df) == 8 and set(df["status"]) == {"FINISHED"} and df["tags.benchkit.config_hash"].is_unique
+    assert df["tags.benchkit.pid"].nunique() == 2  # two worker processes shared the work
+    cores = len(os.sched_getaffinity(0))
+    assert set(df["tags.benchkit.threads"]) == {str(max(1, cores // 2))}
+    assert (df["metrics.test_acc1"] > 0).all()
+    assert "8 finished" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- ui
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_same_store_on_localhost(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write_sweep(tmp_path, "grid:\n  seed: [0]\n", experiment="shown")
+    assert main(["run", str(p), "--tracking-uri", uri]) == 0
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "benchkit.cli", "ui", "--port", str(port), "--tracking-uri", uri],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        body = None
+        for _ in range(120):
+            time.sleep(0.5)
+            try:
+                url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=shown"
+                body = urllib.request.urlopen(url, timeout=2).read().decode()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    break
+        assert body is not None, "the UI never answered"
+        assert '"shown"' in body and '"experiment_id"' in body
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_workers_mark_their_runs_killed_and_exit_when_the_sweep_is_sigkilled(tmp_path):
+    import psutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write_sweep(tmp_path, "grid:\n  seed: [0, 1, 2]\n", experiment="orphans")
+    p.write_text(p.read_text().replace("epochs: 1,", "epochs: 5000,"))  # runs long enough to be caught
+    proc = subprocess.Popen([sys.executable, "-m", "benchkit.cli", "sweep", str(p), "--workers", "2",
+                             "--tracking-uri", uri], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, runs = None, []
+    try:
+        for _ in range(600):
+            time.sleep(0.2)
+            if client is None and (tmp_path / "mlflow.db").exists():
+                client = Tracker(uri).client
+            exp = client.get_experiment_by_name("orphans") if client else None
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if sum(r.info.status == "RUNNING" for r in runs) == 2:
+                break
+        else:
+            pytest.fail("two runs never ran at once")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    pids = {int(r.data.tags["benchkit.pid"]) for r in runs}
+    deadline = time.time() + 60
+    while time.time() < deadline and any(psutil.pid_exists(pid) for pid in pids):
+        time.sleep(0.5)
+    assert not any(psutil.pid_exists(pid) for pid in pids), "worker processes outlived the sweep"
+    statuses = [client.get_run(r.info.run_id).info.status for r in runs]
+    assert statuses == ["KILLED", "KILLED"]
+    text = Path(client.download_artifacts(runs[0].info.run_id, "traceback.txt", str(tmp_path))).read_text()
+    assert "KeyboardInterrupt" in text

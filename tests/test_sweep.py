@@ -1,0 +1,209 @@
+"""Sweep files → plans: grid/zip expansion, exclusions with reasons, bad files refused with key and
+line before anything runs, the dry-run plan, and resume statuses read from MLflow."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchkit.cli import main
+from benchkit.config import ConfigError, ExperimentConfig
+from benchkit.sweep import HashState, combinations, expand, load_sweep, plan_sweep
+from benchkit.tracking import TAG_HASH, TAG_HOST, TAG_PID, TAG_PID_START, Owner, Tracker, run_is_alive
+
+BASE = """\
+experiment: unit
+base:
+  data: {name: digits}
+  model: {name: lenet300}
+  train: {epochs: 1}
+  prune: {timing: post, compression: 2}
+"""
+
+
+def write(tmp_path: Path, body: str, name: str = "sweep.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+# --------------------------------------------------------------------------------------------- expansion
+def test_grid_is_the_cartesian_product_and_zip_moves_together(tmp_path):
+    p = write(tmp_path, BASE + """\
+grid:
+  prune.criterion: [magnitude, random]
+  prune.scope: [global, layer]
+  seed: [0, 1, 2]
+zip:
+  prune.compression: [2, 8]
+  prune.finetune.epochs: [1, 3]
+""")
+    spec = load_sweep(p)
+    combos = combinations(spec)
+    expected = [
+        {"prune.criterion": c, "prune.scope": s, "seed": seed, "prune.compression": comp, "prune.finetune.epochs": ep}
+        for c, s, seed in itertools.product(["magnitude", "random"], ["global", "layer"], [0, 1, 2])
+        for comp, ep in [(2, 1), (8, 3)]
+    ]
+    assert combos == expected  # 2 × 2 × 3 × 2 (zip), file order
+    entries = expand(spec)
+    assert len(entries) == 24 and all(e.status == "new" for e in entries)
+    for e in entries:  # every config carries its combination, on top of the base
+        flat = e.config.flat()
+        assert all(flat[k] == v for k, v in e.overrides.items())
+        assert flat["data.name"] == "digits" and flat["train.epochs"] == 1 and flat["experiment"] == "unit"
+        assert e.config_hash == ExperimentConfig.from_dict(e.config.to_dict()).config_hash()
+    assert len({e.config_hash for e in entries}) == 24
+
+
+def test_exclusions_are_listed_with_their_reason(tmp_path):
+    p = write(tmp_path, BASE + """\
+grid:
+  prune.criterion: [magnitude, random]
+  prune.compression: [2, 4, 8]
+exclude:
+  - match: {prune.criterion: random, prune.compression: [4, 8]}
+    reason: random pruning is only a baseline at low compression
+""")
+    entries = expand(load_sweep(p))
+    excluded = [(e.overrides["prune.criterion"], e.overrides["prune.compression"]) for e in entries
+                if e.status == "excluded"]
+    assert excluded == [("random", 4), ("random", 8)]
+    assert all("random pruning is only a baseline" in e.reason for e in entries if e.status == "excluded")
+    assert sum(e.status == "new" for e in entries) == 4
+
+
+def test_combinations_validation_refuses_are_excluded_with_its_reason(tmp_path):
+    # validation: lottery prunes by magnitude (IMP) or random only; taylor is fine with post
+    p = write(tmp_path, BASE + """\
+grid:
+  prune.timing: [post, lottery]
+  prune.criterion: [magnitude, taylor]
+""")
+    entries = {(e.overrides["prune.timing"], e.overrides["prune.criterion"]): e for e in expand(load_sweep(p))}
+    bad = entries[("lottery", "taylor")]
+    assert bad.status == "excluded" and bad.reason.startswith("invalid:") and "criterion" in bad.reason
+    assert all(e.status == "new" for k, e in entries.items() if k != ("lottery", "taylor"))
+
+
+def test_duplicate_configs_run_once(tmp_path):
+    # `name` is not part of the config hash: two names, one config
+    p = write(tmp_path, BASE + "grid:\n  name: [a, b]\n")
+    entries = expand(load_sweep(p))
+    assert [e.status for e in entries] == ["new", "duplicate"]
+
+
+def test_cli_override_pins_a_grid_axis(tmp_path):
+    p = write(tmp_path, BASE + "grid:\n  seed: [0, 1, 2]\n  prune.compression: [2, 4]\n")
+    entries = expand(load_sweep(p, ["seed=5", "train.lr=0.01"]))
+    assert len(entries) == 2
+    assert {e.config.seed for e in entries} == {5} and {e.config.train.lr for e in entries} == {0.01}
+
+
+# --------------------------------------------------------------------------------------------- bad files
+BAD = {
+    "unknown top-level key": ("grdi:\n  seed: [0]\n", "'grdi'", 7),
+    "grid key not in the config": ("grid:\n  seed: [0]\n  prune.critrion: [magnitude]\n", "'prune.critrion'", 9),
+    "wrong type": ("grid:\n  prune.compression: [2, lots]\n", "prune.compression", 8),
+    "empty grid": ("grid: {}\n", "grid", 7),
+    "value list empty": ("grid:\n  seed: []\n", "grid.seed", 8),
+    "value not a list": ("grid:\n  seed: 3\n", "grid.seed", 8),
+    "zip lengths differ": ("zip:\n  seed: [0, 1]\n  prune.compression: [2]\n", "same length", 8),
+    "exclude without reason": ("grid:\n  seed: [0]\nexclude:\n  - match: {seed: 0}\n", "reason", 9),
+    "exclude key unknown": ("grid:\n  seed: [0]\nexclude:\n  - match: {sed: 0}\n    reason: x\n", "'sed'", 9),
+    "typo in a grid value": ("grid:\n  prune.criterion: [magnitude, magnitud]\n", "magnitud", 8),
+    "unknown key in base": ("grid:\n  seed: [0]\n", "'train.epoch'", 5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_sweep_files_name_key_and_line(tmp_path, case, capsys):
+    tail, key, line = BAD[case]
+    base = BASE.replace("train: {epochs: 1}", "train: {epoch: 1}") if case == "unknown key in base" else BASE
+    p = write(tmp_path, base + tail)
+    with pytest.raises(ConfigError) as err:
+        expand(load_sweep(p))
+    msg = str(err.value)
+    assert key in msg and f"line {line}" in msg, msg
+    # through the CLI: exit code 2, the same message, and nothing written to the store
+    store = tmp_path / "store.db"
+    assert main(["sweep", str(p), "--tracking-uri", f"sqlite:///{store}"]) == 2
+    assert key in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    p = write(tmp_path, BASE + "grid:\n  seed: [0, 1\n  prune.scope: [global]\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+"):
+        load_sweep(p)
+
+
+# --------------------------------------------------------------------------------------------- plan
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    p = write(tmp_path, BASE + """\
+grid:
+  prune.criterion: [magnitude, random]
+  prune.compression: [2, 4]
+exclude:
+  - match: {prune.criterion: random, prune.compression: 4}
+    reason: not interesting
+""")
+    store = tmp_path / "mlflow.db"
+    assert main(["sweep", str(p), "--dry-run", "--tracking-uri", f"sqlite:///{store}", "train.epochs=2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "4 combinations" in out[0] and "3 new" in out[0] and "1 excluded" in out[0]
+    base = ExperimentConfig.from_yaml(p, ["train.epochs=2"])
+    for line, (crit, comp) in zip(out[1:], itertools.product(["magnitude", "random"], [2, 4])):
+        h = base.replace(prune__criterion=crit, prune__compression=comp).config_hash()
+        assert h in line and f"prune.criterion={crit} prune.compression={comp}" in line
+        assert ("excluded" in line and "not interesting" in line) if (crit, comp) == ("random", 4) else " new " in line
+    assert not store.exists()
+
+
+class FakeInfo:
+    def __init__(self, run_id, status, start_time=0):
+        self.run_id, self.status, self.start_time = run_id, status, start_time
+
+
+class FakeRun:
+    def __init__(self, run_id, status, tags=None, start_time=0):
+        self.info = FakeInfo(run_id, status, start_time)
+        self.data = type("D", (), {"tags": tags or {}})()
+
+
+def test_liveness_of_running_runs():
+    me = Owner.me()
+    assert run_is_alive(FakeRun("a", "RUNNING", me.tags()))
+    dead = {**me.tags(), TAG_PID: str(2**22 + 12345)}  # beyond Linux's pid_max default: never alive
+    assert not run_is_alive(FakeRun("b", "RUNNING", dead))
+    reused = {**me.tags(), TAG_PID_START: f"{me.start - 3600:.3f}"}  # our pid, but a different process
+    assert not run_is_alive(FakeRun("c", "RUNNING", reused))
+    remote = {TAG_HOST: "elsewhere", TAG_PID: "1", TAG_PID_START: "0", "benchkit.heartbeat": "0"}
+    assert not run_is_alive(FakeRun("d", "RUNNING", remote))
+    assert run_is_alive(FakeRun("e", "RUNNING", {**remote, "benchkit.heartbeat": str(int(__import__("time").time()))}))
+    assert not run_is_alive(FakeRun("f", "FINISHED", me.tags()))
+    state = HashState.of([FakeRun("g", "FAILED"), FakeRun("h", "RUNNING", dead), FakeRun("i", "FINISHED")])
+    assert [r.info.run_id for r in state.finished] == ["i"] and [r.info.run_id for r in state.stale] == ["g", "h"]
+
+
+def test_plan_reads_statuses_from_the_store(tmp_path):
+    p = write(tmp_path, BASE + "grid:\n  seed: [0, 1, 2, 3, 4]\n")
+    spec = load_sweep(p)
+    entries = expand(spec)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracker.ensure_experiment(spec.experiment)
+    me = Owner.me().tags()
+    dead = {**me, TAG_PID: str(2**22 + 12345)}
+    for e, status, tags in [(entries[0], "FINISHED", {}), (entries[1], "FAILED", {}), (entries[2], "KILLED", {}),
+                            (entries[3], "RUNNING", dead), (entries[4], "RUNNING", me)]:
+        run_id = tracker.client.create_run(exp, tags={TAG_HASH: e.config_hash, **tags}).info.run_id
+        if status != "RUNNING":
+            tracker.client.set_terminated(run_id, status)
+    plan_sweep(entries, tracker, spec.experiment)
+    assert [e.status for e in entries] == ["finished-skip", "redo", "redo", "redo", "running"]
+    assert "FAILED" in entries[1].reason and "KILLED" in entries[2].reason and "interrupted" in entries[3].reason
+    assert os.path.exists(tmp_path / "mlflow.db")

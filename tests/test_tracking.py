@@ -1,0 +1,231 @@
+"""MLflow tracking: batching within MLflow's limits, retries on sqlite locks, result → metrics with
+steps, and real digits sweeps read back from MLflow (params, metrics, artifacts, failures, levels)."""
+
+from __future__ import annotations
+
+import sqlite3
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from benchkit.cli import main
+from benchkit.config import ExperimentConfig
+from benchkit.tracking import (
+    MAX_PARAM_VAL_LENGTH,
+    TAG_HASH,
+    Tracker,
+    level_rows,
+    result_metric_rows,
+    with_retry,
+)
+
+
+# --------------------------------------------------------------------------------------------- units
+def test_params_are_batched_by_100_and_long_values_truncated(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracker.ensure_experiment("limits")
+    run_id = tracker.client.create_run(exp).info.run_id
+    calls = []
+    real = tracker.client.log_batch
+    tracker.client.log_batch = lambda *a, **k: (calls.append(k), real(*a, **k))[1]
+    params = {f"p{i:03d}": i for i in range(250)} | {"long": "x" * (MAX_PARAM_VAL_LENGTH + 500)}
+    tracker.log_params(run_id, params)
+    assert [len(c["params"]) for c in calls] == [100, 100, 51]
+    logged = tracker.client.get_run(run_id).data.params
+    assert len(logged) == 251 and logged["p249"] == "249"
+    assert len(logged["long"]) == MAX_PARAM_VAL_LENGTH and logged["long"].endswith("...")
+
+    calls.clear()
+    n = tracker.log_metrics(run_id, [("m", float(i), i) for i in range(2500)] + [("skip", "text", 0)])
+    assert n == 2500 and [len(c["metrics"]) for c in calls] == [1000, 1000, 500]
+    hist = tracker.client.get_metric_history(run_id, "m")
+    assert sorted((m.step, m.value) for m in hist) == [(i, float(i)) for i in range(2500)]
+
+
+def test_retry_on_database_is_locked_then_give_up_on_other_errors():
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise sqlite3.OperationalError("database is locked")
+        return "ok"
+
+    assert with_retry(flaky, base_delay=0.001) == "ok" and len(attempts) == 3
+    with pytest.raises(KeyError):  # not transient: raised at once
+        with_retry(lambda: {}["x"], base_delay=0.001)
+    with pytest.raises(sqlite3.OperationalError):
+        with_retry(lambda: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")),
+                   attempts=3, base_delay=0.001)
+
+
+def test_result_rows_history_by_phase_and_levels_by_branch():
+    result = SimpleNamespace(
+        metrics={"compression_ratio": 4.0, "test_acc1": 0.9, "time_total_s": 3.0},
+        timings={"total": 3.0},
+        history=[{"phase": "dense", "epoch": 1, "step": 30, "val_acc1": 0.8},
+                 {"phase": "dense", "epoch": 2, "step": 60, "val_acc1": 0.85},
+                 {"phase": "level_1", "epoch": 1, "step": 30, "val_acc1": 0.7}],
+        levels=[{"level": 0, "branch": "ticket", "percent_remaining": 100.0, "test_acc1": 0.9},
+                {"level": 1, "branch": "ticket", "percent_remaining": 50.0, "test_acc1": 0.91},
+                {"level": 1, "branch": "reinit", "percent_remaining": 50.0, "test_acc1": 0.6}],
+    )
+    rows = result_metric_rows(result)
+    assert ("compression_ratio", 4.0, 0) in rows and ("time_total_s", 3.0, 0) in rows
+    assert not any(k == "time_total" for k, _, _ in rows)  # timings already in metrics: not twice
+    assert [(s, v) for k, v, s in rows if k == "dense/val_acc1"] == [(30, 0.8), (60, 0.85)]
+    assert [(s, v) for k, v, s in rows if k == "level_1/val_acc1"] == [(30, 0.7)]
+    assert [(s, v) for k, v, s in rows if k == "level_test_acc1"] == [(0, 0.9), (1, 0.91)]
+    assert [(s, v) for k, v, s in rows if k == "level_percent_remaining"] == [(0, 100.0), (1, 50.0)]
+    assert [(s, v) for k, v, s in rows if k == "reinit_level_test_acc1"] == [(1, 0.6)]
+    # post rounds and gradual updates are indexed by their own counter
+    assert level_rows([{"round": 2, "compression": 4.0}]) == [("level_compression", 4.0, 2)]
+    assert ("level_sparsity", 0.5, 3) in level_rows([{"update": 3, "step": 90, "sparsity": 0.5}])
+
+
+# --------------------------------------------------------------------------------------------- end to end
+SWEEP = """\
+experiment: e2e
+base:
+  data: {name: digits}
+  model: {name: lenet300}
+  train: {epochs: 1, batch_size: 64, lr: 0.05}
+  prune: {timing: post, finetune: {epochs: 1, lr: 0.005}}
+  output_dir: OUT
+grid:
+  prune.criterion: [magnitude, random]
+  prune.compression: [2, 4]
+exclude:
+  - match: {prune.criterion: random, prune.compression: 4}
+    reason: a baseline at one compression is enough
+"""
+
+
+def sweep_file(tmp_path: Path, body: str = SWEEP) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(textwrap.dedent(body).replace("OUT", str(tmp_path / "runs")))
+    return p
+
+
+def runs_of(uri: str, experiment: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def test_sweep_on_digits_is_tracked_as_planned(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = sweep_file(tmp_path)
+    assert main(["sweep", str(p), "--tracking-uri", uri]) == 0
+    df = runs_of(uri, "e2e")
+    base = ExperimentConfig.from_yaml(p)
+    planned = {base.replace(prune__criterion=c, prune__compression=k).config_hash(): (c, k)
+               for c, k in [("magnitude", 2), ("magnitude", 4), ("random", 2)]}
+    assert sorted(df["tags.benchkit.config_hash"]) == sorted(planned)  # one run per planned config, no more
+    assert set(df["status"]) == {"FINISHED"}
+    client = mlflow.MlflowClient(uri)
+    for _, row in df.iterrows():
+        crit, comp = planned[row["tags.benchkit.config_hash"]]
+        cfg = base.replace(prune__criterion=crit, prune__compression=comp)
+        run = client.get_run(row["run_id"])
+        # every config value is a param, under its dotted key
+        assert run.data.params == {k: str(v) for k, v in cfg.flat().items()}
+        tags = run.data.tags
+        assert tags["benchkit.sweep"] == "e2e" and tags["benchkit.torch_version"] == torch.__version__
+        assert tags["benchkit.device"] == "cpu" and tags["benchkit.hostname"] and tags["benchkit.version"]
+        assert "mlflow.source.git.commit" in tags or "benchkit.git.commit" in tags
+        m = run.data.metrics
+        # the engine prunes round(s·n) weights: the achieved compression matches the request closely
+        assert m["compression_ratio"] == pytest.approx(comp, rel=1e-3)
+        assert m["sparsity"] == pytest.approx(1 - 1 / comp, abs=1e-3)
+        for k in ("val_acc1", "test_acc1", "val_acc5", "test_acc5", "val_loss", "test_loss", "flops_dense",
+                  "theoretical_speedup", "time_total_s"):
+            assert k in m, k
+        assert 0.0 <= m["test_acc1"] <= 1.0 and m["theoretical_speedup"] > 1.0
+        # per-epoch curves with steps, equal to the history artifact
+        arts = Path(client.download_artifacts(row["run_id"], "", str(tmp_path / "dl" / row["run_id"])))
+        hist = pd.read_csv(arts / "history.csv")
+        for phase, g in hist.groupby("phase"):
+            logged = client.get_metric_history(row["run_id"], f"{phase}/val_acc1")
+            assert sorted((x.step, round(x.value, 6)) for x in logged) == \
+                sorted(zip(g["step"], g["val_acc1"].round(6)))
+        assert {"dense", "finetune_r1"} <= set(hist["phase"])
+        assert [x.step for x in client.get_metric_history(row["run_id"], "level_compression")] == [1]
+        # artifacts: resolved config (same hash), per-layer table, plots, pruned model with masks
+        assert ExperimentConfig.from_dict(yaml.safe_load((arts / "config.yaml").read_text())).config_hash() == \
+            cfg.config_hash()
+        layers = pd.read_csv(arts / "layers.csv")
+        assert list(layers["layer"]) == ["fc1", "fc2", "fc3"] and (layers["density"] < 1).any()
+        assert (arts / "training_curve.png").stat().st_size > 1000 and (arts / "layer_density.png").exists()
+        sd = torch.load(arts / "model.pt", weights_only=True)
+        masks = {k: v for k, v in sd.items() if k.endswith("_mask")}
+        kept = sum(int(v.sum()) for v in masks.values())
+        assert masks and sum(v.numel() for v in masks.values()) / kept == pytest.approx(comp, rel=1e-3)
+
+
+def test_failing_run_is_failed_with_traceback_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import benchkit.experiment as experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = sweep_file(tmp_path)
+    real_run = experiment.PruningExperiment.run
+
+    def run(self):
+        if self.cfg.prune.criterion == "random":
+            raise RuntimeError("synthetic failure for the test")
+        return real_run(self)
+
+    monkeypatch.setattr(experiment.PruningExperiment, "run", run)
+    assert main(["sweep", str(p), "--tracking-uri", uri]) == 1  # failures → non-zero exit, after all runs
+    df = runs_of(uri, "e2e")
+    status = dict(zip(df["params.prune.criterion"] + "/" + df["params.prune.compression"], df["status"]))
+    assert status == {"magnitude/2.0": "FINISHED", "magnitude/4.0": "FINISHED", "random/2.0": "FAILED"}
+    failed = df[df["status"] == "FAILED"].iloc[0]
+    tb = mlflow.MlflowClient(uri).download_artifacts(failed["run_id"], "traceback.txt", str(tmp_path))
+    text = Path(tb).read_text()
+    assert "RuntimeError: synthetic failure for the test" in text and "Traceback" in text
+
+    # fixed, the re-run redoes only the failed config; the store keeps one FINISHED run per hash
+    monkeypatch.setattr(experiment.PruningExperiment, "run", real_run)
+    assert main(["sweep", str(p), "--tracking-uri", uri]) == 0
+    df2 = runs_of(uri, "e2e")
+    assert len(df2) == 3 and set(df2["status"]) == {"FINISHED"}
+    assert df2["tags.benchkit.config_hash"].is_unique
+    redone = df2[df2["params.prune.criterion"] == "random"].iloc[0]
+    assert redone["tags.benchkit.replaces"] == failed["run_id"]
+    assert set(df[df["status"] == "FINISHED"]["run_id"]) <= set(df2["run_id"])  # finished ones were not rerun
+
+
+def test_lottery_levels_are_logged_against_the_level(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = sweep_file(tmp_path, """\
+    experiment: lth
+    base:
+      data: {name: digits}
+      model: {name: lenet300}
+      train: {epochs: 1, batch_size: 64, lr: 0.05}
+      prune: {timing: lottery, lottery: {levels: 2, rate: 0.5, controls: [reinit]}}
+      output_dir: OUT
+    grid:
+      seed: [0]
+    """)
+    assert main(["sweep", str(p), "--tracking-uri", uri]) == 0
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lth").experiment_id])
+    rid = run.info.run_id
+
+    def curve(key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(rid, key))
+
+    remaining = curve("level_percent_remaining")
+    assert [s for s, _ in remaining] == [0, 1, 2]
+    assert [v for _, v in remaining] == pytest.approx([100.0, 50.0, 25.0], abs=0.2)  # rate 0.5 per level
+    assert [s for s, _ in curve("level_test_acc1")] == [0, 1, 2]
+    assert [s for s, _ in curve("level_val_acc1")] == [0, 1, 2]
+    assert [s for s, _ in curve("reinit_level_test_acc1")] == [1, 2]
+    assert run.data.tags[TAG_HASH] == ExperimentConfig.from_yaml(p).config_hash()
