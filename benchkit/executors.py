@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Any
 
 from benchkit.registry import Registry
-from benchkit.sweep import INTERRUPT_HANDLED, RunOutcome, RunTask, cores
+from benchkit.sweep import INTERRUPT_DEFERRED, INTERRUPT_HANDLED, RunOutcome, RunTask, cores
 
 EXECUTORS: Registry[type] = Registry("executor")
 RunFn = Callable[[RunTask], RunOutcome]
@@ -70,10 +70,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
     Sent repeatedly until the run stops: an interrupt that lands inside a finaliser (a DataLoader
     iterator's ``__del__``, say) is swallowed by Python, so one is not enough. Once the run has begun
-    marking itself KILLED (``INTERRUPT_HANDLED``), later ones are ignored so that bookkeeping finishes.
+    marking itself KILLED (``INTERRUPT_HANDLED``), later ones are ignored so that bookkeeping finishes;
+    while it is creating its run (``INTERRUPT_DEFERRED``) the request waits for the next repeat.
     """
     _STOPPING.set()
-    if _ACTIVE.is_set() and not INTERRUPT_HANDLED.is_set():
+    if _ACTIVE.is_set() and not INTERRUPT_HANDLED.is_set() and not INTERRUPT_DEFERRED.is_set():
         raise KeyboardInterrupt
 
 

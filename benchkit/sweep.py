@@ -415,6 +415,9 @@ class RunOutcome:
 SUMMARY_METRICS = ("compression_ratio", "val_acc1", "test_acc1")
 #: Set once run_tracked has caught an interrupt and is marking its run KILLED (see executors._on_sigterm).
 INTERRUPT_HANDLED = threading.Event()
+#: Set while run_tracked creates its run: an interrupt there would leave a RUNNING run nobody marks, so
+#: the worker's stop request waits (the parent watcher repeats it every second) until the claim is made.
+INTERRUPT_DEFERRED = threading.Event()
 
 
 def run_tracked(task: RunTask) -> RunOutcome:
@@ -441,7 +444,11 @@ def run_tracked(task: RunTask) -> RunOutcome:
     if task.sweep_file:
         tags[TAG_SWEEP_FILE] = task.sweep_file
     # Claim first, then look: one search settles both "already done" and "someone else is on it".
-    run_id, started = tracker.start_run(exp_id, cfg, run_name=task.run_name, tags=tags, return_start=True)
+    INTERRUPT_DEFERRED.set()
+    try:
+        run_id, started = tracker.start_run(exp_id, cfg, run_name=task.run_name, tags=tags, return_start=True)
+    finally:
+        INTERRUPT_DEFERRED.clear()
     try:
         others = [r for r in tracker.runs(exp_id, h) if r.info.run_id != run_id]
         state = HashState.of(others)
