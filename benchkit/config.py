@@ -150,6 +150,19 @@ class PruneConfig:
 
 
 @dataclass
+class LatencyConfig:
+    """Measured inference latency of the final model (and of its compacted copy when structured
+    pruning left whole channels dead). Off by default: timings are only comparable on a quiet
+    machine, and every figure is logged with its setting (batch, threads, repeats, device)."""
+
+    enabled: bool = False
+    batch_size: int = 1
+    threads: int | None = None  # default: the run's torch threads
+    warmup: int = 10
+    repeats: int = 100  # timed forward passes per model, interleaved; the median is reported
+
+
+@dataclass
 class ExperimentConfig:
     """One run: data, model, training, pruning and seed. See ../shared/DESIGN.md for the contract."""
 
@@ -166,6 +179,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     # ------------------------------------------------------------------------------ construction
     @classmethod

@@ -26,6 +26,7 @@ from torch import nn
 from benchkit.cache import DenseCache, cache_root
 from benchkit.config import ConfigError, ExperimentConfig
 from benchkit.data import load_data
+from benchkit.latency import run_latency
 from benchkit.metrics import layer_metrics, model_metrics
 from benchkit.pruning.granularity import GranularityError, get_granularity
 from benchkit.pruning.layers import LayerSelectionError, prunable_layers, resolve_patterns
@@ -87,6 +88,11 @@ class PruningExperiment:
         with ctx.clock("metrics"):
             metrics.update({k: float(v) for k, v in model_metrics(model, data.input_shape).items()})
             layers = layer_metrics(model, data.input_shape)
+        if cfg.latency.enabled:
+            with ctx.clock("latency"):
+                lat = cfg.latency
+                metrics.update(run_latency(model, data.input_shape, batch_size=lat.batch_size, threads=lat.threads,
+                                           warmup=lat.warmup, repeats=lat.repeats, device=device))
         metrics.update(ctx.metrics)
         ctx.timings["total"] = time.perf_counter() - start
         metrics.update({f"time_{k}_s": float(v) for k, v in ctx.timings.items()})

@@ -121,3 +121,31 @@ def measure_latencies(
                 _sync(device)
                 t.append((time.perf_counter() - start) * 1e3)
     return [Latency(setting=setting, median_ms=float(statistics.median(t)), times_ms=t) for t in times]
+
+
+def run_latency(model: nn.Module, input_shape: Sequence[int], *, batch_size: int = 1, threads: int | None = None,
+                warmup: int = 10, repeats: int = 100, device: str | torch.device = "cpu") -> dict[str, float]:
+    """A run's latency figures: ``latency_ms`` of the final model as deployed (masks made permanent,
+    dense kernels: unstructured zeros cost the same as weights), and, when whole output channels are
+    dead, ``latency_compacted_ms`` of the copy Torch-Pruning compacts and ``latency_speedup`` (their
+    ratio; timed interleaved). The setting goes along: ``latency_batch_size``, ``latency_threads``,
+    ``latency_warmup``, ``latency_repeats`` (the device is the run's ``benchkit.device`` tag)."""
+    from benchkit.metrics import batched_shape, dead_channels
+    from benchkit.pruning.compact import compact
+    from benchkit.pruning.masks import make_permanent
+
+    shape = batched_shape(model, input_shape)
+    example = torch.randn((batch_size, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    nets = [make_permanent(deepcopy_model(model))]
+    if any(n > 0 for n in dead_channels(model).values()):
+        nets.append(compact(model, example[:1], measure_latency=False).model)
+    timed = measure_latencies(nets, example, device=device, batch_size=batch_size, threads=threads,
+                              warmup=warmup, repeats=repeats)
+    setting = timed[0].setting
+    out = {"latency_ms": timed[0].median_ms, "latency_batch_size": float(setting.batch_size),
+           "latency_threads": float(setting.threads), "latency_warmup": float(setting.warmup),
+           "latency_repeats": float(setting.repeats)}
+    if len(timed) > 1:
+        out["latency_compacted_ms"] = timed[1].median_ms
+        out["latency_speedup"] = timed[0].median_ms / timed[1].median_ms
+    return out

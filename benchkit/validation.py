@@ -170,6 +170,11 @@ def training(cfg: ExperimentConfig) -> Iterator[Problem]:
         yield "data.train_subset", f"must be >= 1 examples, got {d.train_subset}"
     if cfg.threads is not None and cfg.threads < 1:
         yield "threads", f"must be >= 1, got {cfg.threads}"
+    lat = cfg.latency
+    for key, value, low in (("batch_size", lat.batch_size, 1), ("threads", lat.threads, 1),
+                            ("warmup", lat.warmup, 0), ("repeats", lat.repeats, 1)):
+        if value is not None and value < low:
+            yield f"latency.{key}", f"must be >= {low}, got {value}"
 
 
 # --------------------------------------------------------------------------------------------- timings

@@ -36,6 +36,7 @@ from fake_runs import (
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
+from pandas.testing import assert_frame_equal
 
 from benchkit import analysis as ba
 
@@ -193,6 +194,21 @@ def test_layer_density_bars_from_artifact_beside_reference(store):
         ba.plot_layer_density(layers, ba.HAN2015_LENET5)
     with pytest.raises(FileNotFoundError, match="no artifact 'nope.csv'.*layers.csv"):
         ba.load_artifact_table(run_id, "nope.csv", tracking_uri=store.uri)
+
+
+def test_artifacts_are_found_when_the_store_folder_moves(tmp_path):
+    """A committed results store is read from wherever it is cloned: MLflow recorded absolute artifact
+    paths, benchkit keeps them in mlartifacts/ beside the database, so the folder can move whole."""
+    import shutil
+
+    built = build_store(tmp_path / "here", with_lottery=False)
+    run_id = built.run_ids[("magnitude", "global", 8.0, 0)]
+    expected = ba.load_layers(run_id, tracking_uri=built.uri)
+    shutil.move(tmp_path / "here", tmp_path / "there")
+    moved_uri = f"sqlite:///{tmp_path / 'there' / 'mlflow.db'}"
+    assert_frame_equal(ba.load_layers(run_id, tracking_uri=moved_uri), expected)
+    with pytest.raises(FileNotFoundError, match="no artifact 'nope.csv'"):
+        ba.load_artifact_table(run_id, "nope.csv", tracking_uri=moved_uri)
 
 
 def test_lottery_levels_and_figure(store):

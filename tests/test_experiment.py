@@ -262,3 +262,23 @@ def test_invalid_config_fails_before_data_loads(tmp_path, monkeypatch):
     cfg.prune.criterion = "magnitudes"  # edited after construction: validated again by the experiment
     with pytest.raises(benchkit.ConfigError, match="prune.criterion"):
         PruningExperiment(cfg)
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_latency_is_measured_with_its_setting_and_compaction_when_channels_die(tmp_path, granularity):
+    cfg = tiny(tmp_path, **{"prune.granularity": granularity, "latency.enabled": True, "latency.batch_size": 4,
+                            "latency.repeats": 5, "latency.warmup": 1, "latency.threads": 1})
+    m = PruningExperiment(cfg).run().metrics
+    assert m["latency_ms"] > 0 and m["time_latency_s"] > 0
+    assert (m["latency_batch_size"], m["latency_threads"], m["latency_repeats"], m["latency_warmup"]) == (4, 1, 5, 1)
+    if granularity == "element":  # no whole neuron is dead: nothing to compact, so no compacted timing
+        assert "latency_compacted_ms" not in m and "compacted_speedup" not in m
+    else:  # 4x over hidden neurons: the compacted copy is smaller and timed beside the masked one
+        assert m["compacted_params"] < m["params_total"]
+        assert m["latency_speedup"] == pytest.approx(m["latency_ms"] / m["latency_compacted_ms"])
+
+
+def test_latency_off_by_default_and_bad_setting_refused(tmp_path):
+    assert not any(k.startswith("latency") for k in PruningExperiment(tiny(tmp_path)).run().metrics)
+    with pytest.raises(benchkit.ConfigError, match=r"latency\.repeats: must be >= 1"):
+        tiny(tmp_path, **{"latency.repeats": 0})

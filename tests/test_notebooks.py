@@ -41,10 +41,10 @@ KERNEL = "benchkit-test-python"
 SYNTHETIC_28 = ["data.name=synthetic", "data.input_shape=[1,28,28]", "data.num_samples=240", "data.val_size=60",
                 "train.lr=0.01"]  # LeNet-5 needs 28×28 inputs; digits are 8×8
 STUDY_SWEEPS: dict[str, list[str]] = {
-    "granularity": [*SYNTHETIC_28, "train.epochs=1", "prune.finetune.epochs=1"],
+    "granularity": [*SYNTHETIC_28, "train.epochs=1", "prune.finetune.epochs=1", "seed=0", "latency.repeats=3"],
     "timing": ["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.finetune.epochs=1",
                "prune.lottery.levels=2", "prune.schedule.every=5", "prune.iterations=5", "seed=0"],
-    "iterative": [*SYNTHETIC_28, "train.epochs=1", "prune.finetune.epochs=1"],
+    "iterative": [*SYNTHETIC_28, "train.epochs=1", "prune.finetune.epochs=1", "seed=0"],
 }
 KINDS = {**FAKE_EXPERIMENTS, **{k: k for k in STUDY_SWEEPS}}
 
@@ -190,6 +190,10 @@ def check_granularity(out: Path, store) -> None:
     nm = layers[layers["granularity"] == "2:4"].set_index("layer")["density"]
     assert nm["conv1"] == 1.0 and (nm.drop("conv1") == 0.5).all()  # excluded; exactly 2 of every 4
     assert summary.set_index("granularity").loc["channel", "speedup after channel removal (×)"] > 1
+    latency = pd.read_csv(out / "latency.csv").set_index("granularity")  # timed by the runs, logged with them
+    assert list(latency.index) == list(summary["granularity"]) and (latency["masked (ms)"] > 0).all()
+    assert latency["after channel removal (ms)"].notna().tolist() == [False, False, False, False, True]
+    assert "batch size 100, threads 1, repeats 3" in (out / "findings.md").read_text()
 
 
 def check_timing(out: Path, store) -> None:

@@ -19,7 +19,6 @@ distinction survives any pandas operation:
 from __future__ import annotations
 
 import ast
-import dataclasses
 import math
 import re
 import tempfile
@@ -53,9 +52,7 @@ TAG_NAMES: dict[str, str] = {
 RUN_COLUMNS = ("experiment", "run_id", "run_name", "status", "start_time", "end_time", "sweep", "config_hash")
 CONFIG_COLUMNS = ("model", "data", "timing", "criterion", "granularity", "scope", "compression", "seed")
 # Top-level (undotted) config keys: they are params too.
-TOP_LEVEL_KEYS = frozenset(
-    f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in {"data", "model", "train", "prune"}
-)
+TOP_LEVEL_KEYS = frozenset(k for k, v in ExperimentConfig().to_dict().items() if not isinstance(v, dict))
 STATUSES = tuple(RunStatus.to_string(s) for s in RunStatus.all_status())
 
 
@@ -348,6 +345,9 @@ def load_artifact_table(run_id: str, path: str = "layers.csv", *, tracking_uri: 
     """A CSV artifact of a run (``layers.csv``, ``levels.csv``, ``history.csv``) as a DataFrame."""
     client = _client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
+        moved = _moved_artifact(client, run_id, path)
+        if moved is not None:
+            return pd.read_csv(moved)
         try:
             local = client.download_artifacts(run_id, path, tmp)
         except Exception as e:  # MLflow raises different types per artifact store
@@ -356,6 +356,28 @@ def load_artifact_table(run_id: str, path: str = "layers.csv", *, tracking_uri: 
                 f"run {run_id} has no artifact {path!r} ({type(e).__name__}); its artifacts: {listed}"
             ) from e
         return pd.read_csv(Path(local))
+
+
+def _moved_artifact(client: MlflowClient, run_id: str, path: str) -> Path | None:
+    """The artifact of a sqlite store that was copied or cloned elsewhere (a committed results store).
+
+    MLflow records absolute ``file://`` artifact URIs; benchkit puts a sqlite store's artifacts in
+    ``mlartifacts/`` beside the database, so when the recorded folder is gone the same relative path
+    under the database's folder is the artifact. None when the recorded location still exists.
+    """
+    from urllib.parse import unquote, urlparse
+
+    from benchkit.tracking import sqlite_path
+
+    db = sqlite_path(client.tracking_uri)
+    uri = client.get_run(run_id).info.artifact_uri or ""
+    if db is None or not uri.startswith("file:") or "/mlartifacts/" not in uri:
+        return None
+    recorded = Path(unquote(urlparse(uri).path))
+    if recorded.exists():
+        return None
+    candidate = db.parent / "mlartifacts" / uri.split("/mlartifacts/", 1)[1] / path
+    return candidate if candidate.exists() else None
 
 
 def load_layers(run_id: str, *, tracking_uri: str | None = None) -> pd.DataFrame:

@@ -258,7 +258,9 @@ def compact(
     if measure_latency:
         setting = dict(device=device if device is not None else home, batch_size=batch_size, dtype=dtype,
                        threads=threads, warmup=warmup, repeats=repeats)
-        latency_masked, latency_compact = _latency.measure_latencies([masked, net], inputs, **setting)
+        # the masked model as deployed: zeros baked in, no prune hook recomputing weight each forward
+        deployed = make_permanent(deepcopy_model(masked))
+        latency_masked, latency_compact = _latency.measure_latencies([deployed, net], inputs, **setting)
 
     for name, p in net.named_parameters():
         p.requires_grad_(requires_grad.get(name, True))

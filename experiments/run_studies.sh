@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every study behind results/: the sweeps into the committed store results/studies/mlflow.db, on
+# Fashion-MNIST from ../shared/data. Re-running resumes (finished configs are skipped).
+#   bash experiments/run_studies.sh [study ...]     # default: all, in this order
+# Then render the tables and figures: .venv/bin/python notebooks/render.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export BENCHKIT_DATA="${BENCHKIT_DATA:-$(cd ../shared/data && pwd)}"
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/results/studies/mlflow.db}"
+mkdir -p results/studies
+# study -> extra sweep arguments (2 workers on 2 cores; granularity serial: it measures latency)
+declare -A ARGS=(
+  [fashion_lenet300]="--workers 2" [lottery]="--workers 2" [timing]="--workers 2" [iterative]="--workers 2"
+  [strategies]="--workers 2" [strategies_lenet5]="--workers 2" [granularity]="--workers 1"
+)
+ORDER=(fashion_lenet300 lottery timing iterative strategies strategies_lenet5 granularity)
+for study in "${@:-${ORDER[@]}}"; do
+  echo "== $study  $(date -u +%FT%TZ)  $(nproc) cores, $(uname -m)"
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  .venv/bin/benchkit sweep "experiments/$study.yaml" ${ARGS[$study]} --no-plots output_dir=runs/studies
+  echo "== $study done in $(( $(date +%s) - start )) s"
+done
