@@ -2,7 +2,8 @@
 one dense network.
 
 An entry is keyed by a hash of everything that determines the trained weights (data, model and
-training configs, seed, determinism, device type, and :data:`TRAINER_VERSION`). The key material
+training configs, seed, determinism, device type, torch threads, a hash of the source files that
+train a dense model (:func:`dense_source_hash`) and :data:`TRAINER_VERSION`). The key material
 is stored inside the entry and compared on load, so a hash collision or a stale entry is retrained,
 never served. Writers hold a per-key file lock (a second run with the same key waits, then hits)
 and write to a temporary file that :func:`os.replace` moves into place atomically.
@@ -11,6 +12,9 @@ and write to a temporary file that :func:`os.replace` moves into place atomicall
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import importlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -23,9 +27,17 @@ from filelock import FileLock
 
 from benchkit.config import NON_SEMANTIC_KEYS, ExperimentConfig, stable_hash
 
-# Bump when training or evaluation code changes the numbers it produces: old entries become misses.
+# Code changes in the files of DENSE_SOURCE_MODULES invalidate entries by themselves (their source is
+# hashed into the key). Bump this for changes elsewhere that alter a dense model's numbers.
 TRAINER_VERSION = 1
 CACHE_FORMAT = 1
+
+# Modules whose source determines a dense model (the dense path: experiment → RunContext.dense →
+# build_model / fit / train / evaluate, the data pipeline, seeding, plain_state_dict), plus every
+# module of these packages.
+DENSE_SOURCE_MODULES = ("benchkit.training", "benchkit.data", "benchkit.seeding", "benchkit.timing.base",
+                        "benchkit.pruning.masks")
+DENSE_SOURCE_PACKAGES = ("benchkit.models",)
 
 
 def cache_root(cfg: ExperimentConfig) -> Path:
@@ -48,17 +60,34 @@ def dense_key_material(cfg: ExperimentConfig, device_type: str) -> dict[str, Any
         "seed": cfg.seed,
         "deterministic": cfg.deterministic,
         "device_type": device_type,
+        # CPU numerics (reductions, matmuls) may depend on the thread count; None: torch's current count
+        "threads": cfg.threads or torch.get_num_threads(),
         "trainer_version": TRAINER_VERSION,
-        "training_module_version": _training_module_version(),
+        "source": dense_source_hash(),
+        "torch": torch.__version__,  # kernels and initialisers change between releases
         "format": CACHE_FORMAT,
     }
 
 
-def _training_module_version() -> Any:
-    """``benchkit.training.TRAINER_VERSION`` if the trainer declares one (bumped by its owner)."""
-    from benchkit import training
+def dense_source_files() -> list[Path]:
+    """The source files of :data:`DENSE_SOURCE_MODULES` and of every module in
+    :data:`DENSE_SOURCE_PACKAGES`, found through the imported modules' ``__file__``."""
+    files = [Path(importlib.import_module(name).__file__) for name in DENSE_SOURCE_MODULES]
+    for name in DENSE_SOURCE_PACKAGES:
+        files += sorted(Path(importlib.import_module(name).__file__).parent.glob("*.py"))
+    return sorted(set(files))
 
-    return getattr(training, "TRAINER_VERSION", None)
+
+@functools.cache
+def dense_source_hash() -> str:
+    """sha256 over the dense-path source files (name relative to the package, and contents), read
+    once per process: editing any of them makes every earlier entry a miss."""
+    package_root = Path(importlib.import_module("benchkit").__file__).parent
+    h = hashlib.sha256()
+    for path in dense_source_files():
+        h.update(path.relative_to(package_root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -110,6 +110,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise _usage(f"--workers must be >= 1, got {args.workers}")
+    if args.executor == "ray":  # a store the Ray workers cannot reach: refuse before anything is read or run
+        from benchkit.executors import RayStoreError, check_ray_tracking
+        from benchkit.tracking import resolve_tracking_uri
+
+        try:
+            check_ray_tracking(args.ray_address, resolve_tracking_uri(args.tracking_uri))
+        except RayStoreError as e:
+            raise _usage(str(e)) from None
     spec = load_sweep(args.sweep, args.overrides)
     entries = expand(spec)  # every config is built and validated here, before anything runs
     tracker = Tracker(args.tracking_uri)

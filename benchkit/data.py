@@ -12,12 +12,21 @@ Three splits, three roles:
 Small image datasets are loaded into memory once as normalised tensors and served whole batches at
 a time (one tensor index per batch instead of one Python call and PIL conversion per image); on a
 2-core machine this is the difference between data loading and training dominating an epoch.
+
+Augmentation randomness is a function of (the training loader's generator, epoch, example), never of
+``data.num_workers``: the training sampler (:class:`EpochSeededSampler`) draws one seed per epoch from
+the loader's generator and hands it to the dataset with every index, and :class:`SeededAugmentation`
+seeds each example's random transforms from (that epoch seed, the example's row). The generator is
+seeded from the run seed, and reseeded per training phase, so the same seed gives the same pixels
+with 0 or N workers, in the main process or in forked or spawned workers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +38,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     RandomSampler,
+    Sampler,
     SequentialSampler,
     Subset,
     TensorDataset,
@@ -51,6 +61,10 @@ class Source:
     ``train`` and ``train_eval`` hold the *same examples in the same order*; ``train`` carries the
     training augmentation, ``train_eval`` the evaluation transform (the validation split is drawn
     from ``train_eval`` so it is never augmented). Without augmentation they are the same object.
+
+    ``augmented``: ``train`` applies random transforms (drawn from torch's global generator, as
+    torchvision's do, or Python's ``random``); its loader then seeds them per example (see
+    :class:`SeededAugmentation`). ``None``: augmented exactly when ``train`` is not ``train_eval``.
     """
 
     train: Dataset
@@ -58,6 +72,11 @@ class Source:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]
+    augmented: bool | None = None
+
+    @property
+    def is_augmented(self) -> bool:
+        return self.train is not self.train_eval if self.augmented is None else bool(self.augmented)
 
 
 @dataclass
@@ -258,7 +277,7 @@ def imagefolder(cfg: DataConfig) -> Source:
     test = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
     if test.classes != train.classes:
         raise ValueError(f"{root}: train/ and val/ have different class folders; they must match")
-    return Source(train, train_eval, test, len(train.classes), (3, 224, 224))
+    return Source(train, train_eval, test, len(train.classes), (3, 224, 224), augmented=cfg.augment)
 
 
 @DATASETS.register("digits")
@@ -332,6 +351,85 @@ def subset(ds: Dataset, idx: Tensor) -> Dataset:
     return Subset(ds, idx.tolist())
 
 
+# (C, H, W) and class count of the built-in datasets, known without loading them. imagefolder's
+# class count comes from its folders: its models are checked with a stand-in count (the layer
+# names and the input dimensions the checks look at do not depend on it).
+KNOWN_SHAPES: dict[str, tuple[tuple[int, int, int], int | None]] = {
+    "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "imagefolder": ((3, 224, 224), None),
+}
+
+
+def known_shape(data: DataConfig) -> tuple[tuple[int, int, int], int | None] | None:
+    """``(input_shape, num_classes)`` of the data without loading it; None when only loading tells."""
+    name = data.name.lower()
+    if name == "synthetic":
+        shape = tuple(int(s) for s in data.input_shape)
+        ok = len(shape) == 3 and min(shape) >= 1 and data.num_classes >= 2
+        return (shape, data.num_classes) if ok else None  # a bad shape is refused when the data loads
+    return KNOWN_SHAPES.get(name)
+
+
+
+def example_seed(epoch_seed: int, row: int) -> int:
+    """The seed of one example's augmentation in one epoch: a hash of (epoch seed, row), so
+    neighbouring rows and epochs get unrelated random streams."""
+    digest = hashlib.blake2b(f"{int(epoch_seed)}:{int(row)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63
+
+
+class EpochSeededSampler(Sampler[tuple[int, int]]):
+    """Shuffles ``range(n)`` like :class:`RandomSampler` and yields ``(epoch_seed, index)`` pairs.
+
+    Each pass (epoch) first draws an epoch seed from ``generator``, then the permutation, both lazily
+    when the first index is requested (the DataLoader may call ``iter`` more than once per epoch). The
+    sampler runs in the main process, so the seeds do not depend on the number of workers; they follow
+    the generator, which the run seeds (and reseeds per training phase), so an epoch's augmentation
+    never depends on how many epochs ran before in this process.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch_seed = int(torch.empty((), dtype=torch.int64).random_(generator=self.generator).item())
+        for i in torch.randperm(self.n, generator=self.generator).tolist():
+            yield epoch_seed, i
+
+
+class SeededAugmentation(Subset):
+    """Rows ``indices`` of an augmented dataset whose random transforms are seeded per example.
+
+    Indexed with ``(epoch_seed, i)`` (from :class:`EpochSeededSampler`), it seeds torch's CPU
+    generator and Python's ``random`` from :func:`example_seed` of (epoch seed, the example's row in
+    the official training set), fetches the example, and restores both generators: the pixels are a
+    function of (epoch seed, row) alone, whichever process fetches them, and the main process's random
+    streams (dropout, with ``num_workers=0``) are left untouched. CUDA generators are never touched.
+    A plain integer index behaves as in :class:`Subset` (unseeded, from the current global state).
+    """
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return super().__getitem__(key)
+        epoch_seed, i = key
+        row = self.indices[i]
+        seed = example_seed(epoch_seed, row)
+        torch_state, py_state = torch.default_generator.get_state(), random.getstate()
+        try:
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            return self.dataset[row]
+        finally:
+            torch.default_generator.set_state(torch_state)
+            random.setstate(py_state)
+
+    def __getitems__(self, keys: list) -> list:
+        return [self[k] for k in keys]
+
+
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
                 num_workers: int = 0) -> DataLoader:
     """A DataLoader; for a TensorDataset each batch is a single tensor index (no per-example calls).
@@ -359,8 +457,14 @@ def load_data(data_cfg: DataConfig, batch_size: int, eval_batch_size: int = 1000
         raise ConfigError(f"no training examples left for {data_cfg.name!r} after the validation split; "
                           "lower data.val_size / data.val_fraction")
     workers = data_cfg.num_workers
-    train = make_loader(subset(source.train, train_idx), batch_size, shuffle=True,
-                        generator=make_generator(seed), num_workers=workers)
+    generator = make_generator(seed)
+    if source.is_augmented:  # augmentation seeded per (epoch, example): independent of num_workers
+        augmented = SeededAugmentation(source.train, train_idx.tolist())
+        train = DataLoader(augmented, batch_size=batch_size, sampler=EpochSeededSampler(len(augmented), generator),
+                           generator=generator, num_workers=workers)
+    else:
+        train = make_loader(subset(source.train, train_idx), batch_size, shuffle=True, generator=generator,
+                            num_workers=workers)
     val = make_loader(subset(source.train_eval, val_idx), eval_batch_size, shuffle=False,
                       num_workers=workers) if len(val_idx) else None
     test = make_loader(source.test, eval_batch_size, shuffle=False, num_workers=workers)

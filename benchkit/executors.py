@@ -6,23 +6,34 @@ runs in flight so each marks its MLflow run KILLED, and returns what they report
 
 * ``local`` with ``workers=1``: serial, in-process (debuggable, per-run progress bar).
 * ``local`` with ``workers=N``: N spawned processes sharing the store; torch threads are divided
-  among them (``cores // N`` each) so N workers do not oversubscribe the machine.
+  among them (``cores // N`` each) so N workers do not oversubscribe the machine. A worker that dies
+  (OOM kill, segfault) fails only its own run, marked FAILED in MLflow; a new worker replaces it.
 * ``ray``: one Ray task per run with ``num_cpus`` / ``num_gpus`` from the options, against a shared
-  MLflow tracking server (or the local sqlite file when the Ray cluster is this one machine).
+  MLflow tracking server (or the local sqlite file when the Ray cluster is this one machine; a
+  cluster on other machines with a sqlite / file store is refused, see :func:`check_ray_tracking`).
 """
 
 from __future__ import annotations
 
 import _thread
+import ipaddress
 import multiprocessing as mp
 import os
 import signal
+import socket
+import sys
+import tempfile
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as mp_wait
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from benchkit.registry import Registry
 from benchkit.sweep import INTERRUPT_DEFERRED, INTERRUPT_HANDLED, RunOutcome, RunTask, cores
@@ -99,7 +110,7 @@ def _init_worker(threads: int, parent_pid: int) -> None:
 
 
 def _call(fn: RunFn, task: RunTask) -> RunOutcome:
-    if _STOPPING.is_set():  # a task the pool had already queued when the sweep was interrupted
+    if _STOPPING.is_set():  # a task that reached the worker after the sweep was interrupted
         return RunOutcome(task.index, task.config_hash, "skipped", error="sweep interrupted")
     _ACTIVE.set()
     try:
@@ -111,64 +122,227 @@ def _call(fn: RunFn, task: RunTask) -> RunOutcome:
         _ACTIVE.clear()
 
 
+def _worker_main(conn: Connection, fn: RunFn, threads: int, parent_pid: int) -> None:
+    """A pool worker: receive a task, send back its outcome, until told to stop (``None``) or orphaned."""
+    _init_worker(threads, parent_pid)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the sweep is gone
+            return
+        if task is None:
+            return
+        try:
+            outcome = _call(fn, task)
+        except KeyboardInterrupt:  # stopped before run_tracked could claim a run: nothing to mark
+            outcome = RunOutcome(task.index, task.config_hash, "killed", error="interrupted")
+        except Exception as e:  # noqa: BLE001 - e.g. the store unreachable: fail this run, keep the worker
+            outcome = RunOutcome(task.index, task.config_hash, "failed", error=f"{type(e).__name__}: {e}")
+        try:
+            conn.send(outcome)
+        except (OSError, ValueError):
+            return
+
+
+class WorkerDied(RuntimeError):
+    """A pool worker process ended abruptly (OOM killer, segfault, ``os._exit``) in the middle of a run."""
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {"SIGKILL": ": killed, e.g. by the out-of-memory killer", "SIGSEGV": ": segmentation fault",
+                "SIGBUS": ": bus error", "SIGABRT": ": aborted"}.get(name, "")
+        return f"exit code {code}, {name}{hint}"
+    return f"exit code {code}"
+
+
+@dataclass
+class _Worker:
+    proc: Any  # multiprocessing.context.SpawnProcess
+    conn: Connection
+    task: RunTask | None = None
+
+
 @EXECUTORS.register("pool")
 class ProcessPoolRunner:
-    """``workers`` spawned processes (spawn: no forked torch/sqlite state) sharing the tracking store."""
+    """``workers`` spawned processes (spawn: no forked torch/sqlite state) sharing the tracking store.
+
+    Each worker runs one task at a time, handed to it over its own pipe, so the sweep always knows
+    which run a worker is on. A worker that dies (OOM kill, segfault, ``os._exit``) fails only that
+    run: it is marked FAILED in MLflow with the reason, a new worker takes the worker's place, and
+    the other runs, in flight or queued, go on undisturbed. (``concurrent.futures`` would instead
+    break the whole pool and fail every pending run.)
+    """
 
     def __init__(self, workers: int = 2, threads: int | None = None, **_: Any):
         self.workers = max(1, int(workers))
         self.threads = threads or max(1, cores() // self.workers)
-        self._pool: ProcessPoolExecutor | None = None
-        self._futures: dict[Future, RunTask] = {}
-        self._killed: list[RunOutcome] = []
+        self._ctx = mp.get_context("spawn")
+        self._fn: RunFn | None = None
+        self._queue: deque[RunTask] = deque()
+        self._pool: list[_Worker] = []
+        self._killed: list[RunOutcome] | None = None
+        self._trackers: dict[str, Any] = {}
 
+    # ------------------------------------------------------------------ run
     def run(self, fn: RunFn, tasks: Sequence[RunTask]) -> Iterator[RunOutcome]:
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                         initializer=_init_worker, initargs=(self.threads, os.getpid()))
+        self._fn, self._queue, self._killed = fn, deque(tasks), None
         try:
-            self._futures = {self._pool.submit(_call, fn, t): t for t in tasks}
-            pending = set(self._futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    yield self._outcome(f)
+            self._pool = [self._spawn() for _ in range(min(self.workers, len(self._queue)))]
+            while True:
+                self._dispatch()
+                busy = [w for w in self._pool if w.task is not None]
+                if not busy:
+                    return
+                ready = mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+                for w in busy:
+                    outcome = self._collect(w, ready)
+                    if outcome is not None:
+                        yield outcome
         except KeyboardInterrupt:
-            self._killed = self._stop_in_flight()  # before shutdown, which would wait for the runs to end
+            self._killed = self._stop_in_flight()
             raise
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._shutdown()
 
-    def _outcome(self, f: Future) -> RunOutcome:
-        task = self._futures[f]
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._fn, self.threads, os.getpid()),
+                                 name="benchkit-worker")
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _dispatch(self) -> None:
+        """Hand the next tasks to idle workers, replacing any that died between runs."""
+        for i, w in enumerate(self._pool):
+            while self._queue and w.task is None:
+                if not w.proc.is_alive():
+                    w.proc.join()
+                    w.conn.close()
+                    w = self._pool[i] = self._spawn()
+                task = self._queue.popleft()
+                try:
+                    w.conn.send(task)
+                    w.task = task
+                except OSError:  # it died before taking the task: a new worker gets it
+                    self._queue.appendleft(task)
+                    w.proc.join(timeout=5)
+                    if w.proc.is_alive():
+                        w.proc.kill()
+
+    def _collect(self, w: _Worker, ready: Sequence[Any], status: str = "FAILED") -> RunOutcome | None:
+        """The worker's outcome if it sent one; if it died in the middle of a run, that run's failure."""
+        if w.task is None or (w.conn not in ready and w.proc.sentinel not in ready):
+            return None
         try:
-            return f.result()
-        except Exception as e:  # noqa: BLE001 - a worker that died (OOM, segfault) fails its run, not the sweep
-            return RunOutcome(task.index, task.config_hash, "failed", error=f"worker died: {type(e).__name__}: {e}")
+            if w.conn.poll():  # an outcome, even from a worker that died right after sending it
+                outcome = w.conn.recv()
+                w.task = None
+                return outcome
+        except (EOFError, OSError):
+            pass  # the pipe closed: the worker died (waited for below)
+        if w.proc.sentinel not in ready:
+            w.proc.join(timeout=5)  # the pipe closed: the process is on its way out
+            if w.proc.is_alive():
+                return None
+        w.proc.join()
+        task, w.task = w.task, None
+        return self._worker_died(task, w.proc.pid, w.proc.exitcode, status)
 
+    def _worker_died(self, task: RunTask, pid: int, exitcode: int | None, status: str) -> RunOutcome:
+        """Fail the dead worker's run in MLflow (found by its config hash and the worker's pid tag)."""
+        reason = f"worker process {pid} died ({_exit_reason(exitcode)})"
+        run_id = None
+        try:
+            run_id, finished = self._mark_dead_run(task, pid, reason, status)
+        except Exception as e:  # noqa: BLE001 - the next sweep sees the run's owner is gone and redoes it
+            print(f"benchkit: could not mark the run of {task.config_hash[:8]} {status}: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            finished = False
+        if finished:  # it died after its run was FINISHED: the run is fine
+            return RunOutcome(task.index, task.config_hash, "finished", run_id)
+        return RunOutcome(task.index, task.config_hash, "failed" if status == "FAILED" else "killed", run_id,
+                          error=reason)
+
+    def _mark_dead_run(self, task: RunTask, pid: int, reason: str, status: str) -> tuple[str | None, bool]:
+        from benchkit.tracking import TAG_HOST, TAG_PID, Tracker
+
+        tracker = self._trackers.get(task.tracking_uri)
+        if tracker is None:
+            tracker = self._trackers[task.tracking_uri] = Tracker(task.tracking_uri)
+        host = socket.gethostname()
+        mine = [r for r in tracker.runs(task.experiment_id, task.config_hash)
+                if r.data.tags.get(TAG_PID) == str(pid) and r.data.tags.get(TAG_HOST, host) == host]
+        for r in mine:
+            if r.info.status == "RUNNING":
+                then = "the sweep went on with a new worker" if status == "FAILED" else "the sweep was stopping"
+                exc = WorkerDied(f"{reason} while running config {task.config_hash} ({task.run_name}); {then}")
+                tracker.fail_run(r.info.run_id, exc, status=status)
+                return r.info.run_id, False
+        done = [r for r in mine if r.info.status == "FINISHED"]
+        return (done[0].info.run_id, True) if done else (None, False)  # None: died before claiming a run
+
+    # ------------------------------------------------------------------ interrupt / shutdown
     def interrupted_outcomes(self) -> list[RunOutcome]:
-        return self._killed
+        if self._killed is None and any(w.task is not None for w in self._pool):
+            self._killed = self._stop_in_flight()  # interrupted while the sweep handled an outcome
+        return self._killed or []
 
     def _stop_in_flight(self) -> list[RunOutcome]:
-        """Cancel queued runs; SIGTERM the workers so each in-flight run marks itself KILLED."""
-        for f in self._futures:
-            f.cancel()
-        running = [f for f in self._futures if not f.done()]
-        done: set[Future] = set()
+        """Start nothing more; SIGTERM the busy workers so each in-flight run marks itself KILLED."""
+        self._queue.clear()
+        out: list[RunOutcome] = []
         for _ in range(30):  # repeated: see _on_sigterm
-            for proc in list(getattr(self._pool, "_processes", {}).values()):
-                try:
-                    os.kill(proc.pid, signal.SIGTERM)
-                except (ProcessLookupError, AttributeError):
-                    pass
-            done, not_done = wait(running, timeout=2)
-            if not not_done:
+            busy = [w for w in self._pool if w.task is not None]
+            if not busy:
                 break
-        out = []
-        for f in done:
-            o = self._outcome(f)
-            out.append(o if o.status != "failed" or not o.error.startswith("worker died") else
-                       RunOutcome(o.index, o.config_hash, "killed", error="interrupted"))
+            for w in busy:
+                try:
+                    os.kill(w.proc.pid, signal.SIGTERM)
+                except (ProcessLookupError, TypeError):
+                    pass
+            deadline = time.monotonic() + 2
+            while busy and time.monotonic() < deadline:
+                ready = mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
+                                timeout=max(0.0, deadline - time.monotonic()))
+                for w in busy:
+                    o = self._collect(w, ready, status="KILLED")
+                    if o is not None:
+                        out.append(o)
+                busy = [w for w in busy if w.task is not None]
         return out
+
+    def _shutdown(self) -> None:
+        """Tell every worker to exit once its run (if any) is over, and wait for them."""
+        self._queue.clear()
+        for w in self._pool:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        try:
+            for w in self._pool:
+                w.proc.join(timeout=None if self._killed is None else 30)
+                if w.proc.is_alive():  # interrupted, and still not done after the stop requests
+                    w.proc.kill()
+        except KeyboardInterrupt:  # a second Ctrl-C while waiting: stop the runs rather than wait
+            self._stop_in_flight()
+            for w in self._pool:
+                w.proc.join(timeout=10)
+                if w.proc.is_alive():
+                    w.proc.kill()
+            raise
+        finally:
+            for w in self._pool:
+                w.conn.close()
+            self._pool = []
 
 
 # --------------------------------------------------------------------------------------------- "local" = serial or pool
@@ -179,6 +353,68 @@ def local_executor(workers: int = 1, **kw: Any):
 
 
 # --------------------------------------------------------------------------------------------- ray
+class RayStoreError(ValueError):
+    """Ray workers on other machines cannot write into a tracking store that is a file on this one."""
+
+
+def local_file_store(uri: str) -> bool:
+    """A sqlite file or an MLflow file store: readable only where the file is (``resolve_tracking_uri`` form)."""
+    return uri.startswith(("sqlite:", "file:"))
+
+
+def _ray_cluster_file() -> str | None:
+    """The address ``ray start`` recorded on this machine (what ``address="auto"`` connects to), if any."""
+    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    try:
+        return (Path(base) / "ray" / "ray_current_cluster").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _is_this_machine(host: str) -> bool:
+    host = host.strip("[]").lower()
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        if ip.is_loopback or ip.is_unspecified:
+            return True
+    except ValueError:
+        if host in ("localhost", "localhost.localdomain", socket.gethostname().lower()):
+            return True
+    try:
+        import psutil
+
+        mine = {a.address.split("%", 1)[0].lower() for addrs in psutil.net_if_addrs().values() for a in addrs}
+    except Exception:  # noqa: BLE001 - unknown: not this machine
+        return False
+    return host in mine
+
+
+def ray_address_is_local(address: str | None) -> bool:
+    """Does ``--ray-address`` / ``$RAY_ADDRESS`` mean a Ray on this machine? (no address, ``local``,
+    ``auto`` with a head started here, ``127.0.0.1:6379``, ``ray://localhost:10001``, this host's name or IPs)."""
+    a = (address or "").strip()
+    if a.lower() == "auto":
+        a = _ray_cluster_file() or ""
+    if a.lower() in ("", "local"):
+        return True
+    host = urlsplit(a if "://" in a else f"//{a}").hostname
+    return host is None or _is_this_machine(host)
+
+
+def check_ray_tracking(address: str | None, tracking_uri: str) -> None:
+    """Refuse a Ray cluster on other machines together with a sqlite / file tracking store, before anything runs."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not local_file_store(tracking_uri) or ray_address_is_local(address):
+        return
+    raise RayStoreError(
+        f"--executor ray with the Ray cluster at {address!r} (another machine) cannot track into {tracking_uri}: "
+        "that store is a file on this machine, so remote workers would write to their own local files, which "
+        "this sweep never sees (and a resume would redo every run). Start a shared tracking server on a machine "
+        "every node reaches, e.g. `mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri "
+        "sqlite:///mlflow.db --artifacts-destination ./mlartifacts`, and pass --tracking-uri http://HOST:5000 "
+        "(or set MLFLOW_TRACKING_URI).")
+
+
 def _ray_call(fn: RunFn, task: RunTask, threads: int) -> RunOutcome:
     set_torch_threads(threads)
     return fn(task)
@@ -214,11 +450,20 @@ class RayExecutor:
         return ray
 
     def run(self, fn: RunFn, tasks: Sequence[RunTask]) -> Iterator[RunOutcome]:
+        uri = tasks[0].tracking_uri if tasks else ""
+        check_ray_tracking(self.address, uri)
         ray = self._connect()
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0)(_ray_call)
         queue = list(tasks)
         limit = self.workers or len(queue)
         try:
+            if local_file_store(uri):  # a local address, but the cluster may have other machines joined
+                hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+                if len(hosts) > 1:
+                    raise RayStoreError(
+                        f"the Ray cluster spans {len(hosts)} machines ({', '.join(sorted(map(str, hosts)))}) but "
+                        f"the tracking store {uri} is a file on this one: remote workers would write to their own "
+                        "local files. Use a shared `mlflow server` and --tracking-uri http://HOST:5000.")
             while queue or self._refs:
                 while queue and len(self._refs) < limit:
                     t = queue.pop(0)

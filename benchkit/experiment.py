@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from torch import nn
 
 from benchkit.cache import DenseCache, cache_root
 from benchkit.config import ConfigError, ExperimentConfig
-from benchkit.data import load_data
+from benchkit.data import known_shape, load_data
 from benchkit.latency import run_latency
 from benchkit.metrics import layer_metrics, model_metrics
+from benchkit.models import build_model
 from benchkit.pruning.granularity import GranularityError, get_granularity
 from benchkit.pruning.layers import LayerSelectionError, prunable_layers, resolve_patterns
 from benchkit.pruning.masks import get_masks
@@ -69,10 +70,19 @@ class PruningExperiment:
         self.write = write
 
     def run(self) -> RunResult:
+        """Execute the run. ``threads`` applies to this run only: the process's count is restored after."""
+        threads = torch.get_num_threads()
+        try:
+            if self.cfg.threads:
+                torch.set_num_threads(self.cfg.threads)
+            return self._run()
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _run(self) -> RunResult:
         cfg = self.cfg
         start = time.perf_counter()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         seed_everything(cfg.seed, cfg.deterministic)
         data = load_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, cfg.seed)
@@ -110,23 +120,70 @@ class PruningExperiment:
 
     def _preflight(self, ctx: RunContext) -> None:
         """Checks that need the model's layer names, run on a throwaway model before any training."""
-        p = ctx.cfg.prune
-        layers = prunable_layers(ctx.build_model())
-        names = list(layers)
-        for key, patterns in (("prune.exclude", p.exclude), ("prune.overrides", list(p.overrides)),
-                              ("prune.lottery.layer_rates", list(p.lottery.layer_rates))):
+        check_layers(ctx.cfg, layer_shapes(ctx.build_model()))
+
+
+def layer_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Weight shape of every prunable layer, by name (what the model-dependent checks need)."""
+    return {name: module.weight.shape for name, module in prunable_layers(model).items()}
+
+
+def check_layers(cfg: ExperimentConfig, shapes: dict[str, torch.Size]) -> None:
+    """Raise :class:`ConfigError` if a layer pattern matches no prunable layer or the granularity
+    cannot group a pruned layer; ``shapes`` as given by :func:`layer_shapes`."""
+    p = cfg.prune
+    names = list(shapes)
+    for key, patterns in (("prune.exclude", p.exclude), ("prune.overrides", list(p.overrides)),
+                          ("prune.lottery.layer_rates", list(p.lottery.layer_rates))):
+        try:
+            resolve_patterns(patterns, names, key)
+        except LayerSelectionError as e:
+            raise ConfigError(str(e)) from None
+    granularity = get_granularity(p.granularity)
+    excluded = set(resolve_patterns(p.exclude, names, "prune.exclude"))
+    for name, shape in shapes.items():  # e.g. N:M needs M to divide every pruned layer's input dim
+        if name not in excluded:
             try:
-                resolve_patterns(patterns, names, key)
-            except LayerSelectionError as e:
-                raise ConfigError(str(e)) from None
-        granularity = get_granularity(p.granularity)
-        excluded = set(resolve_patterns(p.exclude, names, "prune.exclude"))
-        for name, module in layers.items():  # e.g. N:M needs M to divide every pruned layer's input dim
-            if name not in excluded:
-                try:
-                    granularity.check_layer(name, module.weight.shape)
-                except GranularityError as e:
-                    raise ConfigError(f"prune.granularity: {e}") from None
+                granularity.check_layer(name, shape)
+            except GranularityError as e:
+                raise ConfigError(f"prune.granularity: {e}") from None
+
+
+def plan_preflight(cfg: ExperimentConfig, memo: dict[str, Any] | None = None) -> None:
+    """The experiment's model-dependent preflight without loading data (sweep planning): raise
+    :class:`ConfigError` for a model that cannot be built (e.g. an unknown ``model.kwargs`` key),
+    a layer pattern that matches nothing, or a granularity a layer does not fit. Skipped for data
+    whose shape is only known once loaded. ``memo`` keeps results across configs: each distinct
+    (data shape, model, layer patterns, granularity) is checked once."""
+    known = known_shape(cfg.data)
+    if known is None:
+        return
+    shape, classes = known
+    classes = 1000 if classes is None else classes  # stand-in, see benchkit.data.KNOWN_SHAPES
+    memo = {} if memo is None else memo
+    model_key = json.dumps(["model", shape, classes, asdict(cfg.model)], sort_keys=True, default=str)
+    if model_key not in memo:
+        try:
+            with torch.random.fork_rng(devices=[]):  # a throwaway model: leave the caller's RNG alone
+                memo[model_key] = layer_shapes(build_model(cfg.model, shape, classes))
+        except Exception as e:  # noqa: BLE001 - every run of this model would fail the same way
+            memo[model_key] = str(e) if str(e).startswith("model.") else (
+                f"model.name: {cfg.model.name!r} cannot be built for data {cfg.data.name!r} (input {list(shape)}, "
+                f"{classes} classes): {type(e).__name__}: {e}")
+    shapes = memo[model_key]
+    if isinstance(shapes, str):
+        raise ConfigError(shapes)
+    p = cfg.prune
+    key = json.dumps([model_key, p.exclude, sorted(p.overrides), sorted(p.lottery.layer_rates), p.granularity],
+                     default=str)
+    if key not in memo:
+        try:
+            check_layers(cfg, shapes)
+            memo[key] = None
+        except ConfigError as e:
+            memo[key] = str(e)
+    if memo[key] is not None:
+        raise ConfigError(memo[key])
 
 
 def write_result(result: RunResult, folder: Path) -> Path:

@@ -251,8 +251,12 @@ def expand(spec: SweepSpec) -> list[PlanEntry]:
     """All combinations as configs, with explicit and validation exclusions and duplicates marked.
 
     Type errors and unknown keys abort (the file is wrong); validation refusals exclude the one
-    combination; a grid value refused wherever it appears aborts too (most likely a typo).
+    combination, and so do the experiment's model-dependent checks (model kwargs, layer patterns,
+    granularity), run on a throwaway model without loading data (:func:`~benchkit.experiment.plan_preflight`);
+    a grid value refused wherever it appears aborts too (most likely a typo).
     """
+    from benchkit.experiment import plan_preflight
+
     base_lines = {k[len("base."):]: v for k, v in spec.lines.items() if k.startswith("base.")}
     axis_lines = {k: spec.lines.get(f"grid.{k}", spec.lines.get(f"zip.{k}")) for k in [*spec.grid, *spec.zip]}
     lines = {**base_lines, **{k: v for k, v in axis_lines.items() if v}}
@@ -260,6 +264,7 @@ def expand(spec: SweepSpec) -> list[PlanEntry]:
     base["experiment"] = spec.experiment
     entries: list[PlanEntry] = []
     seen: dict[str, int] = {}
+    preflight_memo: dict[str, Any] = {}  # one throwaway model per distinct data shape and model config
     for i, combo in enumerate(combinations(spec)):
         d = json.loads(json.dumps(base, default=str)) if _jsonable(base) else dict(base)
         for k, v in {**combo, **{k: v for k, v in spec.overrides.items() if k not in spec.grid}}.items():
@@ -273,6 +278,7 @@ def expand(spec: SweepSpec) -> list[PlanEntry]:
         else:
             try:
                 cfg.validate(lines)
+                plan_preflight(cfg, preflight_memo)
             except ConfigError as e:
                 entry.status, entry.reason = "excluded", f"invalid: {e}"
         if entry.status != "excluded":
@@ -441,6 +447,8 @@ def run_tracked(task: RunTask) -> RunOutcome:
         raise RuntimeError(f"config hash changed in transit: {cfg.config_hash()} != {h}")
     tags = {**task.tags, TAG_SWEEP: task.sweep, TAG_HASH: h, TAG_OVERRIDES: json.dumps(task.overrides, default=str),
             TAG_HEARTBEAT: f"{time.time():.0f}", **Owner.me().tags(), **runtime_tags(cfg.device)}
+    if cfg.threads:  # the experiment sets these for its run; runtime_tags read the process's count before that
+        tags["benchkit.threads"] = str(cfg.threads)
     if task.sweep_file:
         tags[TAG_SWEEP_FILE] = task.sweep_file
     # Claim first, then look: one search settles both "already done" and "someone else is on it".

@@ -361,7 +361,10 @@ def _refresh_masked_weights(model: nn.Module) -> None:
 
 
 def _progress_bar(progress: bool, total: int, desc: str):
-    if not progress or not sys.stderr.isatty():
+    """An epoch bar on a terminal; none in CI or when stderr is piped (the rule of benchkit.progress)."""
+    from benchkit.progress import interactive
+
+    if not progress or not interactive(sys.stderr):
         return None
     from tqdm.auto import tqdm
 

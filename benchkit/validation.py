@@ -13,6 +13,8 @@ Decisions documented here:
 * Knobs that belong to one timing are refused with the others rather than silently ignored:
   ``schedule.soft``→``during``, ``rounds > 1``/``lr_rewind``/``distill``→``post``,
   ``lottery.controls``/``lottery.rate``/``lottery.layer_rates``/``lottery.rewind_iteration``→``lottery``.
+  Likewise ``train.nesterov`` with only adam/adamw, and ``train.milestones`` with no ``multistep``
+  schedule (``train.schedule``, or post's ``prune.finetune.schedule``).
 * ``N:M`` fixes the compression at M/N: ``compression`` must be unset or M/N, and it cannot be
   reached gradually (``during``) nor compounded (``lottery``, ``rounds > 1``).
 """
@@ -88,6 +90,17 @@ def names(cfg: ExperimentConfig) -> Iterator[Problem]:
 
     if cfg.prune.reduce not in REDUCTIONS:
         yield "prune.reduce", _unknown("reduction", cfg.prune.reduce, list(REDUCTIONS))
+    elif cfg.prune.criterion in CRITERIA:
+        from benchkit.pruning.granularity import get_granularity, signed_reduce_problem
+
+        try:
+            gran = get_granularity(cfg.prune.granularity)
+        except ValueError:
+            gran = None  # reported by _granularity below
+        crit = CRITERIA.get(cfg.prune.criterion)
+        problem = gran is not None and signed_reduce_problem(cfg.prune.criterion, crit.signed, gran, cfg.prune.reduce)
+        if problem:
+            yield "prune.reduce", problem
     if not DEVICE.match(str(cfg.device).lower()):
         yield "device", f"invalid device {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps"
     yield from _granularity(cfg)
@@ -159,8 +172,27 @@ def training(cfg: ExperimentConfig) -> Iterator[Problem]:
         yield "train.eval_every", f"must be >= 1 iterations, got {t.eval_every}"
     if t.patience is not None and t.patience < 1:
         yield "train.patience", f"must be >= 1 evaluations, got {t.patience}"
-    if t.schedule == "multistep" and not t.milestones:
+    optimizers, schedules = _optimizers_used(cfg), _schedules_used(cfg)
+    if t.nesterov and optimizers and optimizers <= IGNORE_NESTEROV:
+        yield "train.nesterov", (f"only applies to optimizer sgd; {' and '.join(sorted(optimizers))} ignore it: "
+                                 "remove train.nesterov or use train.optimizer: sgd")
+    elif t.nesterov and t.momentum <= 0:
+        yield "train.nesterov", (f"needs train.momentum > 0, got momentum={t.momentum}; set a momentum "
+                                 "(e.g. 0.9) or remove train.nesterov")
+    if "step" in schedules and t.step_size < 1:
+        yield "train.step_size", (f"schedule 'step' needs a step size > 0 (epochs, or iterations when training "
+                                  f"by iterations), got {t.step_size}")
+    if "multistep" in schedules and not t.milestones:
         yield "train.milestones", "schedule 'multistep' needs milestones, e.g. [80, 120]"
+    if t.milestones and "multistep" not in schedules:
+        yield "train.milestones", (f"only used by schedule 'multistep', but train.schedule is {t.schedule!r}; "
+                                   "remove train.milestones or set train.schedule: multistep")
+    ft = cfg.prune.finetune
+    if ft.iterations is not None and ft.iterations < 1:
+        yield "prune.finetune.iterations", (f"must be >= 1, got {ft.iterations}; for no fine-tuning leave it unset "
+                                            "and set prune.finetune.epochs: 0")
+    if ft.epochs < 0:
+        yield "prune.finetune.epochs", f"must be >= 0 (0 = no fine-tuning), got {ft.epochs}"
     d = cfg.data
     if d.val_size is None and not 0.0 <= d.val_fraction < 1.0:
         yield "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"
@@ -175,6 +207,26 @@ def training(cfg: ExperimentConfig) -> Iterator[Problem]:
                             ("warmup", lat.warmup, 0), ("repeats", lat.repeats, 1)):
         if value is not None and value < low:
             yield f"latency.{key}", f"must be >= {low}, got {value}"
+
+
+# Built-in optimizers without a Nesterov variant (registered ones may read train.nesterov).
+IGNORE_NESTEROV = frozenset({"adam", "adamw"})
+
+
+def _optimizers_used(cfg: ExperimentConfig) -> set[str]:
+    """Optimizers the run trains with: train.optimizer, and post's fine-tuning optimizer."""
+    used = {cfg.train.optimizer}
+    if cfg.prune.timing == "post" and not cfg.prune.lr_rewind and cfg.prune.finetune.optimizer is not None:
+        used.add(cfg.prune.finetune.optimizer)
+    return used
+
+
+def _schedules_used(cfg: ExperimentConfig) -> set[str]:
+    """Schedules the run trains with (fine-tuning reads train.step_size/milestones/gamma too)."""
+    used = {cfg.train.schedule}
+    if cfg.prune.timing == "post" and not cfg.prune.lr_rewind and cfg.prune.finetune.schedule is not None:
+        used.add(cfg.prune.finetune.schedule)
+    return used
 
 
 # --------------------------------------------------------------------------------------------- timings

@@ -243,3 +243,38 @@ def test_workers_mark_their_runs_killed_and_exit_when_the_sweep_is_sigkilled(tmp
     assert statuses == ["KILLED", "KILLED"]
     text = Path(client.download_artifacts(runs[0].info.run_id, "traceback.txt", str(tmp_path))).read_text()
     assert "KeyboardInterrupt" in text
+
+
+def test_ctrl_c_stops_the_workers_and_marks_their_runs_killed(tmp_path):
+    import psutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write_sweep(tmp_path, "grid:\n  seed: [0, 1, 2]\n", experiment="ctrl-c")
+    p.write_text(p.read_text().replace("epochs: 1,", "epochs: 5000,"))  # runs long enough to be caught
+    proc = subprocess.Popen([sys.executable, "-m", "benchkit.cli", "sweep", str(p), "--workers", "2",
+                             "--tracking-uri", uri], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    client, runs = None, []
+    try:
+        for _ in range(600):
+            time.sleep(0.2)
+            if client is None and (tmp_path / "mlflow.db").exists():
+                client = Tracker(uri).client
+            exp = client.get_experiment_by_name("ctrl-c") if client else None
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if sum(r.info.status == "RUNNING" for r in runs) == 2:
+                break
+        else:
+            pytest.fail("two runs never ran at once")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, out
+    assert "2 killed" in out and "run the same command again to resume" in out
+    after = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.status for r in after) == ["KILLED", "KILLED"]  # the queued third run never started
+    pids = {int(r.data.tags["benchkit.pid"]) for r in runs}
+    assert not any(psutil.pid_exists(pid) for pid in pids), "worker processes outlived the sweep"

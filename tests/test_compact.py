@@ -206,6 +206,24 @@ def test_torchvision_resnet18_small_input():
     assert_same_outputs(net, result, x)
 
 
+def test_channel_pruning_then_compaction_end_to_end_on_resnet18():
+    """bk.prune(granularity="channel") → bk.compact → model_metrics: the masks the engine chose
+    (bias and BN entries with them) compact into a smaller network with the same outputs."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    randomise_bn(net)
+    x = torch.randn(2, 3, 32, 32)
+    bk.prune(net, compression=2, criterion="magnitude", granularity="channel", scope="layer", exclude=["fc"])
+    bn_masks = [k for k in get_masks(net) if k.endswith("bn1.weight")]
+    assert bn_masks, "channel pruning masks the BatchNorm entries that follow a pruned conv"
+    result = bk.compact(net, x, measure_latency=False)
+    assert sum(result.removed.values()) > 0 and result.params_after < result.params_before
+    assert_same_outputs(net, result, x)
+    m = bk.model_metrics(net, input_shape=(3, 32, 32))
+    assert m["compacted_params"] == result.params_after
+    assert 1 < m["compacted_speedup"] and m["compacted_flops"] == result.flops_prunable_after
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) MLP, and concatenation
 

@@ -154,3 +154,40 @@ def test_layer_pattern_matching_nothing_fails_before_training(tmp_path, monkeypa
     with pytest.raises(ConfigError) as info:
         PruningExperiment(cfg).run()
     assert "prune.exclude" in str(info.value) and "fc1" in str(info.value)
+
+
+@pytest.mark.parametrize("overrides,key,fragment", [
+    ({"prune.finetune.iterations": 0}, "prune.finetune.iterations", ">= 1"),
+    ({"prune.finetune.iterations": -5}, "prune.finetune.iterations", ">= 1"),
+    ({"prune.finetune.epochs": -1}, "prune.finetune.epochs", ">= 0"),
+    ({"prune.timing": "pre", "prune.finetune.epochs": -1}, "prune.finetune.epochs", ">= 0"),
+    ({"train.iterations": 0}, "train.iterations", ">= 1"),
+    ({"train.iterations": -3}, "train.iterations", ">= 1"),
+    ({"train.nesterov": True, "train.momentum": 0.0}, "train.nesterov", "train.momentum > 0"),
+    ({"train.nesterov": True, "train.optimizer": "adam"}, "train.nesterov", "sgd"),
+    ({"train.nesterov": True, "train.optimizer": "adamw", "train.momentum": 0.0}, "train.nesterov", "sgd"),
+    ({"train.schedule": "step", "train.step_size": 0}, "train.step_size", "> 0"),
+    ({"train.schedule": "step", "train.step_size": -2}, "train.step_size", "> 0"),
+    ({"prune.finetune.schedule": "step", "train.step_size": 0}, "train.step_size", "> 0"),
+    ({"train.milestones": [5, 8]}, "train.milestones", "multistep"),
+    ({"train.schedule": "cosine", "train.milestones": [5]}, "train.milestones", "multistep"),
+    ({"prune.finetune.schedule": "multistep"}, "train.milestones", "needs milestones"),
+])
+def test_training_settings_that_would_fail_or_be_ignored_are_refused(overrides, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        ExperimentConfig.from_dict({}, overrides)
+    msg = str(info.value)
+    assert f"{key}: " in msg and fragment in msg, msg
+
+
+def test_training_settings_that_apply_pass():
+    for overrides in (
+        {"train.nesterov": True, "train.momentum": 0.9},
+        {"train.schedule": "constant", "train.step_size": 0},  # step_size only matters for schedule step
+        {"train.schedule": "multistep", "train.milestones": [5, 8]},
+        {"prune.finetune.schedule": "multistep", "train.milestones": [2]},  # the fine-tuning schedule uses them
+        {"prune.finetune.epochs": 0},  # no fine-tuning
+        {"prune.finetune.iterations": 5},
+        {"train.nesterov": True, "train.optimizer": "adam", "prune.finetune.optimizer": "sgd"},  # sgd fine-tuning
+    ):
+        ExperimentConfig.from_dict({}, overrides)

@@ -196,3 +196,118 @@ def test_model_can_train_on_every_in_memory_dataset_shape():
     assert isinstance(model, nn.Module)
     h = train(model, data, TrainConfig(lr=0.01, epochs=1), device="cpu")
     assert h.steps == len(data.train)
+
+
+# --------------------------------------------------------------------------------------------- workers and roots
+def _epochs(loader, n: int = 2) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(n)]
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_augmentation_does_not_depend_on_num_workers(monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+
+    def augmented_epochs(workers: int, seed: int = 0):
+        data = load_data(DataConfig(name="cifar10", val_size=8, num_workers=workers), 8, eval_batch_size=8, seed=seed)
+        assert isinstance(data.train.dataset, bkdata.SeededAugmentation)
+        return _epochs(data.train)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    serial = augmented_epochs(0)
+    assert torch.equal(torch.get_rng_state(), before)  # augmenting in the main process leaves dropout's RNG alone
+    parallel = augmented_epochs(2)
+    assert all(_same_batches(a, b) for a, b in zip(serial, parallel))  # same pixels, labels and order
+    assert _same_batches(serial[0], augmented_epochs(0)[0])  # reproducible
+    # epochs and seeds draw different crops/flips (and orders)
+    first, second = serial
+    assert not torch.equal(first[0][0], second[0][0])
+    assert not torch.equal(first[0][0], augmented_epochs(0, seed=1)[0][0][0])
+    # each epoch still visits every training example once
+    labels = [sorted(torch.cat([y for _, y in ep]).tolist()) for ep in serial]
+    assert labels[0] == labels[1] and len(labels[0]) == 32
+
+
+def test_per_example_seed_depends_on_epoch_seed_and_row_only():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    from torchvision.transforms import v2
+
+    aug = bkdata.AugmentedImages(images, torch.arange(6), v2.Compose([v2.RandomCrop(32, padding=4),
+                                                                       v2.RandomHorizontalFlip()]),
+                                 (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    a = bkdata.SeededAugmentation(aug, [4, 5])
+    b = bkdata.SeededAugmentation(aug, [5])
+    torch.manual_seed(0)
+    x_a = a[(7, 1)][0]
+    torch.manual_seed(99)  # the global state does not matter
+    assert torch.equal(x_a, b[(7, 0)][0])  # row 5 in both subsets: same example seed
+    assert len({bkdata.example_seed(e, r) for e in range(3) for r in range(50)}) == 150
+
+
+def test_imagefolder_without_augmentation_keeps_the_plain_loader(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    plain = load_data(DataConfig(name="imagefolder", root=str(tmp_path), val_size=1, augment=False), 2)
+    augmented = load_data(DataConfig(name="imagefolder", root=str(tmp_path), val_size=1), 2)
+    assert type(plain.train.dataset) is torch.utils.data.Subset
+    assert isinstance(augmented.train.dataset, bkdata.SeededAugmentation)
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    """An idx (LeCun) file of uint8 values, as torchvision's MNIST readers expect."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion_root(root, value: int, n_train: int = 20, n_test: int = 5):
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", np.full((n, 28, 28), value))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    return root
+
+
+def test_data_root_takes_precedence_over_benchkit_data(no_data_roots, monkeypatch):
+    cfg_root = _fake_fashion_root(no_data_roots / "cfg", value=200)
+    env_root = _fake_fashion_root(no_data_roots / "env", value=10)
+    monkeypatch.setenv("BENCHKIT_DATA", str(env_root))
+    mean, std = bkdata.NORMALIZATION["fashion-mnist"]
+
+    def pixel(cfg: DataConfig) -> float:
+        data = load_data(cfg, 4, eval_batch_size=4)
+        assert data.sizes == {"train": 18, "val": 2, "test": 5}
+        return next(iter(data.test))[0][0, 0, 0, 0].item() * std[0] + mean[0]
+
+    cfg = DataConfig(name="fashion-mnist", root=str(cfg_root), download=False)
+    assert bkdata.data_roots(cfg)[:2] == [cfg_root, env_root]
+    assert pixel(cfg) == pytest.approx(200 / 255, abs=1e-5)
+    # without data.root (or with one that lacks the dataset), $BENCHKIT_DATA is used
+    assert pixel(DataConfig(name="fashion-mnist", download=False)) == pytest.approx(10 / 255, abs=1e-5)
+    empty = DataConfig(name="fashion-mnist", root=str(no_data_roots / "empty"), download=False)
+    assert pixel(empty) == pytest.approx(10 / 255, abs=1e-5)
+
+
+def test_digits_with_two_loader_workers_match_in_process_loading():
+    serial = load_data(DataConfig(), 128, eval_batch_size=100, seed=5)
+    parallel = load_data(DataConfig(num_workers=2), 128, eval_batch_size=100, seed=5)
+    assert parallel.train.num_workers == 2
+    for split in ("train", "val", "test"):
+        assert _same_batches(_epochs(getattr(serial, split), 1)[0], _epochs(getattr(parallel, split), 1)[0]), split
+    # and training through the worker processes gives the same model
+    states = []
+    for data in (load_data(DataConfig(), 128, seed=5), load_data(DataConfig(num_workers=2), 128, seed=5)):
+        seed_everything(0)
+        model = build_model(ModelConfig(name="lenet300", kwargs={"hidden": [32, 16]}), data)
+        train(model, data, TrainConfig(lr=0.05, epochs=1), device="cpu")
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

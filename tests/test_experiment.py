@@ -282,3 +282,137 @@ def test_latency_off_by_default_and_bad_setting_refused(tmp_path):
     assert not any(k.startswith("latency") for k in PruningExperiment(tiny(tmp_path)).run().metrics)
     with pytest.raises(benchkit.ConfigError, match=r"latency\.repeats: must be >= 1"):
         tiny(tmp_path, **{"latency.repeats": 0})
+
+
+def test_registered_model_and_granularity_run_end_to_end_by_name(tmp_path):
+    """A researcher's own model and granularity, registered by name, go through config validation,
+    pruning and metrics without touching the core."""
+    from torch import nn
+
+    from benchkit.models import MODELS
+    from benchkit.pruning.granularity import GRANULARITIES, Granularity
+
+    class Pairs(Granularity):
+        """Two neighbouring input weights of one output unit (``w[o, 2j:2j+2]``)."""
+
+        name = "test_pairs"
+
+        def group(self, t):
+            return t.reshape(-1, 2)
+
+        def ungroup(self, g, shape):
+            return g.reshape(shape)
+
+    def tiny_mlp(input_shape, num_classes, hidden=12):
+        c, h, w = input_shape
+        return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    MODELS.register("test_tiny_mlp", tiny_mlp)
+    GRANULARITIES.register("test_pairs")(Pairs)
+    try:
+        cfg = tiny(tmp_path, **{"model.name": "test_tiny_mlp", "model.kwargs": {"hidden": 16},
+                                "prune.granularity": "test_pairs", "prune.scope": "layer"})
+        result = PruningExperiment(cfg).run()
+        assert list(result.layers["layer"]) == ["1", "3"]
+        assert result.metrics["compression_ratio"] == pytest.approx(4)
+        for path, mask in result.masks.items():  # whole pairs: both weights of a pair share their fate
+            pairs = mask.reshape(-1, 2)
+            assert torch.equal(pairs[:, 0], pairs[:, 1]), path
+    finally:
+        MODELS._items.pop("test_tiny_mlp")
+        GRANULARITIES._items.pop("test_pairs")
+
+
+def test_threads_of_a_run_are_restored_afterwards(tmp_path, monkeypatch):
+    """cfg.threads applies to its run only: a later run with threads unset gets the process's count."""
+    before = torch.get_num_threads()
+    other = before + 1
+    PruningExperiment(tiny(tmp_path, **{"threads": other, "train.epochs": 1})).run()
+    assert torch.get_num_threads() == before
+
+    def boom(*args, **kwargs):
+        assert torch.get_num_threads() == other
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(base, "train", boom)
+    with pytest.raises(RuntimeError, match="training failed"):
+        PruningExperiment(tiny(tmp_path, **{"threads": other, "seed": 7})).run()
+    assert torch.get_num_threads() == before
+
+
+class _Terminal:
+    """A stand-in for stderr on a terminal, keeping what is written."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.parts.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("ci", ["true", None])
+def test_epoch_progress_bar_is_silent_in_ci(tmp_path, monkeypatch, ci):
+    """The per-run bar follows benchkit.progress: shown on a terminal, never when CI is set."""
+    import sys
+
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    PruningExperiment(tiny(tmp_path, **{"progress": True, "train.epochs": 1}), write=False).run()
+    out = "".join(term.parts)
+    if ci:
+        assert "dense" not in out and "it/s" not in out, out
+    else:
+        assert "dense" in out  # the phase name is the bar's description
+
+
+def test_dense_key_follows_the_dense_source_code_and_threads(tmp_path, monkeypatch):
+    phases = count_training(monkeypatch)
+    monkeypatch.setattr(cache_mod, "dense_source_hash", lambda: "source-a")
+    first = PruningExperiment(tiny(tmp_path)).run()
+    same_source = PruningExperiment(tiny(tmp_path)).run()
+    monkeypatch.setattr(cache_mod, "dense_source_hash", lambda: "source-b")  # an edit to the training code
+    edited = PruningExperiment(tiny(tmp_path)).run()
+    assert (first.dense_cache_hit, same_source.dense_cache_hit, edited.dense_cache_hit) == (False, True, False)
+    assert phases.count("dense") == 2
+    cfg = tiny(tmp_path)
+    key_b = cache_mod.stable_hash(dense_key_material(cfg, "cpu"))
+    monkeypatch.setattr(cache_mod, "dense_source_hash", lambda: "source-a")
+    assert cache_mod.stable_hash(dense_key_material(cfg, "cpu")) != key_b
+    # the thread count is part of the key; unset, it is torch's current count
+    assert dense_key_material(cfg, "cpu")["threads"] == torch.get_num_threads()
+    assert dense_key_material(cfg.replace(threads=torch.get_num_threads()), "cpu") == dense_key_material(cfg, "cpu")
+    assert dense_key_material(cfg.replace(threads=torch.get_num_threads() + 1), "cpu") != dense_key_material(cfg, "cpu")
+
+
+def test_dense_source_hash_covers_the_dense_path_and_is_computed_once():
+    files = {p.relative_to(cache_mod.Path(benchkit.__file__).parent).as_posix() for p in cache_mod.dense_source_files()}
+    assert {"training.py", "data.py", "seeding.py", "timing/base.py", "pruning/masks.py", "models/__init__.py",
+            "models/lenet.py", "models/resnet_cifar.py"} <= files
+    assert "experiment.py" not in files and "pruning/engine.py" not in files
+    value = cache_mod.dense_source_hash()
+    assert len(value) == 16 and cache_mod.dense_source_hash() == value
+    assert cache_mod.dense_source_hash.cache_info().hits >= 1
+    assert dense_key_material(ExperimentConfig(), "cpu")["source"] == value
+    assert not hasattr(cache_mod, "_training_module_version")
+
+
+def test_planning_data_shapes_match_the_loaded_data():
+    """Sweep planning checks models against shapes known without loading data: they must be the real ones."""
+    from benchkit.config import DataConfig
+    from benchkit.data import DATASETS, KNOWN_SHAPES, known_shape
+
+    assert set(KNOWN_SHAPES) <= set(DATASETS.names())  # datasets not listed are simply not checked when planning
+    for cfg in (DataConfig(name="digits"), DataConfig(name="synthetic", input_shape=[3, 5, 4], num_classes=7)):
+        source = DATASETS.get(cfg.name)(cfg)
+        assert known_shape(cfg) == (tuple(source.input_shape), source.num_classes)

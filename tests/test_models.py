@@ -147,3 +147,23 @@ def test_seeded_builds_are_identical_and_overrides_apply():
     assert m.conv1.in_channels == 3 and m.fc2.out_features == 7
     assert {"lenet300", "lenet5", "conv2", "conv4", "conv6", "resnet20", "resnet32", "resnet56", "vgg11",
             "vgg16"} <= set(MODELS.names())
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("googlenet", (1, 32, 32)),  # adapted 1-channel first conv; 32×32 is enough with the aux heads off
+    ("inception_v3", (3, 75, 75)),  # inception_v3 needs inputs of at least 75×75
+])
+def test_torchvision_models_with_auxiliary_heads_return_logits_in_train_mode(name, shape):
+    """googlenet / inception_v3 are built without their auxiliary heads, so training gets one Tensor."""
+    import warnings
+
+    seed_everything(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # torchvision's init_weights warning: passed explicitly
+        m = build(name, shape, classes=3)
+    assert not any(n.startswith(("aux", "AuxLogits")) for n, _ in m.named_modules() if n)
+    m.train()
+    out = m(torch.randn(2, *shape))
+    assert isinstance(out, torch.Tensor) and not isinstance(out, tuple) and out.shape == (2, 3)
+    with pytest.raises(ValueError, match="aux_logits"):
+        build(name, shape, kwargs={"aux_logits": True})

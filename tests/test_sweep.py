@@ -207,3 +207,84 @@ def test_plan_reads_statuses_from_the_store(tmp_path):
     assert [e.status for e in entries] == ["finished-skip", "redo", "redo", "redo", "running"]
     assert "FAILED" in entries[1].reason and "KILLED" in entries[2].reason and "interrupted" in entries[3].reason
     assert os.path.exists(tmp_path / "mlflow.db")
+
+
+# --------------------------------------------------------------------------------------------- model-dependent checks
+def test_plan_refuses_layer_patterns_and_model_kwargs_that_fit_no_model(tmp_path, capsys, monkeypatch):
+    """What the experiment's preflight would refuse (a glob matching no layer, an unknown model kwarg, N:M
+    on a layer M does not divide) is refused in the plan, without loading data: per combination where
+    only some combinations are affected, and the whole file when a value fits no combination."""
+    import benchkit.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("planning loaded data")
+
+    for name in ("digits", "synthetic"):
+        monkeypatch.setitem(benchkit.data.DATASETS._items, name, no_data)
+    p = write(tmp_path, BASE + """\
+grid:
+  model.name: [lenet300, lenet5]
+  prune.exclude: [[], [conv1]]
+""")
+    entries = {(e.overrides["model.name"], tuple(e.overrides["prune.exclude"])): e for e in expand(load_sweep(p))}
+    bad = entries[("lenet300", ("conv1",))]
+    assert bad.status == "excluded" and bad.reason.startswith("invalid:"), bad.reason
+    assert "prune.exclude" in bad.reason and "'conv1'" in bad.reason and "fc1" in bad.reason
+    assert all(e.status == "new" and not e.reason for k, e in entries.items() if k != ("lenet300", ("conv1",)))
+
+    nm = write(tmp_path, BASE.replace("data: {name: digits}", "data: {name: synthetic, input_shape: [1, 3, 3]}")
+               + "grid:\n  prune.granularity: [element, '2:4']\n  prune.timing: [post, pre]\n", "nm.yaml")
+    with pytest.raises(ConfigError) as err:
+        expand(load_sweep(nm))
+    assert "grid.prune.granularity" in str(err.value) and "line 8" in str(err.value)
+    assert "'2:4'" in str(err.value) and "fc1" in str(err.value)
+
+    for tail, key, line, fragment in [
+        ("grid:\n  seed: [0, 1]\n  prune.overrides: [{fc3: 2}, {fc4: 2}]\n", "grid.prune.overrides", 9, "'fc4'"),
+        ("grid:\n  seed: [0, 1]\n  model.kwargs: [{hidden: [16, 8]}, {hiden: [16, 8]}]\n", "grid.model.kwargs", 9, "hiden"),
+    ]:
+        f = write(tmp_path, BASE + tail, "bad.yaml")
+        with pytest.raises(ConfigError) as err:
+            expand(load_sweep(f))
+        msg = str(err.value)
+        assert key in msg and f"line {line}" in msg and fragment in msg, msg
+        store = tmp_path / "store.db"
+        assert main(["sweep", str(f), "--dry-run", "--tracking-uri", f"sqlite:///{store}"]) == 2
+        assert fragment in capsys.readouterr().err and not store.exists()
+
+
+def test_threads_tag_is_the_runs_thread_count(tmp_path, monkeypatch):
+    """benchkit.threads records the threads the run used: cfg.threads when set, else the process's."""
+    import torch
+
+    import benchkit.experiment
+    from benchkit.sweep import RunTask, run_tracked
+    from benchkit.tracking import Tracker as RealTracker
+
+    seen: list[int] = []
+
+    class FakeExperiment:
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def run(self):
+            if self.cfg.threads:
+                torch.set_num_threads(self.cfg.threads)
+            seen.append(torch.get_num_threads())
+            return type("R", (), {"metrics": {}})()
+
+    monkeypatch.setattr(benchkit.experiment, "PruningExperiment", FakeExperiment)
+    monkeypatch.setattr(RealTracker, "log_result", lambda self, run_id, result, **kw: None)
+    before = torch.get_num_threads()
+    try:
+        tracker = RealTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        exp = tracker.ensure_experiment("threads")
+        for threads in (before + 1, None):
+            cfg = ExperimentConfig.from_dict({"threads": threads, "seed": len(seen)})
+            task = RunTask(len(seen), cfg.to_dict(), cfg.config_hash(), "r", {}, exp, tracker.uri, "threads")
+            out = run_tracked(task)
+            assert out.status == "finished", out.error
+            tag = tracker.client.get_run(out.run_id).data.tags["benchkit.threads"]
+            assert tag == str(seen[-1]) == str(threads or torch.get_num_threads())
+    finally:
+        torch.set_num_threads(before)

@@ -1,9 +1,24 @@
 """Any torchvision classification model by name, with its first convolution adapted to the data's
-channel count (e.g. ``resnet18`` on 1-channel Fashion-MNIST)."""
+channel count (e.g. ``resnet18`` on 1-channel Fashion-MNIST).
+
+``googlenet`` and ``inception_v3`` are built without their auxiliary classifiers
+(``aux_logits=False``): in train mode those return ``(logits, aux...)`` tuples, while the training
+loss takes one logits tensor (and the unused heads would be pruned and counted for nothing). They
+also get ``init_weights=True`` (torchvision's current default, passed so it does not warn) and
+``transform_input=False`` (it rescales ImageNet-normalised RGB and would break other channel counts).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
+
+# name -> constructor kwargs benchkit sets unless model.kwargs gives them (aux_logits must stay False)
+AUX_LOGITS_MODELS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True, "transform_input": False},
+    "inception_v3": {"aux_logits": False, "init_weights": True, "transform_input": False},
+}
 
 
 def torchvision_names() -> list[str]:
@@ -17,6 +32,11 @@ def build_torchvision(name: str, input_shape: tuple[int, int, int], num_classes:
     Conv2d rebuilt for ``input_shape[0]`` input channels when it differs."""
     import torchvision
 
+    if name in AUX_LOGITS_MODELS:
+        if kwargs.get("aux_logits"):
+            raise ValueError(f"model.kwargs aux_logits=True is not supported for {name!r}: its auxiliary outputs "
+                             "(a tuple in train mode) do not fit the training loss; remove aux_logits")
+        kwargs = {**AUX_LOGITS_MODELS[name], **kwargs}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     adapt_first_conv(model, input_shape[0])
     return model

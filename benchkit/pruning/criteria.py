@@ -87,6 +87,7 @@ class Criterion:
     needs_data: bool = False
     needs_input_shape: bool = False
     runs_model: bool = True
+    signed: bool = False  # scores can be negative (GraSP): group them with a sign-keeping reduction
     default_iterations: int = 1
 
     def __init__(self, seed: int | None = None):
@@ -211,6 +212,7 @@ class GraSP(Criterion):
 
     name = "grasp"
     needs_data = True
+    signed = True
     temperature: float = 200.0
 
     def scores(self, model, layers, data):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from numbers import Real
 
@@ -25,7 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from benchkit.pruning.criteria import CRITERIA, Criterion, Magnitude, ScoringData
-from benchkit.pruning.granularity import NM, Element, Granularity, check_reduce, get_granularity
+from benchkit.pruning.granularity import (
+    NM,
+    Element,
+    Granularity,
+    check_reduce,
+    get_granularity,
+    signed_reduce_problem,
+)
 from benchkit.pruning.graph import following_batchnorm
 from benchkit.pruning.layers import prunable_layers, resolve_patterns
 from benchkit.pruning.masks import (
@@ -178,6 +185,15 @@ def _scoring_data(batch, loader, loss_fn, score_batches, input_shape) -> Scoring
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch)):
             raise PruneError(f"batch must be a pair of tensors (x, y), got {type(batch).__name__}")
         batch = (batch[0], batch[1])
+        if batch[0].dim() == 0 or batch[1].dim() == 0 or len(batch[0]) != len(batch[1]):
+            raise PruneError(f"batch=(x, y) needs one label per example: x has shape {tuple(batch[0].shape)}, "
+                             f"y has shape {tuple(batch[1].shape)}")
+    if loader is not None:
+        if not isinstance(loader, Iterable):
+            raise PruneError(f"loader must be an iterable of (x, y) batches (e.g. a DataLoader), got "
+                             f"{type(loader).__name__}")
+        if isinstance(loader, Sized) and len(loader) == 0:
+            raise PruneError("loader has no batches; give a non-empty loader or batch=(x, y)")
     if isinstance(score_batches, bool) or not isinstance(score_batches, int) or score_batches < 1:
         raise PruneError(f"score_batches must be an integer >= 1, got {score_batches!r}")
     if input_shape is not None:
@@ -243,6 +259,9 @@ def plan_pruning(
     gran = get_granularity(granularity)
     scope_obj = SCOPES.get(scope)()
     check_reduce(reduce)
+    problem = signed_reduce_problem(crit_name, crit.signed, gran, reduce)
+    if problem:
+        raise PruneError(problem)
     if not isinstance(allow_layer_collapse, bool):
         raise PruneError(f"allow_layer_collapse must be True or False, got {allow_layer_collapse!r}")
 

@@ -44,6 +44,19 @@ def check_reduce(reduce: str) -> str:
     return reduce
 
 
+SIGNED_REDUCTIONS = ("mean",)  # reductions that keep the sign of element scores
+
+
+def signed_reduce_problem(criterion: str, signed: bool, granularity: Granularity, reduce: str) -> str | None:
+    """Why ``reduce`` cannot group a signed criterion's scores (None when it can): a norm takes absolute
+    values, and for GraSP the sign is what decides which groups go."""
+    if not signed or isinstance(granularity, (Element, NM)) or reduce in SIGNED_REDUCTIONS:  # no groups reduced
+        return None
+    return (f"criterion {criterion!r} gives signed scores, and reduce={reduce!r} takes their absolute value, "
+            f"which discards the sign that decides what {criterion} removes; use reduce='mean' "
+            f"(or an element or N:M granularity)")
+
+
 def as_conv(shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
     """``(out, in, prod(kernel))``: a Linear ``[out, in]`` is a 1×1 conv."""
     if len(shape) < 2:

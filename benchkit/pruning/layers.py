@@ -21,11 +21,12 @@ def prunable_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = PRUNA
 
 
 def match_layers(pattern: str, names: Iterable[str]) -> list[str]:
-    """Names equal to ``pattern`` or matching it as a glob (``classifier.*``, ``*.conv1``)."""
+    """Names equal to ``pattern``, matching it as a glob (``classifier.*``, ``*.conv1``), or, for the
+    name of a container module (``classifier``, ``layer4.1``), every prunable layer inside it."""
     names = list(names)
     if pattern in names:
         return [pattern]
-    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".")]
 
 
 def resolve_patterns(patterns: Iterable[str], names: Iterable[str], what: str) -> list[str]:

@@ -98,11 +98,10 @@ def release(model: nn.Module, reinit: Callable[[str, Tensor], Tensor] | None = N
     masks so the whole network trains again."""
     for path, mask in get_masks(model).items():
         module, pname = resolve(model, path)
-        orig = param_value(module, pname)
+        prune.remove(module, pname)  # first: remove() writes orig * mask, which would zero fresh values
         if reinit is not None:
-            fresh = reinit(path, orig).to(orig)
-            orig.copy_(torch.where(mask, orig, fresh))
-        prune.remove(module, pname)
+            value = getattr(module, pname)
+            value.copy_(torch.where(mask, value, reinit(path, value).to(value)))
     return model
 
 

@@ -106,9 +106,13 @@ def check_feasible(counts: list[LayerCount], fraction: float, allow_collapse: bo
                 f"nothing. Ask for less compression, exclude the smallest layers, or pass allow_layer_collapse=True"
             )
     else:
+        # Unequal groups: which group a layer keeps depends on the scores, so only the best case is
+        # known here (each layer keeps its smallest group). Beyond it the request is impossible whatever
+        # the scores, and is refused before scoring, with prune_lowest's tolerance (one group); between
+        # it and the worst case, prune_lowest decides once the scores are known.
         total = sum(c.weights for c in live)
         most = total - sum(c.min_size for c in live)
-        if fraction * total > most + max(c.max_size for c in live) / 2:
+        if fraction * total - most > max(c.max_size for c in live):
             raise CompressionError(
                 f"cannot prune {fraction * total:.0f} of the {total} surviving weights of {what} (compression "
                 f"{1 / (1 - fraction):.4g}x of the survivors) in whole {unit}s without pruning a layer to nothing "

@@ -110,9 +110,7 @@ class PostTraining(Timing):
         if p.rounds > 1 and is_n_m(p.granularity):
             yield "prune.rounds", (f"granularity {p.granularity!r} fixes the compression at M/N in one step; "
                                    "use rounds: 1")
-        ft = p.finetune
-        if ft.epochs < 0 or (ft.iterations is not None and ft.iterations < 0):
-            yield "prune.finetune.epochs", "fine-tuning length must be >= 0"
+        ft = p.finetune  # its length (epochs >= 0, iterations >= 1) is checked for every timing in validation
         if ft.lr is not None and ft.lr <= 0:
             yield "prune.finetune.lr", f"must be > 0, got {ft.lr}"
         if p.lr_rewind:
