@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "store (same config hash) is not run again.")
     r.add_argument("config", metavar="CONFIG", help="config YAML (a sweep file's `base:` is used)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. prune.compression=8")
-    r.add_argument("--no-plots", action="store_true", help="skip the PNG plot artifacts (saves ~0.1 s per run)")
+    r.add_argument("--no-plots", action="store_true", help="skip the SVG plot artifacts (training curve, per-layer density)")
     store(r)
 
     s = sub.add_parser("sweep", help="expand a sweep YAML into runs and execute them (resumable)",
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=float, default=0, help="ray: GPUs reserved per run, fractions allowed")
     s.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="ray: cluster address (default $RAY_ADDRESS, else a local Ray)")
-    s.add_argument("--no-plots", action="store_true", help="skip the PNG plot artifacts (saves ~0.1 s per run)")
+    s.add_argument("--no-plots", action="store_true", help="skip the SVG plot artifacts (training curve, per-layer density)")
     store(s)
 
     rep = sub.add_parser("report", help="table of runs read back from MLflow",

@@ -404,7 +404,7 @@ class RunTask:
     sweep: str
     sweep_file: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    plots: bool = True  # PNG plots as artifacts (the costliest part of tracking; see results/benchmarks.md)
+    plots: bool = True  # SVG charts as artifacts (benchkit.svgplot: under a millisecond per run)
 
 
 @dataclass

@@ -38,6 +38,10 @@ from benchkit.seeding import resolve_device
 # in every forward (see _GradientMasking). Results are identical; set False to use the prune hooks as they are.
 GRADIENT_MASKING = True
 
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the run stops with the step and learning rate named."""
+
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, y, x) -> scalar loss
 Multiplier = Callable[[int], float]  # elapsed units -> factor on the base learning rate
 
@@ -216,6 +220,11 @@ def train(
     def evaluate_now() -> None:
         nonlocal best_state, best_masks, evals_without_improvement, stop, last_eval
         train_loss, train_acc1 = running.summary()
+        if train_loss is not None and not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"{desc}: the training loss is {train_loss} at step {step} (lr {opt.param_groups[0]['lr']:g}): "
+                "training diverged and every later number would be meaningless. Lower the learning rate "
+                "(train.lr, or prune.finetune.lr for fine-tuning) or add weight decay / gradient care.")
         record: dict[str, Any] = {
             "phase": desc,
             "epoch": epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4),

@@ -14,10 +14,13 @@ declare -A ARGS=(
   [strategies]="--workers 2" [strategies_lenet5]="--workers 2" [granularity]="--workers 1"
 )
 ORDER=(fashion_lenet300 lottery timing iterative strategies strategies_lenet5 granularity)
+status=0
 for study in "${@:-${ORDER[@]}}"; do
   echo "== $study  $(date -u +%FT%TZ)  $(nproc) cores, $(uname -m)"
   start=$(date +%s)
+  # a failed run does not stop the other studies; the exit status says something failed
   # shellcheck disable=SC2086
-  .venv/bin/benchkit sweep "experiments/$study.yaml" ${ARGS[$study]} --no-plots output_dir=runs/studies
+  .venv/bin/benchkit sweep "experiments/$study.yaml" ${ARGS[$study]} --no-plots output_dir=runs/studies || status=$?
   echo "== $study done in $(( $(date +%s) - start )) s"
 done
+exit "$status"

@@ -217,7 +217,8 @@ def density_figure(fig: Figure, log: bool = False) -> Figure:
 
 def write_findings(notebook: str) -> None:
     lines = [f"# Findings: {EXPERIMENT}", "",
-             f"Computed by `notebooks/{notebook}` from `{TRACKING_URI}` (experiment `{EXPERIMENT}`).", "",
+             f"Computed by `notebooks/{notebook}` from `{TRACKING_URI.replace(f'sqlite:///{REPO}/', 'sqlite:///')}` "
+             f"(experiment `{EXPERIMENT}`; store path relative to the repository root).", "",
              *[f"- {f}" for f in FINDINGS]]
     (OUTPUT / "findings.md").write_text("\n".join(lines) + "\n")
     display(Markdown("\n".join(lines)))'''
@@ -427,6 +428,14 @@ if "best_step_mean" in t and np.isfinite(dense_stop):
             f"{t.loc[k, 'best_step_mean']:.0f} ({(1 - t.loc[k, 'best_step_mean'] / dense_stop) * 100:.0f}% earlier; paper: "
             f"38% earlier at 21%); validation every {every} iterations, last iteration "
             f"{levels['best_step'].max():.0f} here.")
+    sparse = [k for k in t.index if k > 0 and t.loc[k, "percent_remaining_mean"] <= 21.2]
+    if sparse:
+        means = {b: per.loc[b].loc[[k for k in sparse if k in per.loc[b].index], "best_step_mean"].mean()
+                 for b in BRANCHES}
+        finding(f"Early-stopping iteration averaged over the {len(sparse)} levels at ≤ 21.1% remaining (levels "
+                f"{min(sparse)}–{max(sparse)}): " + ", ".join(f"{ba.figures.BRANCH_LABELS.get(b, b)} {v:.0f}"
+                                                             for b, v in means.items())
+                + f" (dense {dense_stop:.0f}); single levels are noisy, the average is the steadier comparison.")
 if paper_schedule:
     diff = (table["weights remaining (%)"] - table["Frankle & Carbin formula (%)"]).abs().max()
     finding(f"Weights remaining per level match the paper's formula within {diff:.3f} percentage points.")'''),

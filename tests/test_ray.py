@@ -91,7 +91,7 @@ def test_ray_sweep_tracks_every_run_on_the_server(tmp_path, server_and_ray):
         # artifacts went through the server's proxy into its --artifacts-destination
         assert r.info.artifact_uri.startswith("mlflow-artifacts:")
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"config.yaml", "layers.csv", "model.pt", "training_curve.png"} <= names
+        assert {"config.yaml", "layers.csv", "model.pt", "training_curve.svg"} <= names
     assert any((tmp_path / "server-artifacts").rglob("layers.csv"))
     # Ray tasks ran in worker processes, not in this driver
     assert len({r.data.tags["benchkit.pid"] for r in runs}) >= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import textwrap
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -161,7 +162,10 @@ def test_sweep_on_digits_is_tracked_as_planned(tmp_path):
             cfg.config_hash()
         layers = pd.read_csv(arts / "layers.csv")
         assert list(layers["layer"]) == ["fc1", "fc2", "fc3"] and (layers["density"] < 1).any()
-        assert (arts / "training_curve.png").stat().st_size > 1000 and (arts / "layer_density.png").exists()
+        curve = ET.parse(arts / "training_curve.svg").getroot()  # well-formed SVG, one line per phase
+        assert curve.tag.endswith("svg") and len(curve.findall(".//{http://www.w3.org/2000/svg}polyline")) == 2
+        bars = ET.parse(arts / "layer_density.svg").getroot().findall(".//{http://www.w3.org/2000/svg}rect")
+        assert len(bars) == 2 + 3  # background, frame, one bar per layer
         sd = torch.load(arts / "model.pt", weights_only=True)
         masks = {k: v for k, v in sd.items() if k.endswith("_mask")}
         kept = sum(int(v.sum()) for v in masks.values())

@@ -404,3 +404,10 @@ def test_seed_everything_resets_all_generators():
     with pytest.raises(ValueError, match="allowed"):
         resolve_device("gpu0")
     assert math.isfinite(a[1])
+
+
+def test_divergence_stops_the_run_naming_the_step_and_learning_rate():
+    data = synth()
+    model = mlp(data)
+    with pytest.raises(training.TrainingDiverged, match=r"training loss is (nan|inf) at step 10 \(lr 1e\+06\).*train\.lr"):
+        train(model, data, TrainConfig(lr=1e6, momentum=0.9, epochs=3), device="cpu")
