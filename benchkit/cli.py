@@ -164,6 +164,7 @@ HIDDEN_PARAMS = ("output_dir", "cache_dir", "progress", "data.root", "name", "ex
 
 def cmd_report(args: argparse.Namespace) -> int:
     import mlflow
+    import pandas as pd
 
     from benchkit.tracking import resolve_tracking_uri
 
@@ -183,7 +184,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     table = select_columns(df, args.columns)
     if args.sort:
         col = resolve_column(table, args.sort.lstrip("-"))
-        table = table.sort_values(col, ascending=not args.sort.startswith("-"))
+        numeric = pd.to_numeric(table[col], errors="coerce")  # params are strings: sort 10 after 4
+        key = (lambda c: numeric) if numeric.notna().all() else None
+        table = table.sort_values(col, ascending=not args.sort.startswith("-"), key=key)
     print(render(table, args.format))
     return EXIT_OK
 

@@ -188,7 +188,6 @@ class ProcessPoolRunner:
         self._queue: deque[RunTask] = deque()
         self._pool: list[_Worker] = []
         self._killed: list[RunOutcome] | None = None
-        self._trackers: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ run
     def run(self, fn: RunFn, tasks: Sequence[RunTask]) -> Iterator[RunOutcome]:
@@ -274,9 +273,7 @@ class ProcessPoolRunner:
     def _mark_dead_run(self, task: RunTask, pid: int, reason: str, status: str) -> tuple[str | None, bool]:
         from benchkit.tracking import TAG_HOST, TAG_PID, Tracker
 
-        tracker = self._trackers.get(task.tracking_uri)
-        if tracker is None:
-            tracker = self._trackers[task.tracking_uri] = Tracker(task.tracking_uri)
+        tracker = Tracker.shared(task.tracking_uri)
         host = socket.gethostname()
         mine = [r for r in tracker.runs(task.experiment_id, task.config_hash)
                 if r.data.tags.get(TAG_PID) == str(pid) and r.data.tags.get(TAG_HOST, host) == host]

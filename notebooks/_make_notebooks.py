@@ -308,6 +308,38 @@ finding(f"Theoretical speedup / compression ratio over the {len(runs)} runs lies
                 + f"; at {top['compression']:g}× it is {top['mean (pp)']:+.2f} ± {top['std (pp)']:.2f} pp.")
 else:
     print("this sweep has no global/layer pair to compare")'''),
+        ("md", "## Global vs layer-wise at equal theoretical speedup\nEach strategy's mean accuracy is "
+               "interpolated linearly in log₂(speedup) between its measured points, at speedups both scopes "
+               "reach; ShrinkBench notes that the ranking at equal compression can reverse here."),
+        ("code", r'''def at_speedup(rows: pd.DataFrame, s: float) -> float:
+    rows = rows.sort_values("theoretical_speedup_mean")
+    return float(np.interp(np.log2(s), np.log2(rows["theoretical_speedup_mean"]), rows["test_acc1_mean"]))
+
+
+rows = []
+if {"global", "layer"} <= set(runs["scope"]) and not same:
+    for crit, g in agg.groupby("criterion"):
+        curves = {sc: g[g["scope"] == sc] for sc in ("global", "layer")}
+        if any(c.empty for c in curves.values()):
+            continue
+        top = min(c["theoretical_speedup_mean"].max() for c in curves.values())
+        for s in [x for x in (2.0, 3.0, 4.0, 6.0, 8.0, 16.0) if x <= top] + [top]:
+            acc = {sc: at_speedup(c, s) * 100 for sc, c in curves.items()}
+            rows.append({"criterion": crit, "speedup (×)": s, "global (%)": acc["global"], "layer (%)": acc["layer"],
+                         "global − layer (pp)": acc["global"] - acc["layer"]})
+if rows:
+    speed = pd.DataFrame(rows).drop_duplicates(["criterion", "speedup (×)"])
+    publish(speed, "global_vs_layer_at_speedup", floatfmt=".2f")
+    for crit, g in speed.groupby("criterion"):
+        last = g.iloc[-1]
+        flips = bool(((g["global − layer (pp)"] > 0).any()) and (g["global − layer (pp)"] < 0).any())
+        finding(f"{crit}, at equal theoretical speedup: at {last['speedup (×)']:.2f}× (the most both scopes reach) "
+                f"global − layer-wise = {last['global − layer (pp)']:+.2f} pp"
+                + ("; the sign changes along the curve" if flips else "")
+                + f"; global scope reaches at most {g['speedup (×)'].max():.2f}× here, layer-wise "
+                f"{agg[(agg['criterion'] == crit) & (agg['scope'] == 'layer')]['theoretical_speedup_mean'].max():.2f}×.")
+else:
+    print("speedup equals compression in every run (or no global/layer pair): nothing to add to the table above")'''),
         ("md", "## Best strategy at each compression\nThe highest mean test accuracy, and how far the random "
                "control is behind it."),
         ("code", r'''best = agg.loc[agg.groupby("compression")["test_acc1_mean"].idxmax(), ["compression", "strategy", "n",

@@ -63,7 +63,7 @@ def report(experiment: str, uri: str) -> Path:
     """A study without a notebook: its runs as `benchkit report` prints them, Markdown and CSV."""
     out = REPO / "results" / experiment
     out.mkdir(parents=True, exist_ok=True)
-    columns = ("run,run_id,prune.compression,compression_ratio,theoretical_speedup,dense_val_acc1,dense_test_acc1,"
+    columns = ("mlflow.runName,run_id,prune.compression,compression_ratio,theoretical_speedup,dense_val_acc1,dense_test_acc1,"
                "val_acc1,test_acc1,time_total_s")
     for fmt, name in (("markdown", "runs.md"), ("csv", "runs.csv")):
         text = subprocess.run([sys.executable, "-m", "benchkit.cli", "report", "-e", experiment, "--tracking-uri", uri,

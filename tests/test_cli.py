@@ -90,9 +90,13 @@ def test_run_then_report_reads_it_back(tmp_path, capsys):
 
 def test_report_filters_and_formats(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p = write_sweep(tmp_path, "grid:\n  prune.criterion: [magnitude, random]\n  prune.compression: [2, 4]\n")
+    p = write_sweep(tmp_path, "grid:\n  prune.criterion: [magnitude, random]\n  prune.compression: [4, 16]\n")
     assert main(["sweep", str(p), "--tracking-uri", uri]) == 0
     capsys.readouterr()
+    # params are stored as text: sorting by one still orders numbers as numbers (4 before 16)
+    assert main(["report", "--tracking-uri", uri, "-e", "cli", "-c", "prune.compression", "--format", "csv",
+                 "--sort", "prune.compression"]) == 0
+    assert [float(v) for v in capsys.readouterr().out.split()[1:]] == [4, 4, 16, 16]
     assert main(["report", "--tracking-uri", uri, "-e", "cli", "--filter", "params.prune.criterion = 'magnitude'",
                  "--format", "markdown", "--sort=-compression_ratio"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -102,7 +106,7 @@ def test_report_filters_and_formats(tmp_path, capsys):
     assert "test_acc1" in header and "compression_ratio" in header and lines[1].startswith("|---")
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     ratios = [float(r[header.index("compression_ratio")]) for r in rows]
-    assert len(rows) == 2 and ratios == sorted(ratios, reverse=True) and ratios[0] == pytest.approx(4, rel=1e-3)
+    assert len(rows) == 2 and ratios == sorted(ratios, reverse=True) and ratios[0] == pytest.approx(16, rel=1e-3)
 
     assert main(["report", "--tracking-uri", uri, "-e", "cli", "--format", "table"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 5  # header + 4 runs
@@ -120,6 +124,9 @@ def test_sweep_killed_with_sigkill_resumes_to_exactly_one_finished_run_per_confi
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     p = write_sweep(tmp_path, "grid:\n  prune.criterion: [magnitude, random]\n  prune.compression: [2, 4]\n",
                     experiment="killed")
+    # dense training is cached after the first run, so give the fine-tuning enough epochs (a few seconds)
+    # that the poller reliably sees a run in flight
+    p.write_text(p.read_text().replace("finetune: {epochs: 1,", "finetune: {epochs: 40,"))
     proc = subprocess.Popen([sys.executable, "-m", "benchkit.cli", "sweep", str(p), "--tracking-uri", uri],
                             cwd=REPO, stdout=open(tmp_path / "sweep.log", "w"), stderr=subprocess.STDOUT)
     client = None
