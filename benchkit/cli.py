@@ -119,6 +119,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         except RayStoreError as e:
             raise _usage(str(e)) from None
     spec = load_sweep(args.sweep, args.overrides)
+    if args.workers > 1 and args.executor == "local" and not args.dry_run:
+        from benchkit.executors import start_worker_server
+
+        start_worker_server()  # the workers' imports run on another core while the sweep is planned
     entries = expand(spec)  # every config is built and validated here, before anything runs
     tracker = Tracker(args.tracking_uri)
     plan_sweep(entries, tracker, spec.experiment)

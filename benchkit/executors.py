@@ -5,7 +5,7 @@ outcomes as runs complete. On Ctrl-C the sweep calls :meth:`interrupted_outcomes
 runs in flight so each marks its MLflow run KILLED, and returns what they reported.
 
 * ``local`` with ``workers=1``: serial, in-process (debuggable, per-run progress bar).
-* ``local`` with ``workers=N``: N spawned processes sharing the store; torch threads are divided
+* ``local`` with ``workers=N``: N worker processes sharing the store; torch threads are divided
   among them (``cores // N`` each) so N workers do not oversubscribe the machine. A worker that dies
   (OOM kill, segfault) fails only its own run, marked FAILED in MLflow; a new worker replaces it.
 * ``ray``: one Ray task per run with ``num_cpus`` / ``num_gpus`` from the options, against a shared
@@ -40,6 +40,33 @@ from benchkit.sweep import INTERRUPT_DEFERRED, INTERRUPT_HANDLED, RunOutcome, Ru
 
 EXECUTORS: Registry[type] = Registry("executor")
 RunFn = Callable[[RunTask], RunOutcome]
+
+
+# Modules a pool worker needs for every run. Workers fork from a server process that imported these
+# once (``forkserver``), instead of each spawned worker importing torch, MLflow and SQLAlchemy itself
+# (~4 s of CPU per worker on a 2-core machine: more than a small run).
+WORKER_PRELOAD = ("benchkit.sweep", "benchkit.experiment", "benchkit.tracking", "benchkit.pruning.compact",
+                  "mlflow.store.tracking.sqlalchemy_store", "sklearn.datasets", "fvcore.nn")
+
+
+def worker_context() -> Any:
+    """``forkserver`` with :data:`WORKER_PRELOAD` where the platform has it (Linux), else ``spawn``.
+    Forking from the server is safe where forking the sweep process would not be: the server has run
+    no torch op (no OpenMP pool) and opened no store connection."""
+    if "forkserver" not in mp.get_all_start_methods():  # pragma: no cover - Windows
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(WORKER_PRELOAD))
+    return ctx
+
+
+def start_worker_server() -> None:
+    """Start the worker server now, so its imports overlap the sweep's planning (call before it)."""
+    ctx = worker_context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def set_torch_threads(n: int) -> None:
@@ -89,24 +116,32 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """If the sweep process dies (even by SIGKILL), stop: mark the run KILLED, then exit — no orphans."""
-    while True:
+def _watch_parent() -> None:
+    """If the sweep process dies (even by SIGKILL), stop: mark the run KILLED, then exit — no orphans.
+
+    Waits on multiprocessing's sentinel for the process that started this worker (the sweep, also when
+    the worker was forked by the fork server): a pipe whose other end closes when the sweep is gone."""
+    parent = mp.parent_process()
+    if parent is None:  # pragma: no cover - not started by multiprocessing
+        return
+    mp_wait([parent.sentinel])
+    for _ in range(60):
+        if not _ACTIVE.is_set():
+            break
+        _thread.interrupt_main(signal.SIGTERM)  # SIGINT is ignored here; SIGTERM's handler interrupts
         time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            for _ in range(60):
-                if not _ACTIVE.is_set():
-                    break
-                _thread.interrupt_main(signal.SIGTERM)  # SIGINT is ignored here; SIGTERM's handler interrupts
-                time.sleep(1.0)
-            os._exit(1)
+    os._exit(1)
 
 
-def _init_worker(threads: int, parent_pid: int) -> None:
+def _init_worker(threads: int, environ: dict[str, str]) -> None:
+    # the sweep's environment as of this worker's start (a forked worker would otherwise see the fork
+    # server's, as of the server's start: BENCHKIT_*, MLFLOW_* set since then would be missed)
+    os.environ.clear()
+    os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     signal.signal(signal.SIGTERM, _on_sigterm)
     set_torch_threads(threads)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="benchkit-parent-watch").start()
+    threading.Thread(target=_watch_parent, daemon=True, name="benchkit-parent-watch").start()
 
 
 def _call(fn: RunFn, task: RunTask) -> RunOutcome:
@@ -122,9 +157,9 @@ def _call(fn: RunFn, task: RunTask) -> RunOutcome:
         _ACTIVE.clear()
 
 
-def _worker_main(conn: Connection, fn: RunFn, threads: int, parent_pid: int) -> None:
+def _worker_main(conn: Connection, fn: RunFn, threads: int, environ: dict[str, str]) -> None:
     """A pool worker: receive a task, send back its outcome, until told to stop (``None``) or orphaned."""
-    _init_worker(threads, parent_pid)
+    _init_worker(threads, environ)
     while True:
         try:
             task = conn.recv()
@@ -171,7 +206,8 @@ class _Worker:
 
 @EXECUTORS.register("pool")
 class ProcessPoolRunner:
-    """``workers`` spawned processes (spawn: no forked torch/sqlite state) sharing the tracking store.
+    """``workers`` processes (forked from a clean preloaded server, see :func:`worker_context`; never
+    from the sweep process, whose torch and sqlite state must not be shared) sharing the tracking store.
 
     Each worker runs one task at a time, handed to it over its own pipe, so the sweep always knows
     which run a worker is on. A worker that dies (OOM kill, segfault, ``os._exit``) fails only that
@@ -183,7 +219,7 @@ class ProcessPoolRunner:
     def __init__(self, workers: int = 2, threads: int | None = None, **_: Any):
         self.workers = max(1, int(workers))
         self.threads = threads or max(1, cores() // self.workers)
-        self._ctx = mp.get_context("spawn")
+        self._ctx = worker_context()
         self._fn: RunFn | None = None
         self._queue: deque[RunTask] = deque()
         self._pool: list[_Worker] = []
@@ -212,7 +248,7 @@ class ProcessPoolRunner:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self._fn, self.threads, os.getpid()),
+        proc = self._ctx.Process(target=_worker_main, args=(child, self._fn, self.threads, dict(os.environ)),
                                  name="benchkit-worker")
         proc.start()
         child.close()

@@ -7,7 +7,9 @@
 throughput: the same digits sweep (timing `pre`: every run trains, no dense cache to share; 16 runs
 of 40 epochs, a few seconds each, as a real sweep's runs are) run through `benchkit sweep` with
 --workers 1 and --workers 2, each into a fresh store; wall time of the whole command, process
-start-up and the workers' spawn included. Goal on 2 cores: >= 1.6x. (With runs of a fraction of a
+start-up and the workers' start included. Goal on 2 cores: >= 1.6x. A third sweep, 1 worker held to
+1 torch thread, shows how much of the 1-worker baseline's speed comes from intra-op threading (which
+2 workers at 1 thread each give up). (With runs of a fraction of a
 second, spawning two workers that import torch and MLflow costs more than the runs themselves.)
 
 overhead: a 1-epoch LeNet-300-100 run on Fashion-MNIST (from ../shared/data) timed as
@@ -59,19 +61,22 @@ def throughput(runs: int, epochs: int, data: str) -> dict[str, float]:
         tmp = Path(tmp)
         p = sweep_yaml(tmp, runs, epochs, data)
         env = {**os.environ, "BENCHKIT_CACHE": str(tmp / "cache"), "CI": "true"}
-        for workers in (1, 2):
-            uri = f"sqlite:///{tmp / f'w{workers}.db'}"
+        # 1 worker with torch's default threads (all cores: the baseline), 2 workers (a core each), and
+        # 1 worker held to 1 thread: how much of the baseline's speed is intra-op threading
+        for key, workers, extra in (("w1", 1, []), ("w2", 2, []), ("w1t1", 1, ["threads=1"])):
+            uri = f"sqlite:///{tmp / f'{key}.db'}"
             # create the store first: its one-off schema migration is not sweep throughput
             subprocess.run([sys.executable, "-c", f"from benchkit.tracking import Tracker; Tracker({uri!r}).client"],
                            check=True, env=env, cwd=REPO)
             t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, "-m", "benchkit.cli", "sweep", str(p), "--workers", str(workers),
-                                "--tracking-uri", uri], env=env, cwd=REPO, capture_output=True, text=True)
-            out[f"w{workers}_s"] = time.perf_counter() - t0
+            r = subprocess.run([sys.executable, "-m", "benchkit.cli", "sweep", str(p), *extra, "--workers",
+                                str(workers), "--tracking-uri", uri], env=env, cwd=REPO, capture_output=True, text=True)
+            out[f"{key}_s"] = time.perf_counter() - t0
             if r.returncode != 0:
                 raise SystemExit(r.stdout + r.stderr)
-            out["runs"] = r.stdout.count(" finished ")
+            out["runs"] = sum(line.split("]", 1)[-1].lstrip().startswith("finished") for line in r.stdout.splitlines())
     out["speedup"] = out["w1_s"] / out["w2_s"]
+    out["speedup_vs_1thread"] = out["w1t1_s"] / out["w2_s"]
     return out
 
 
@@ -152,7 +157,8 @@ def main() -> None:
         t = throughput(args.runs, args.epochs, args.data)
         print(f"throughput: {int(t['runs'])} runs of {args.epochs} epochs on {args.data}; 1 worker {t['w1_s']:.1f}s, "
               f"2 workers {t['w2_s']:.1f}s, "
-              f"speedup {t['speedup']:.2f}x (goal >= 1.6x)")
+              f"speedup {t['speedup']:.2f}x (goal >= 1.6x); 1 worker at 1 thread {t['w1t1_s']:.1f}s "
+              f"(2 workers vs it: {t['speedup_vs_1thread']:.2f}x)")
     if args.part in ("overhead", "all"):
         o = overhead(args.repeats)
         print(f"overhead: PruningExperiment.run() alone {o['run_alone_s']:.2f}s (median of {args.repeats}); "

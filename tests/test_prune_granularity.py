@@ -69,6 +69,20 @@ def test_nm_on_real_linear_and_conv_layers(spec):
         assert torch.count_nonzero(model.get_submodule(name).weight) == w.numel() * n // m
 
 
+@pytest.mark.parametrize("spec", ["2:4", "element", "vector", "kernel", "channel"])
+def test_masked_weights_keep_the_dense_memory_layout(spec):
+    # the N:M mask is built through a permuted view; had its layout leaked into weight = orig * mask,
+    # the conv weight would turn channels-last and time differently for a reason that is not sparsity
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 2 * 2, 8))
+    strides = {n: model.get_submodule(n).weight.stride() for n in ["0", "3"]}
+    bk.prune(model, granularity=spec, compression=2)
+    bk.prune(model, granularity=spec, compression=2)  # the second round intersects the held mask
+    for name, stride in strides.items():
+        module = model.get_submodule(name)
+        assert module.weight_orig.stride() == module.weight_mask.stride() == module.weight.stride() == stride
+        assert module.weight.is_contiguous()
+
+
 def test_nm_groups_run_along_input_at_each_kernel_position():
     gran = NM(2, 4)
     w = torch.arange(2 * 8 * 3 * 3, dtype=torch.float32).reshape(2, 8, 3, 3)

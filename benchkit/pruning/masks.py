@@ -59,6 +59,11 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         mask = mask.to(device=orig.device, dtype=torch.bool)
         if mask.shape != orig.shape:
             raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, parameter has {tuple(orig.shape)}")
+        if mask.stride() != orig.stride():
+            # a mask built through a permuted view (N:M groups run along the input channels) would
+            # hand its layout to weight = orig * mask: a channels-last conv weight that changes which
+            # kernel runs and its speed (LeNet-5 conv2: 22% faster on CPU), which is not sparsity
+            mask = torch.empty_like(orig, dtype=torch.bool).copy_(mask)
         if is_masked(module, pname):
             buf = getattr(module, f"{pname}_mask")
             buf.copy_(buf.bool() & mask)
