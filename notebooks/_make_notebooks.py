@@ -599,8 +599,9 @@ GRANULARITY = study(
     "04_granularity.ipynb",
     "Granularity: what to remove at equal compression",
     sweep_intro(
-        "LeNet-5 pruned to 2× (the compression 2:4 fixes) by global magnitude with L2 group norms, removing "
-        "single weights, 2:4 blocks along input channels, kernel rows (vector), whole kernels, or whole output "
+        "LeNet-5 pruned to one compression for every granularity (the one an N:M pattern fixes: 2× with 2:4 in "
+        "`granularity`, 4× with 1:4 in `granularity-4x`) by global magnitude with L2 group norms, removing "
+        "single weights, N:M blocks along input channels, kernel rows (vector), whole kernels, or whole output "
         "channels; one-shot after training, then fine-tuning. Coarser units cost accuracy but can be removed "
         "physically: `compacted_speedup` counts the FLOPs after Torch-Pruning removes dead channels.",
         "granularity"),
@@ -611,8 +612,15 @@ GRANULARITY = study(
 ba.save_table(study_table, OUTPUT / "study.csv")
 ba.save_table(study_table, OUTPUT / "study.md")
 runs = ba.load_runs(EXPERIMENT, tracking_uri=TRACKING_URI)
-ORDER = ["element", "2:4", "vector", "kernel", "channel"]
-runs = runs.assign(order=runs["granularity"].map(lambda g: ORDER.index(g) if g in ORDER else len(ORDER)))
+ORDER = ["element", "N:M", "vector", "kernel", "channel"]  # fine to coarse; any N:M pattern sits second
+
+
+def rank(g: str) -> int:
+    g = "N:M" if ":" in str(g) else g
+    return ORDER.index(g) if g in ORDER else len(ORDER)
+
+
+runs = runs.assign(order=runs["granularity"].map(rank))
 METRICS = [m for m in ("compression_ratio", "model_compression_ratio", "theoretical_speedup", "compacted_speedup",
                        "compacted_params", "params_total", "dense_test_acc1", "test_acc1", "time_total_s") if m in runs]
 ba.save_table(runs.sort_values("order")[["run_id", *ba.strategy_columns(runs), "seed", *METRICS]], OUTPUT / "runs.csv")
@@ -621,7 +629,7 @@ print(f"{len(runs)} finished runs; they differ in {varying}")'''),
         ("md", "## Accuracy and cost per granularity\nAchieved compression over the pruned layers; theoretical "
                "speedup (dense / non-zero FLOPs); speedup and parameters after physically removing dead channels."),
         ("code", r'''agg = ba.aggregate(runs, by=["granularity"], metrics=METRICS)
-agg = agg.assign(order=agg["granularity"].map(lambda g: ORDER.index(g) if g in ORDER else len(ORDER)))
+agg = agg.assign(order=agg["granularity"].map(rank))
 agg = agg.sort_values("order").reset_index(drop=True)
 summary = pd.DataFrame({"granularity": agg["granularity"], "n": agg["n"],
                         "compression (×)": agg["compression_ratio_mean"],
@@ -692,7 +700,7 @@ if tables:
 if "latency_ms" in runs:
     cols = [c for c in ("latency_ms", "latency_compacted_ms", "latency_speedup", "compacted_speedup") if c in runs]
     lat = ba.aggregate(runs, by=["granularity"], metrics=cols)
-    lat = lat.assign(order=lat["granularity"].map(lambda g: ORDER.index(g) if g in ORDER else len(ORDER)))
+    lat = lat.assign(order=lat["granularity"].map(rank))
     lat = lat.sort_values("order").reset_index(drop=True)
     latency = pd.DataFrame({"granularity": lat["granularity"], "n": lat["n"],
                             "masked (ms)": lat["latency_ms_mean"], "std (ms)": lat["latency_ms_std"]})

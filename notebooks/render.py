@@ -33,6 +33,7 @@ STUDIES = {
     "lottery": "02_lottery.ipynb",
     "iterative": "03_iterative.ipynb",
     "granularity": "04_granularity.ipynb",
+    "granularity-4x": "04_granularity.ipynb",
     "timing": "05_timing.ipynb",
 }
 KERNEL = "benchkit-render"
