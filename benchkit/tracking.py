@@ -238,11 +238,11 @@ def _finite_number(v: Any) -> float | None:
 
 
 SQLITE_WAL_ENV = "BENCHKIT_SQLITE_WAL"  # "0" keeps sqlite's default rollback journal
-_TUNED = False
+_WAL_STORES: set[str] = set()  # real paths of the stores benchkit opened; other sqlite files are left alone
 
 
-def tune_sqlite_connections() -> None:
-    """Open MLflow's sqlite connections in WAL mode with ``synchronous=NORMAL`` (once per process).
+def tune_sqlite_connections(db: Path) -> None:
+    """Open MLflow's connections to the sqlite store ``db`` in WAL mode with ``synchronous=NORMAL``.
 
     In WAL mode readers never block the writer and a commit appends to the log instead of rewriting
     and syncing the database: parallel sweep workers wait less on "database is locked", and each
@@ -250,29 +250,34 @@ def tune_sqlite_connections() -> None:
     recommends with WAL (durable against a crashed process; a power cut may lose the last commits).
     WAL needs the store on a local disk (not NFS); ``BENCHKIT_SQLITE_WAL=0`` turns this off. The mode
     is stored in the file; ``PRAGMA journal_mode=DELETE`` folds the ``-wal`` file back (done before a
-    store is committed, see experiments/run_studies.sh).
+    store is committed, see experiments/run_studies.sh). One SQLAlchemy listener serves every store;
+    it touches only connections to the files registered here, never other sqlite databases the
+    process opens.
     """
-    global _TUNED
-    if _TUNED or os.environ.get(SQLITE_WAL_ENV, "1") == "0":
+    if os.environ.get(SQLITE_WAL_ENV, "1") == "0":
         return
+    if not _WAL_STORES:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        event.listen(Engine, "connect", _wal_on_connect)
+    _WAL_STORES.add(os.path.realpath(db))
+
+
+def _wal_on_connect(dbapi_connection: Any, _record: Any) -> None:
     import sqlite3
 
-    from sqlalchemy import event
-    from sqlalchemy.engine import Engine
-
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        if not isinstance(dbapi_connection, sqlite3.Connection):
-            return
-        try:
-            cursor = dbapi_connection.cursor()
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    try:
+        cursor = dbapi_connection.cursor()
+        main = next((row[2] for row in cursor.execute("PRAGMA database_list") if row[1] == "main"), "")
+        if main and os.path.realpath(main) in _WAL_STORES:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-        except sqlite3.Error:  # a read-only store: keep its journal as it is
-            pass
-
-    event.listen(Engine, "connect", on_connect)
-    _TUNED = True
+        cursor.close()
+    except sqlite3.Error:  # a read-only store: keep its journal as it is
+        pass
 
 
 _SHARED: dict[str, Tracker] = {}
@@ -304,7 +309,7 @@ class Tracker:
         db = sqlite_path(self.uri)
         if db is None:
             return MlflowClient(self.uri)
-        tune_sqlite_connections()
+        tune_sqlite_connections(db)
         # The first open of a sqlite store creates and migrates its tables; two processes doing that
         # at once collide ("table ... already exists"). Serialise opening with a lock file.
         from filelock import FileLock

@@ -7,10 +7,10 @@
 throughput: the same digits sweep (timing `pre`: every run trains, no dense cache to share; 16 runs
 of 40 epochs, a few seconds each, as a real sweep's runs are) run through `benchkit sweep` with
 --workers 1 and --workers 2, each into a fresh store; wall time of the whole command, process
-start-up and the workers' start included. Goal on 2 cores: >= 1.6x. A third sweep, 1 worker held to
-1 torch thread, shows how much of the 1-worker baseline's speed comes from intra-op threading (which
-2 workers at 1 thread each give up). (With runs of a fraction of a
-second, spawning two workers that import torch and MLflow costs more than the runs themselves.)
+start-up and the workers' start included (with runs of a fraction of a second, that start-up is most
+of the sweep). Goal on 2 cores: >= 1.6x. A third sweep, 1 worker held to 1 torch thread, shows how
+much of the 1-worker baseline's speed comes from intra-op threading (which 2 workers at 1 thread each
+give up).
 
 overhead: a 1-epoch LeNet-300-100 run on Fashion-MNIST (from ../shared/data) timed as
 PruningExperiment.run() alone, and through the sweep's per-run path ``run_tracked`` (dedup

@@ -233,3 +233,16 @@ def test_lottery_levels_are_logged_against_the_level(tmp_path):
     assert [s for s, _ in curve("level_val_acc1")] == [0, 1, 2]
     assert [s for s, _ in curve("reinit_level_test_acc1")] == [1, 2]
     assert run.data.tags[TAG_HASH] == ExperimentConfig.from_yaml(p).config_hash()
+
+
+def test_benchkit_stores_use_wal_and_other_sqlite_files_are_left_alone(tmp_path, monkeypatch):
+    import sqlalchemy
+
+    monkeypatch.delenv("BENCHKIT_SQLITE_WAL", raising=False)
+    store = tmp_path / "mlflow.db"
+    Tracker(f"sqlite:///{store}").ensure_experiment("wal")
+    other = tmp_path / "other.db"
+    with sqlalchemy.create_engine(f"sqlite:///{other}").connect() as conn:  # opened after the listener exists
+        conn.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
+    modes = {p.name: sqlite3.connect(p).execute("PRAGMA journal_mode").fetchone()[0] for p in (store, other)}
+    assert modes == {"mlflow.db": "wal", "other.db": "delete"}
