@@ -261,7 +261,8 @@ def train(
         if bar is not None:
             bar.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "val_acc1") if record[k] is not None})
 
-    masking = _GradientMasking(model, opt) if GRADIENT_MASKING else None
+    # with no callbacks nothing can look for the prune hooks while the loop runs: they are set aside
+    masking = _GradientMasking(model, opt, detach_hooks=not callbacks) if GRADIENT_MASKING else None
     model.train()
     try:
         while step < total_steps and not stop:
@@ -392,6 +393,7 @@ class _MaskedParam:
     mask: Tensor
     version: int  # the mask buffer's in-place version counter when last synchronised
     grad_hook: Any = None  # handle of the post-accumulate-grad hook that masks the gradient
+    hook_order: list[int] | None = None  # the module's pre-hook ids when the hook was set aside (detach_hooks)
 
 
 class _GradientMasking:
@@ -410,36 +412,48 @@ class _GradientMasking:
     ``apply_masks``, ``prune.remove`` and ``state_dict`` work as usual inside callbacks. A mask changed
     in place by a callback is noticed through the buffer's version counter: newly masked entries are
     zeroed in ``weight_orig`` and in the optimiser state. A parameter whose hook is removed or whose mask
-    is replaced, or whose ``weight_orig`` holds values under its mask, keeps the ordinary hook.
+    is replaced, whose ``weight_orig`` holds values under its mask, or whose mask is not 0/1, keeps the
+    ordinary hook.
+
+    ``detach_hooks`` (used when ``train`` has no callbacks, so nothing can look for the hooks) goes one
+    step further: the prune hooks are taken off the modules for the duration and ``weight`` is bound
+    to ``weight_orig`` once, so a forward runs through ``nn.Module``'s hook-free fast path. ``close``
+    puts every hook back in its place.
     """
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, detach_hooks: bool = False):
         self.opt = opt
+        self.detach_hooks = detach_hooks
         self.entries: list[_MaskedParam] = []
         try:
             for module in model.modules():
-                for hook_id, hook in module._forward_pre_hooks.items():
-                    self._take_over(module, hook_id, hook)
+                order = list(module._forward_pre_hooks)  # restored as it was, whatever is set aside
+                for hook_id, hook in list(module._forward_pre_hooks.items()):
+                    self._take_over(module, hook_id, hook, order)
         except BaseException:
             self.close()
             raise
 
     @torch.no_grad()
-    def _take_over(self, module: nn.Module, hook_id: int, hook: Any) -> None:
+    def _take_over(self, module: nn.Module, hook_id: int, hook: Any, order: list[int]) -> None:
         if not isinstance(hook, prune.BasePruningMethod) or hook._tensor_name is None:
             return
         name = hook._tensor_name
         orig, mask = module._parameters.get(f"{name}_orig"), module._buffers.get(f"{name}_mask")
         if orig is None or mask is None or mask.shape != orig.shape or mask.dtype != orig.dtype:
             return
-        if bool(orig.masked_select(mask == 0).any()):
-            return  # values under the mask: only the multiplying hook keeps them out of the forward
+        if not _binary(mask) or not torch.equal(orig * mask, orig):
+            return  # a soft mask, or values under the mask: only the multiplying hook gives the product
         base = getattr(type(hook), "_aliased_base", type(hook))
         hook.__class__ = _aliased_class(base)
         entry = _MaskedParam(module, name, hook_id, hook, base, orig, mask, mask._version)
         self.entries.append(entry)
         # Mask right after backward writes the gradient, while it is still in cache.
         entry.grad_hook = orig.register_post_accumulate_grad_hook(_grad_masker(mask))
+        if self.detach_hooks:
+            entry.hook_order = order
+            del module._forward_pre_hooks[hook_id]
+            hook(module, ())  # binds weight to weight_orig, as the aliased hook would before each forward
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -447,11 +461,15 @@ class _GradientMasking:
         kept = []
         for e in self.entries:
             m = e.module
-            if (m._forward_pre_hooks.get(e.hook_id) is not e.hook or m._buffers.get(f"{e.name}_mask") is not e.mask
+            hook_gone = e.hook_order is None and m._forward_pre_hooks.get(e.hook_id) is not e.hook
+            if (hook_gone or m._buffers.get(f"{e.name}_mask") is not e.mask
                     or m._parameters.get(f"{e.name}_orig") is not e.orig):
                 self._restore(e)
                 continue
             if e.mask._version != e.version:
+                if not _binary(e.mask):
+                    self._restore(e)
+                    continue
                 e.orig.mul_(e.mask)
                 for state in self.opt.state.get(e.orig, {}).values():
                     if torch.is_tensor(state) and state.shape == e.orig.shape:
@@ -470,9 +488,19 @@ class _GradientMasking:
     def _restore(e: _MaskedParam) -> None:
         if e.grad_hook is not None:
             e.grad_hook.remove()
+        if e.hook_order is not None:  # put the set-aside hook back where it was among the module's hooks
+            hooks = e.module._forward_pre_hooks
+            hooks[e.hook_id] = e.hook
+            rank = {hook_id: i for i, hook_id in enumerate(e.hook_order)}
+            for hook_id in sorted(hooks, key=lambda h: rank.get(h, len(rank))):
+                hooks.move_to_end(hook_id)
         e.hook.__class__ = e.base_class
         if e.module._forward_pre_hooks.get(e.hook_id) is e.hook:
             setattr(e.module, e.name, e.hook.apply_mask(e.module))  # a proper product again
+
+
+def _binary(mask: Tensor) -> bool:
+    return torch.equal(mask, mask.bool().to(mask.dtype))
 
 
 def _grad_masker(mask: Tensor) -> Callable[[Tensor], None]:

@@ -314,6 +314,58 @@ def test_gradient_masking_gives_exactly_the_prune_hook_results(optimizer, monkey
     assert torch.equal(fast(x), slow(x))
 
 
+def test_without_callbacks_the_prune_hooks_are_set_aside_during_training_and_put_back():
+    """No callback can look for them, so the modules run hook-free; afterwards every hook is back, in
+    its place among the module's other hooks, as the torch class, with weight = weight_orig * mask."""
+    data = synth()
+    model = mlp(data)
+    marker = model.fc1.register_forward_pre_hook(lambda module, inputs: None)  # a user's hook in between
+    prune.random_unstructured(model.fc1, "bias", amount=0.5)
+    with torch.no_grad():
+        model.fc1.bias_orig.mul_(model.fc1.bias_mask)  # zero under the mask: the fast path takes it too
+    apply_masks(model, random_masks(model))
+    last = model.fc1.register_forward_pre_hook(lambda module, inputs: None)  # and one after the prune hooks
+    before = {name: list(m._forward_pre_hooks.items()) for name, m in model.named_modules()}
+    seen = []
+
+    def loss_fn(logits, y, x):
+        seen.append({name: len(m._forward_pre_hooks) for name, m in model.named_modules() if m._forward_pre_hooks})
+        assert model.fc1.weight is model.fc1.weight_orig  # bound once, no per-forward multiply
+        return F.cross_entropy(logits, y)
+
+    train(model, data, TrainConfig(lr=0.05, momentum=0.9, epochs=1), device="cpu", loss_fn=loss_fn)
+    assert seen and all(s == {"fc1": 2} for s in seen)  # only the user's hooks stayed on during the loop
+    after = {name: list(m._forward_pre_hooks.items()) for name, m in model.named_modules()}
+    assert after == before
+    assert [type(h) for h in model.fc1._forward_pre_hooks.values()][1:3] == [prune.RandomUnstructured,
+                                                                             prune.CustomFromMask]
+    for module in (model.fc1, model.fc2):
+        assert torch.equal(module.weight, module.weight_orig * module.weight_mask)
+        assert module.weight is not module.weight_orig
+    marker.remove()
+    last.remove()
+
+
+def test_a_soft_mask_keeps_torchs_multiplying_hook(monkeypatch):
+    """A mask with values other than 0/1 is not a 0/1 gate on the gradient: a column at 0.5 whose weights
+    start at zero (so weight == weight_orig at first) must still get half the gradient and train."""
+    def run(fast: bool):
+        monkeypatch.setattr(training, "GRADIENT_MASKING", fast)
+        data = synth()
+        model = mlp(data)
+        soft = torch.ones_like(model.fc1.weight)
+        soft[:, 0] = 0.5
+        prune.custom_from_mask(model.fc1, "weight", soft)
+        with torch.no_grad():
+            model.fc1.weight_orig[:, 0] = 0
+        train(model, data, TrainConfig(lr=0.05, epochs=2), device="cpu")
+        return model
+
+    fast, slow = run(True), run(False)
+    assert fast.fc1.weight_orig[:, 0].abs().sum() > 0
+    assert weights_equal(fast, slow)
+
+
 def test_callbacks_that_prune_or_unprune_during_training():
     """Gradual-pruning-like callbacks: masks tightened in place mid-training, then masks removed."""
     class Pruner:
