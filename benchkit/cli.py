@@ -119,9 +119,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         except RayStoreError as e:
             raise _usage(str(e)) from None
     spec = load_sweep(args.sweep, args.overrides)
-    if args.workers > 1 and args.executor == "local" and not args.dry_run:
-        from benchkit.executors import start_worker_server
+    from benchkit.executors import start_worker_server, uses_worker_pool
 
+    if uses_worker_pool(args.executor, args.workers) and not args.dry_run:
         start_worker_server()  # the workers' imports run on another core while the sweep is planned
     entries = expand(spec)  # every config is built and validated here, before anything runs
     tracker = Tracker(args.tracking_uri)

@@ -379,10 +379,15 @@ class ProcessPoolRunner:
 
 
 # --------------------------------------------------------------------------------------------- "local" = serial or pool
+def uses_worker_pool(executor: str, workers: int) -> bool:
+    """Whether ``get_executor(executor, workers=workers)`` runs configs in pool worker processes."""
+    return executor == "pool" or (executor == "local" and int(workers) > 1)
+
+
 @EXECUTORS.register("local")
 def local_executor(workers: int = 1, **kw: Any):
     """``--executor local``: serial for one worker, a process pool for more."""
-    return SerialExecutor(workers, **kw) if int(workers) <= 1 else ProcessPoolRunner(workers, **kw)
+    return ProcessPoolRunner(workers, **kw) if uses_worker_pool("local", workers) else SerialExecutor(workers, **kw)
 
 
 # --------------------------------------------------------------------------------------------- ray
