@@ -44,9 +44,13 @@ RunFn = Callable[[RunTask], RunOutcome]
 
 # Modules a pool worker needs for every run. Workers fork from a server process that imported these
 # once (``forkserver``), instead of each spawned worker importing torch, MLflow and SQLAlchemy itself
-# (~4 s of CPU per worker on a 2-core machine: more than a small run).
+# (~4 s of CPU per worker on a 2-core machine: more than a small run). ``torch._dynamo`` is imported
+# lazily by the first optimiser a process builds (``Optimizer.__init__`` is wrapped in
+# ``torch._disable_dynamo``): another 1.2-1.7 s in every worker's first run unless preloaded here.
+# ``benchkit.worker_server`` comes last: it freezes what the others created.
 WORKER_PRELOAD = ("benchkit.sweep", "benchkit.experiment", "benchkit.tracking", "benchkit.pruning.compact",
-                  "mlflow.store.tracking.sqlalchemy_store", "sklearn.datasets", "fvcore.nn")
+                  "mlflow.store.tracking.sqlalchemy_store", "sklearn.datasets", "sklearn.model_selection",
+                  "fvcore.nn", "torch._dynamo", "benchkit.worker_server")
 
 
 def worker_context() -> Any:

@@ -10,7 +10,7 @@ of 40 epochs, a few seconds each, as a real sweep's runs are) run through `bench
 start-up and the workers' start included (with runs of a fraction of a second, that start-up is most
 of the sweep). Goal on 2 cores: >= 1.6x. A third sweep, 1 worker held to 1 torch thread, shows how
 much of the 1-worker baseline's speed comes from intra-op threading (which 2 workers at 1 thread each
-give up).
+give up). ``--repeats`` rounds of the three sweeps, the order rotated each round: medians reported.
 
 overhead: a 1-epoch LeNet-300-100 run on Fashion-MNIST (from ../shared/data) timed as
 PruningExperiment.run() alone, and through the sweep's per-run path ``run_tracked`` (dedup
@@ -30,6 +30,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("BENCHKIT_DATA", REPO.parent / "shared" / "data"))
@@ -55,29 +56,67 @@ def sweep_yaml(folder: Path, runs: int, epochs: int, data: str) -> Path:
     return p
 
 
-def throughput(runs: int, epochs: int, data: str) -> dict[str, float]:
-    out = {}
+VARIANTS = (("w1", 1, []), ("w2", 2, []), ("w1t1", 1, ["threads=1"]))
+
+
+def timed_sweep(cmd: list[str], env: dict[str, str]) -> tuple[float, list[float]]:
+    """Run ``benchkit sweep``; (whole-command wall time, the time each run's result was printed)."""
+    t0 = time.perf_counter()
+    done: list[float] = []
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[") and line.split("]", 1)[-1].lstrip().startswith("finished"):
+            done.append(time.perf_counter() - t0)
+    if proc.wait() != 0:
+        raise SystemExit("".join(lines))
+    return time.perf_counter() - t0, done
+
+
+def throughput(runs: int, epochs: int, data: str, repeats: int = 1) -> dict[str, Any]:
+    """Wall time of each variant's whole ``benchkit sweep`` command, ``repeats`` times, the order
+    rotated every repeat, and its steady-state rate.
+
+    Variants: 1 worker with torch's default threads (all cores: the baseline), 2 workers (a core
+    each), and 1 worker held to 1 thread (how much of the baseline's speed is intra-op threading).
+    Each sweep goes into a fresh store. Steady state: runs per second from the first round of
+    results to the last, i.e. (runs - workers) / (t_last - t_workers), where start-up (imports,
+    worker start, a first run's lazy initialisation) is over; it is what a long sweep converges to."""
+    times: dict[str, list[float]] = {key: [] for key, _, _ in VARIANTS}
+    rates: dict[str, list[float]] = {key: [] for key, _, _ in VARIANTS}
+    first: dict[str, list[float]] = {key: [] for key, _, _ in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         tmp = Path(tmp)
         p = sweep_yaml(tmp, runs, epochs, data)
         env = {**os.environ, "BENCHKIT_CACHE": str(tmp / "cache"), "CI": "true"}
-        # 1 worker with torch's default threads (all cores: the baseline), 2 workers (a core each), and
-        # 1 worker held to 1 thread: how much of the baseline's speed is intra-op threading
-        for key, workers, extra in (("w1", 1, []), ("w2", 2, []), ("w1t1", 1, ["threads=1"])):
-            uri = f"sqlite:///{tmp / f'{key}.db'}"
-            # create the store first: its one-off schema migration is not sweep throughput
-            subprocess.run([sys.executable, "-c", f"from benchkit.tracking import Tracker; Tracker({uri!r}).client"],
-                           check=True, env=env, cwd=REPO)
-            t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, "-m", "benchkit.cli", "sweep", str(p), *extra, "--workers",
-                                str(workers), "--tracking-uri", uri], env=env, cwd=REPO, capture_output=True, text=True)
-            out[f"{key}_s"] = time.perf_counter() - t0
-            if r.returncode != 0:
-                raise SystemExit(r.stdout + r.stderr)
-            out["runs"] = sum(line.split("]", 1)[-1].lstrip().startswith("finished") for line in r.stdout.splitlines())
-    out["speedup"] = out["w1_s"] / out["w2_s"]
-    out["speedup_vs_1thread"] = out["w1t1_s"] / out["w2_s"]
-    return out
+        for r in range(repeats):
+            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+            for key, workers, extra in order:
+                uri = f"sqlite:///{tmp / f'{key}-{r}.db'}"
+                # create the store first: its one-off schema migration is not sweep throughput
+                subprocess.run([sys.executable, "-c", f"from benchkit.tracking import Tracker; Tracker({uri!r}).client"],
+                               check=True, env=env, cwd=REPO)
+                total, done = timed_sweep([sys.executable, "-m", "benchkit.cli", "sweep", str(p), *extra, "--workers",
+                                           str(workers), "--tracking-uri", uri], env)
+                if len(done) != runs:
+                    raise SystemExit(f"{key}: {len(done)} of {runs} runs finished")
+                times[key].append(total)
+                first[key].append(done[0])
+                rates[key].append((runs - workers) / (done[-1] - done[workers - 1]))
+                print(f"  repeat {r + 1}/{repeats} {key}: {total:.1f}s, first result at {done[0]:.1f}s, "
+                      f"steady {rates[key][-1]:.3f} runs/s", flush=True)
+    med = statistics.median
+    res: dict[str, Any] = {f"{key}_s": med(v) for key, v in times.items()}
+    res.update({f"{key}_first_s": med(v) for key, v in first.items()})
+    res.update({f"{key}_rate": med(v) for key, v in rates.items()})
+    res["speedup"] = res["w1_s"] / res["w2_s"]
+    res["speedup_paired"] = med(a / b for a, b in zip(times["w1"], times["w2"]))
+    res["speedup_vs_1thread"] = res["w1t1_s"] / res["w2_s"]
+    res["steady_speedup"] = res["w2_rate"] / res["w1_rate"]
+    res["steady_speedup_paired"] = med(b / a for a, b in zip(rates["w1"], rates["w2"]))
+    res["steady_speedup_vs_1thread"] = res["w2_rate"] / res["w1t1_rate"]
+    return res
 
 
 def overhead(repeats: int) -> dict[str, float]:
@@ -149,16 +188,22 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40,
                     help="throughput: training epochs per run (digits; 40 = a few seconds, so the sweep's "
                          "work, not process start-up, is what is measured)")
-    ap.add_argument("--repeats", type=int, default=3, help="overhead: timed pairs (median reported)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="overhead: timed pairs; throughput: rounds of the three sweeps (medians reported)")
     args = ap.parse_args()
     load = os.getloadavg()
     print(f"# cores={len(os.sched_getaffinity(0))} load(1/5/15 min)={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
     if args.part in ("throughput", "all"):
-        t = throughput(args.runs, args.epochs, args.data)
-        print(f"throughput: {int(t['runs'])} runs of {args.epochs} epochs on {args.data}; 1 worker {t['w1_s']:.1f}s, "
-              f"2 workers {t['w2_s']:.1f}s, "
-              f"speedup {t['speedup']:.2f}x (goal >= 1.6x); 1 worker at 1 thread {t['w1t1_s']:.1f}s "
-              f"(2 workers vs it: {t['speedup_vs_1thread']:.2f}x)")
+        t = throughput(args.runs, args.epochs, args.data, args.repeats)
+        print(f"throughput: {args.runs} runs of {args.epochs} epochs on {args.data}, medians of {args.repeats} (goal >= 1.6x)")
+        print(f"  whole command: 1 worker {t['w1_s']:.1f}s, 2 workers {t['w2_s']:.1f}s -> {t['speedup']:.2f}x "
+              f"(paired {t['speedup_paired']:.2f}x); 1 worker at 1 thread {t['w1t1_s']:.1f}s "
+              f"(2 workers vs it {t['speedup_vs_1thread']:.2f}x)")
+        print(f"  first result at: 1 worker {t['w1_first_s']:.1f}s, 2 workers {t['w2_first_s']:.1f}s, "
+              f"1 worker at 1 thread {t['w1t1_first_s']:.1f}s")
+        print(f"  steady state: 1 worker {t['w1_rate']:.3f} runs/s, 2 workers {t['w2_rate']:.3f} runs/s -> "
+              f"{t['steady_speedup']:.2f}x (paired {t['steady_speedup_paired']:.2f}x); 1 worker at 1 thread "
+              f"{t['w1t1_rate']:.3f} runs/s (2 workers vs it {t['steady_speedup_vs_1thread']:.2f}x)")
     if args.part in ("overhead", "all"):
         o = overhead(args.repeats)
         print(f"overhead: PruningExperiment.run() alone {o['run_alone_s']:.2f}s (median of {args.repeats}); "

@@ -3,8 +3,11 @@ a re-run finishes it); `--executor ray` refuses a remote cluster with a store th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -151,3 +154,34 @@ def test_sweep_refuses_a_remote_ray_with_a_sqlite_store_before_anything_runs(how
     assert "remote workers would write to their own local files" in err
     assert "mlflow server" in err and "--tracking-uri http://HOST:5000" in err
     assert not db.exists()  # refused before the store was even opened
+
+
+# --------------------------------------------------------------------------------------------- the worker server
+def test_the_worker_preload_leaves_a_first_run_nothing_heavy_to_import_and_is_frozen(tmp_path):
+    """Workers fork from a server that imported WORKER_PRELOAD: whatever a run imports lazily on first
+    use (torch imports torch._dynamo, ~1.5 s, when the first optimiser is built) must be in it, and
+    the server must have frozen the preload's objects (gc.freeze) before forking."""
+    code = textwrap.dedent("""\
+        import gc, importlib, json, sys
+        from benchkit.executors import WORKER_PRELOAD
+        for name in WORKER_PRELOAD:
+            importlib.import_module(name)
+        frozen = gc.get_freeze_count()
+        before = set(sys.modules)
+        from benchkit.config import ExperimentConfig
+        from benchkit.experiment import PruningExperiment
+        cfg = ExperimentConfig.from_dict({"data": {"name": "synthetic", "num_samples": 64, "input_shape": [1, 8, 8]},
+                                          "model": {"name": "lenet300"}, "train": {"epochs": 1, "batch_size": 32},
+                                          "prune": {"timing": "pre", "compression": 2}, "output_dir": sys.argv[1]})
+        PruningExperiment(cfg).run()
+        new = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("torch", "mlflow", "sklearn"))
+        print(json.dumps({"frozen": frozen, "new": new}))
+        """)
+    env = {**os.environ, "BENCHKIT_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["frozen"] > 100_000, got["frozen"]  # torch + MLflow: millions of objects
+    heavy = [m for m in got["new"] if m.startswith(("torch._dynamo", "torch._inductor", "sklearn.", "mlflow.store"))]
+    assert not heavy, heavy
