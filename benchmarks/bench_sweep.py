@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="overhead: timed pairs; throughput: rounds of the three sweeps (medians reported)")
     args = ap.parse_args()
+    if args.runs < 4 or args.runs % 4:  # the grid is 2 criteria x 2 scopes x runs/4 seeds
+        ap.error(f"--runs must be a positive multiple of 4, got {args.runs}")
     load = os.getloadavg()
     print(f"# cores={len(os.sched_getaffinity(0))} load(1/5/15 min)={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
     if args.part in ("throughput", "all"):
