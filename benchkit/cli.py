@@ -314,10 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``benchkit`` console script: :func:`main`, then exit without the interpreter's final
-    garbage collection over torch, MLflow and pandas (about 1.2 s on a 2-core machine, paid by every
-    command after its last line was printed). Objects alive now are frozen out of that collection;
-    atexit handlers, file and database closing run as usual."""
+    """The ``benchkit`` console script: :func:`main` with the cyclic garbage collector off until the
+    runs start (``run_sweep`` freezes the heap and turns it back on: importing torch, MLflow and
+    scikit-learn creates millions of long-lived objects and no garbage, yet pays full collections over
+    them, a quarter of the import time), then exit without the interpreter's final collection (about
+    1.2 s on a 2-core machine, paid by every command after its last line was printed). Objects alive
+    now are frozen out of that collection; atexit handlers, file and database closing run as usual."""
+    gc.disable()
     code = main()
     gc.freeze()
     sys.exit(code)

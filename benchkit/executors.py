@@ -16,6 +16,7 @@ runs in flight so each marks its MLflow run KILLED, and returns what they report
 from __future__ import annotations
 
 import _thread
+import gc
 import ipaddress
 import multiprocessing as mp
 import os
@@ -42,15 +43,41 @@ EXECUTORS: Registry[type] = Registry("executor")
 RunFn = Callable[[RunTask], RunOutcome]
 
 
-# Modules a pool worker needs for every run. Workers fork from a server process that imported these
-# once (``forkserver``), instead of each spawned worker importing torch, MLflow and SQLAlchemy itself
-# (~4 s of CPU per worker on a 2-core machine: more than a small run). ``torch._dynamo`` is imported
-# lazily by the first optimiser a process builds (``Optimizer.__init__`` is wrapped in
-# ``torch._disable_dynamo``): another 1.2-1.7 s in every worker's first run unless preloaded here.
-# ``benchkit.worker_server`` comes last: it freezes what the others created.
+# Modules a run needs. Pool workers fork from a server process that imported these once
+# (``forkserver``, see benchkit/worker_server.py), instead of each spawned worker importing torch,
+# MLflow and SQLAlchemy itself (~4 s of CPU per worker on a 2-core machine: more than a small run).
+# ``torch._dynamo`` is imported lazily by the first optimiser a process builds (``Optimizer.__init__``
+# is wrapped in ``torch._disable_dynamo``): another 1.2-1.7 s in every worker's first run unless here.
 WORKER_PRELOAD = ("benchkit.sweep", "benchkit.experiment", "benchkit.tracking", "benchkit.pruning.compact",
                   "mlflow.store.tracking.sqlalchemy_store", "sklearn.datasets", "sklearn.model_selection",
-                  "fvcore.nn", "torch._dynamo", "benchkit.worker_server")
+                  "fvcore.nn", "torch._dynamo")
+
+
+def import_run_modules() -> None:
+    """Import :data:`WORKER_PRELOAD` with the cyclic garbage collector off, then freeze the heap and
+    turn the collector back on (:func:`benchkit.sweep.freeze_long_lived_objects`).
+
+    Why the collector is off: importing torch, MLflow and scikit-learn allocates millions of
+    long-lived objects and no garbage, yet triggers full collections over all of them, a quarter of
+    the import time (5.1-5.5 s -> 3.6-4.1 s on a 2-core machine). The worker server does this before
+    its first fork; a 1-worker sweep does it before its first run (which would otherwise import the
+    same modules lazily, collector on)."""
+    import importlib
+
+    from benchkit.sweep import freeze_long_lived_objects
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in WORKER_PRELOAD:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # an optional piece missing: the run that needs it says so itself
+                pass
+    finally:
+        if enabled:
+            gc.enable()
+    freeze_long_lived_objects()
 
 
 def worker_context() -> Any:
@@ -60,7 +87,7 @@ def worker_context() -> Any:
     if "forkserver" not in mp.get_all_start_methods():  # pragma: no cover - Windows
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(WORKER_PRELOAD))
+    ctx.set_forkserver_preload(["benchkit.worker_server"])
     return ctx
 
 

@@ -432,13 +432,19 @@ _HEAP_FROZEN = False
 
 def freeze_long_lived_objects() -> None:
     """Move what is alive now (torch, MLflow, SQLAlchemy, pandas: modules, classes, caches) out of
-    the cyclic garbage collector's sight, once per process. Without it, every few runs a full
-    collection walks those millions of objects: a 0.3–0.4 s pause, ten times a run's whole tracking
-    cost (benchmarks/bench_sweep.py). Garbage the runs create is collected as usual."""
+    the cyclic garbage collector's sight, once per process, and leave the collector on. Without it,
+    every few runs a full collection walks those millions of objects: a 0.3–0.4 s pause, ten times a
+    run's whole tracking cost (benchmarks/bench_sweep.py). Garbage the runs create is collected as usual.
+
+    A process that turned the collector off for its imports (the ``benchkit`` command, the worker
+    server: Python's own pattern for fork without exec) has created no garbage worth a collection, so
+    only a process that ran with the collector on pays one first."""
     global _HEAP_FROZEN
     if not _HEAP_FROZEN:
-        gc.collect()
+        if gc.isenabled():
+            gc.collect()
         gc.freeze()
+        gc.enable()
         _HEAP_FROZEN = True
 
 
@@ -555,7 +561,7 @@ def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, ex
               plots: bool = True,
               run_fn: Callable[[RunTask], RunOutcome] = run_tracked) -> SweepSummary:
     """Execute the runnable entries of a plan. The experiment is created here, once, before any worker starts."""
-    from benchkit.executors import get_executor
+    from benchkit.executors import get_executor, import_run_modules, uses_worker_pool
     from benchkit.progress import SweepProgress
     from benchkit.tracking import source_tags
 
@@ -568,6 +574,10 @@ def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, ex
     skipped = sum(e.status in ("finished-skip", "running", "duplicate") for e in entries)
     excluded = sum(e.status == "excluded" for e in entries)
     outcomes: list[RunOutcome] = []
+    if executor in ("local", "serial") and not uses_worker_pool(executor, workers):
+        import_run_modules()  # runs here: what the first would import lazily, imported now, collector off
+    else:
+        freeze_long_lived_objects()  # runs elsewhere: the collector back on if the command turned it off
     bar = SweepProgress(len(tasks), desc=experiment)
     ex = get_executor(executor, workers=workers, **(executor_options or {}))
     interrupted = False

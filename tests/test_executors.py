@@ -157,16 +157,15 @@ def test_sweep_refuses_a_remote_ray_with_a_sqlite_store_before_anything_runs(how
 
 
 # --------------------------------------------------------------------------------------------- the worker server
-def test_the_worker_preload_leaves_a_first_run_nothing_heavy_to_import_and_is_frozen(tmp_path):
-    """Workers fork from a server that imported WORKER_PRELOAD: whatever a run imports lazily on first
-    use (torch imports torch._dynamo, ~1.5 s, when the first optimiser is built) must be in it, and
-    the server must have frozen the preload's objects (gc.freeze) before forking."""
+def test_the_worker_server_imports_with_the_collector_off_and_leaves_a_first_run_nothing_heavy(tmp_path):
+    """Workers fork from a server whose only preload is benchkit.worker_server: it must import what a
+    run would import lazily on first use (torch imports torch._dynamo, ~1.5 s, when the first
+    optimiser is built) without a single full collection (a quarter of the import time), freeze those
+    objects (gc.freeze) and leave the collector on for the workers it forks."""
     code = textwrap.dedent("""\
-        import gc, importlib, json, sys
-        from benchkit.executors import WORKER_PRELOAD
-        for name in WORKER_PRELOAD:
-            importlib.import_module(name)
-        frozen = gc.get_freeze_count()
+        import gc, json, sys
+        import benchkit.worker_server
+        full_collections, enabled, frozen = gc.get_stats()[2]["collections"], gc.isenabled(), gc.get_freeze_count()
         before = set(sys.modules)
         from benchkit.config import ExperimentConfig
         from benchkit.experiment import PruningExperiment
@@ -175,13 +174,53 @@ def test_the_worker_preload_leaves_a_first_run_nothing_heavy_to_import_and_is_fr
                                           "prune": {"timing": "pre", "compression": 2}, "output_dir": sys.argv[1]})
         PruningExperiment(cfg).run()
         new = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("torch", "mlflow", "sklearn"))
-        print(json.dumps({"frozen": frozen, "new": new}))
+        print(json.dumps({"full_collections": full_collections, "enabled": enabled, "frozen": frozen, "new": new}))
+        sys.exit(3)  # only the server itself skips its teardown: any other importer keeps its exit code
         """)
     env = {**os.environ, "BENCHKIT_CACHE": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True,
                          env=env, timeout=300)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 3, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["full_collections"] == 0, got["full_collections"]  # the collector was off for the imports
+    assert got["enabled"], "the workers would run without a garbage collector"
     assert got["frozen"] > 100_000, got["frozen"]  # torch + MLflow: millions of objects
     heavy = [m for m in got["new"] if m.startswith(("torch._dynamo", "torch._inductor", "sklearn.", "mlflow.store"))]
     assert not heavy, heavy
+
+
+def test_the_benchkit_command_turns_the_collector_off_for_its_imports_and_on_for_its_runs(tmp_path):
+    """``benchkit run`` (the console entry) imports and plans with the cyclic collector off, and runs
+    with it on again and the long-lived heap frozen: a run must never go without garbage collection."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        experiment: gc
+        data: {{name: synthetic, num_samples: 64, input_shape: [1, 8, 8]}}
+        model: {{name: lenet300}}
+        train: {{epochs: 1, batch_size: 32}}
+        prune: {{timing: pre, compression: 2}}
+        output_dir: {tmp_path / 'runs'}
+        """))
+    code = textwrap.dedent("""\
+        import gc, json, sys
+        import benchkit.experiment as ex
+        seen, run = [], ex.PruningExperiment.run
+        def spy(self, *args, **kwargs):
+            seen.append({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()})
+            return run(self, *args, **kwargs)
+        ex.PruningExperiment.run = spy
+        from benchkit import cli
+        sys.argv = ["benchkit", "run", sys.argv[1], "--tracking-uri", sys.argv[2], "--no-plots"]
+        try:
+            cli.entry()
+        except SystemExit as e:
+            print(json.dumps({"code": e.code, "seen": seen}))
+        """)
+    env = {**os.environ, "BENCHKIT_CACHE": str(tmp_path / "cache"), "CI": "true"}
+    out = subprocess.run([sys.executable, "-c", code, str(cfg), f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["code"] == 0 and len(got["seen"]) == 1, got
+    assert got["seen"][0]["enabled"], "the run went without a garbage collector"
+    assert got["seen"][0]["frozen"] > 100_000, got
