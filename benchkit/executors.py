@@ -1,8 +1,10 @@
 """Where the runs of a sweep execute: in this process, in a pool of local processes, or on Ray.
 
 Every executor takes a picklable ``fn(task) -> outcome`` (``benchkit.sweep.run_tracked``) and yields
-outcomes as runs complete. On Ctrl-C the sweep calls :meth:`interrupted_outcomes`, which stops the
-runs in flight so each marks its MLflow run KILLED, and returns what they reported.
+outcomes as runs complete; its ``in_process`` says whether the runs execute in the sweep's own process
+(then ``run_sweep`` imports what they need up front). On Ctrl-C the sweep calls
+:meth:`interrupted_outcomes`, which stops the runs in flight so each marks its MLflow run KILLED, and
+returns what they reported.
 
 * ``local`` with ``workers=1``: serial, in-process (debuggable, per-run progress bar).
 * ``local`` with ``workers=N``: N worker processes sharing the store; torch threads are divided
@@ -110,6 +112,8 @@ def set_torch_threads(n: int) -> None:
 @EXECUTORS.register("serial")
 class SerialExecutor:
     """Runs in this process, one after the other. Ctrl-C: the run in flight is marked KILLED, then stop."""
+
+    in_process = True  # the runs execute in the sweep's process (run_sweep prepares it for them)
 
     def __init__(self, workers: int = 1, threads: int | None = None, **_: Any):
         self.threads = threads
@@ -246,6 +250,8 @@ class ProcessPoolRunner:
     the other runs, in flight or queued, go on undisturbed. (``concurrent.futures`` would instead
     break the whole pool and fail every pending run.)
     """
+
+    in_process = False
 
     def __init__(self, workers: int = 2, threads: int | None = None, **_: Any):
         self.workers = max(1, int(workers))
@@ -497,6 +503,8 @@ class RayExecutor:
     GPU); torch inside the task uses ``num_cpus`` threads. ``workers`` caps the runs in flight
     (default: as many as the cluster's resources admit).
     """
+
+    in_process = False
 
     def __init__(self, workers: int | None = None, num_cpus: float = 1, num_gpus: float = 0,
                  address: str | None = None, threads: int | None = None, **_: Any):

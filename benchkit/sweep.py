@@ -561,7 +561,7 @@ def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, ex
               plots: bool = True,
               run_fn: Callable[[RunTask], RunOutcome] = run_tracked) -> SweepSummary:
     """Execute the runnable entries of a plan. The experiment is created here, once, before any worker starts."""
-    from benchkit.executors import get_executor, import_run_modules, uses_worker_pool
+    from benchkit.executors import get_executor, import_run_modules
     from benchkit.progress import SweepProgress
     from benchkit.tracking import source_tags
 
@@ -574,12 +574,12 @@ def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, ex
     skipped = sum(e.status in ("finished-skip", "running", "duplicate") for e in entries)
     excluded = sum(e.status == "excluded" for e in entries)
     outcomes: list[RunOutcome] = []
-    if executor in ("local", "serial") and not uses_worker_pool(executor, workers):
+    ex = get_executor(executor, workers=workers, **(executor_options or {}))
+    if ex.in_process:
         import_run_modules()  # runs here: what the first would import lazily, imported now, collector off
     else:
         freeze_long_lived_objects()  # runs elsewhere: the collector back on if the command turned it off
     bar = SweepProgress(len(tasks), desc=experiment)
-    ex = get_executor(executor, workers=workers, **(executor_options or {}))
     interrupted = False
     try:
         for outcome in ex.run(run_fn, tasks):
