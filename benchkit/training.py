@@ -165,6 +165,7 @@ def train(
     optimizer: str | None = None,
     schedule: str | None = None,
     schedule_offset: int = 0,
+    start_step: int = 0,
     loss_fn: LossFn | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool = False,
@@ -179,6 +180,11 @@ def train(
 
     ``select_best`` restores the best-validation-accuracy state (masks included) among evaluations
     made since the masks last changed, so a callback that prunes during training is never undone.
+
+    ``start_step`` resumes this training length at that step, as lottery-ticket rewinding to iteration
+    k retrains (Frankle et al. 2020; OpenLTH's ``start_step``): only steps k+1… run, with the learning
+    rate each has in the full run (by epochs: the epoch holding step k runs its remaining batches),
+    and steps, evaluations and callbacks count from k.
     """
     dev = resolve_device(device)
     length, by_iterations = _length(cfg, epochs, iterations)
@@ -192,6 +198,8 @@ def train(
     if cfg.patience is not None and cfg.patience < 1:
         raise ConfigError(f"train.patience must be a positive number of evaluations, got {cfg.patience}")
     total_steps = length if by_iterations else length * steps_per_epoch
+    if not 0 <= start_step < total_steps:
+        raise ValueError(f"start_step must be in [0, {total_steps}) for this training length, got {start_step}")
     base_lr = cfg.lr if lr is None else lr
     model.to(dev)
     opt = OPTIMIZERS.get(optimizer or cfg.optimizer)(model.parameters(), cfg, base_lr)
@@ -200,7 +208,7 @@ def train(
     val_loader = data.val
     on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
     on_eval = [cb.on_eval for cb in callbacks if hasattr(cb, "on_eval")]
-    bar = _progress_bar(progress, total_steps, desc)
+    bar = _progress_bar(progress, total_steps - start_step, desc)
 
     history = History()
     start = time.perf_counter()
@@ -208,7 +216,11 @@ def train(
     best_masks = _mask_signature(model)
     evals_without_improvement = 0
     running = _RunningMetrics()
-    step = epoch = last_eval = 0
+    step = last_eval = start_step
+    epoch = start_step // steps_per_epoch
+    # resumed mid-epoch (by epochs): that epoch ends after its remaining batches. Other epochs run the
+    # loader to its end: breaking early would skip the sampler's last draw and shift later data orders.
+    resumed_epoch_end = (epoch + 1) * steps_per_epoch if not by_iterations and start_step % steps_per_epoch else None
     stop = False
 
     def set_lr(unit: int) -> float:
@@ -288,7 +300,7 @@ def train(
                     bar.update(1)
                 if (cfg.eval_every is not None and step % cfg.eval_every == 0) or step == total_steps:
                     evaluate_now()
-                if stop or step >= total_steps:
+                if stop or step >= total_steps or step == resumed_epoch_end:
                     break
             if cfg.eval_every is None and last_eval != step:
                 evaluate_now()

@@ -59,6 +59,25 @@ def sweep_yaml(folder: Path, runs: int, epochs: int, data: str) -> Path:
 VARIANTS = (("w1", 1, []), ("w2", 2, []), ("w1t1", 1, ["threads=1"]))
 
 
+def cpu_jiffies() -> list[int] | None:
+    """The machine's cumulative CPU time by state (/proc/stat: user nice system idle iowait irq softirq
+    steal ...), or None off Linux. Steal is time the hypervisor gave our vCPUs to another guest: on a
+    shared VM it, not the code, is what moves the 2-workers/1 ratio between otherwise identical runs."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Fraction of all CPU time between two ``cpu_jiffies`` readings that was stolen."""
+    if not before or not after or len(before) < 8:
+        return None
+    delta = [a - b for a, b in zip(after, before)]
+    return delta[7] / max(1, sum(delta[:8]))
+
+
 def timed_sweep(cmd: list[str], env: dict[str, str]) -> tuple[float, list[float]]:
     """Run ``benchkit sweep``; (whole-command wall time, the time each run's result was printed)."""
     t0 = time.perf_counter()
@@ -86,6 +105,7 @@ def throughput(runs: int, epochs: int, data: str, repeats: int = 1) -> dict[str,
     times: dict[str, list[float]] = {key: [] for key, _, _ in VARIANTS}
     rates: dict[str, list[float]] = {key: [] for key, _, _ in VARIANTS}
     first: dict[str, list[float]] = {key: [] for key, _, _ in VARIANTS}
+    steal: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         tmp = Path(tmp)
         p = sweep_yaml(tmp, runs, epochs, data)
@@ -97,19 +117,25 @@ def throughput(runs: int, epochs: int, data: str, repeats: int = 1) -> dict[str,
                 # create the store first: its one-off schema migration is not sweep throughput
                 subprocess.run([sys.executable, "-c", f"from benchkit.tracking import Tracker; Tracker({uri!r}).client"],
                                check=True, env=env, cwd=REPO)
+                before = cpu_jiffies()
                 total, done = timed_sweep([sys.executable, "-m", "benchkit.cli", "sweep", str(p), *extra, "--workers",
                                            str(workers), "--tracking-uri", uri], env)
+                stolen = steal_share(before, cpu_jiffies())
                 if len(done) != runs:
                     raise SystemExit(f"{key}: {len(done)} of {runs} runs finished")
                 times[key].append(total)
                 first[key].append(done[0])
                 rates[key].append((runs - workers) / (done[-1] - done[workers - 1]))
+                if stolen is not None:
+                    steal.append(stolen)
                 print(f"  repeat {r + 1}/{repeats} {key}: {total:.1f}s, first result at {done[0]:.1f}s, "
-                      f"steady {rates[key][-1]:.3f} runs/s", flush=True)
+                      f"steady {rates[key][-1]:.3f} runs/s"
+                      + (f", CPU stolen by the host {stolen:.1%}" if stolen is not None else ""), flush=True)
     med = statistics.median
     res: dict[str, Any] = {f"{key}_s": med(v) for key, v in times.items()}
     res.update({f"{key}_first_s": med(v) for key, v in first.items()})
     res.update({f"{key}_rate": med(v) for key, v in rates.items()})
+    res["steal_max"] = max(steal) if steal else None
     res["speedup"] = res["w1_s"] / res["w2_s"]
     res["speedup_paired"] = med(a / b for a, b in zip(times["w1"], times["w2"]))
     res["speedup_vs_1thread"] = res["w1t1_s"] / res["w2_s"]
@@ -206,6 +232,8 @@ def main() -> None:
         print(f"  steady state: 1 worker {t['w1_rate']:.3f} runs/s, 2 workers {t['w2_rate']:.3f} runs/s -> "
               f"{t['steady_speedup']:.2f}x (paired {t['steady_speedup_paired']:.2f}x); 1 worker at 1 thread "
               f"{t['w1t1_rate']:.3f} runs/s (2 workers vs it {t['steady_speedup_vs_1thread']:.2f}x)")
+        if t["steal_max"] is not None:
+            print(f"  CPU stolen by the host during a sweep: at most {t['steal_max']:.1%}")
     if args.part in ("overhead", "all"):
         o = overhead(args.repeats)
         print(f"overhead: PruningExperiment.run() alone {o['run_alone_s']:.2f}s (median of {args.repeats}); "

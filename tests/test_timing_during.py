@@ -92,6 +92,28 @@ def test_sparsity_follows_the_cubic_schedule(tmp_path, monkeypatch, scope):
     assert result.metrics["compression_ratio"] == pytest.approx(10, rel=0.01)
 
 
+@pytest.mark.parametrize("fc3_compression", [1.25, 1.0])
+def test_an_overridden_layer_follows_its_own_schedule_and_never_starts_above_its_final(tmp_path, monkeypatch,
+                                                                                      fc3_compression):
+    """With initial_sparsity 0.5, a layer overridden to 20% sparsity (or kept dense) starts at its own
+    final, not at 0.5: pruning is never undone, so starting higher would over-prune it for good."""
+    rec = SparsityRecorder()
+    spy_train(monkeypatch, rec)
+    cfg = tiny(tmp_path, **{"prune.overrides": {"fc3": fc3_compression}, "prune.schedule.initial_sparsity": 0.5,
+                            "prune.schedule.start": 0.0})
+    result = PruningExperiment(cfg).run()
+    final = 1 - 1 / fc3_compression
+    fc3 = [1 - float(m["fc3.weight"].float().mean()) if "fc3.weight" in m else 0.0
+           for _, m in sorted(rec.masks_by_step.items())]
+    assert max(fc3) == pytest.approx(final, abs=1 / 160)  # 160 weights in fc3: one weight of rounding
+    fc3_mask = result.masks.get("fc3.weight")
+    assert (1 - float(fc3_mask.float().mean()) if fc3_mask is not None else 0.0) == pytest.approx(final, abs=1 / 160)
+    # the other layers still start at the initial sparsity and reach the target
+    main = sum(int(result.masks[f"{n}.weight"].sum()) for n in ("fc1", "fc2")) / (64 * 32 + 32 * 16)
+    assert 1 - main == pytest.approx(0.9, abs=2 / (64 * 32 + 32 * 16))
+    assert result.levels[0]["step"] == 0 and result.levels[0]["target_sparsity"] == pytest.approx(0.5)
+
+
 def test_pruned_weights_stay_zero_after_each_hard_update(tmp_path, monkeypatch):
     """Momentum must not revive pruned weights: their stored values stay exactly zero."""
     seen = []

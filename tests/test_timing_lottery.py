@@ -115,6 +115,19 @@ def test_rewind_to_iteration_k(tmp_path, monkeypatch):
         assert torch.equal(ticket["before"][key], spy.captured[key])
 
 
+def test_a_layer_rate_glob_skips_excluded_layers_as_overrides_do(tmp_path, monkeypatch):
+    """``fc*`` with ``exclude: [fc3]``: fc1 and fc2 lose 10% per level, fc3 stays dense (it used to
+    fail with 'both excluded and overridden' after the dense model had trained)."""
+    spy = TrainSpy(monkeypatch)
+    cfg = tiny(tmp_path, **{"prune.lottery.levels": 2, "prune.exclude": ["fc3"],
+                            "prune.lottery.layer_rates": {"fc*": 0.1}})
+    PruningExperiment(cfg).run()
+    masks = spy.calls["level_2"]["masks"]
+    assert "fc3.weight" not in masks
+    for name, n in (("fc1", 64 * 32), ("fc2", 32 * 16)):
+        assert abs(int(masks[f"{name}.weight"].sum()) - n * 0.9 ** 2) <= 1, name
+
+
 def test_percent_remaining_follows_the_rate_per_layer(tmp_path, monkeypatch):
     """Layer-wise 20% per level, output layer at half the rate, as in the LTH paper."""
     spy = TrainSpy(monkeypatch)

@@ -190,7 +190,10 @@ class RunContext:
                               metrics=self.evaluate_splits(model, "dense_"), checkpoints=capture.states)
 
         def usable(entry: DenseEntry) -> bool:
-            return all(s in entry.checkpoints for s in capture_steps)
+            """Has every requested checkpoint, or stopped early before it: retraining the same key
+            would stop at the same step again (the caller reports the missing checkpoint)."""
+            ended = entry.history.get("steps") if entry.history.get("stopped_early") else None
+            return all(s in entry.checkpoints or (ended is not None and s > ended) for s in capture_steps)
 
         with self.clock("dense"):
             if self.cache is None:

@@ -58,10 +58,14 @@ class AGPSchedule:
         return self.sparsity_for(step, self.final)
 
     def sparsity_for(self, step: int, final: float) -> float:
+        """The schedule towards another final sparsity (an overridden layer's own). Such a layer
+        starts at ``min(s_i, final)``: pruning is never undone, so starting above its final would
+        leave it over-pruned for good."""
+        initial = min(self.initial, final)
         span = self.end - self.start
         progress = 1.0 if span <= 0 else (step - self.start) / span
         progress = min(1.0, max(0.0, progress))
-        return final + (self.initial - final) * (1.0 - progress) ** 3
+        return final + (initial - final) * (1.0 - progress) ** 3
 
     def update_steps(self, total_steps: int | None = None) -> list[int]:
         """t0, t0+Δt, … up to ``end`` (always included); with ``total_steps`` (soft pruning) the

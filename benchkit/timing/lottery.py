@@ -5,7 +5,10 @@ Level 0 trains the dense network (from the cache when possible). At level L = 1�
 ticket's trained weights lose ``rate`` of their survivors (per layer with ``scope: layer``, as in the
 paper; ``lottery.layer_rates`` globs give layers their own rate, e.g. the output layer at half the
 rate), the survivors are rewound to their values at initialisation (``rewind_iteration: 0``) or
-after iteration k of the dense training (captured by a training callback), and the ticket retrains.
+after iteration k of the dense training (captured by a training callback), and the ticket retrains
+the rest of the run from there: steps k+1…T, each at the learning rate it had in the dense run
+(Frankle et al. 2020; OpenLTH's ``start_step``), so every level trains for as long as the dense
+network did after iteration k.
 Controls, trained at every level from the ticket's masks:
 
 * ``reinit``: the same masks on a fresh initialisation drawn from a different seed;
@@ -46,6 +49,20 @@ def lottery_rate(cfg: ExperimentConfig) -> float:
     return DEFAULT_RATE
 
 
+def resolve_layer_rates(model: nn.Module, cfg: ExperimentConfig) -> dict[str, float]:
+    """``lottery.layer_rates`` globs resolved to layer names (the first matching pattern wins). A
+    glob also matching excluded layers skips them, as ``prune.overrides`` globs do: ``fc*`` with
+    ``exclude: [fc3]`` means the fc layers that are pruned."""
+    names = list(prunable_layers(model))
+    excluded = set(resolve_patterns(cfg.prune.exclude, names, "prune.exclude"))
+    rates: dict[str, float] = {}
+    for pattern, r in cfg.prune.lottery.layer_rates.items():
+        for name in resolve_patterns([pattern], names, "prune.lottery.layer_rates"):
+            if name not in excluded:
+                rates.setdefault(name, r)
+    return rates
+
+
 def control_seed(seed: int, control: str, level: int) -> int:
     """A seed for a control branch, distinct from the run seed and from every other branch."""
     return int(stable_hash([seed, control, level], length=8), 16)
@@ -65,6 +82,11 @@ class LotteryTicket(Timing):
         cfg, lt = ctx.cfg, ctx.cfg.prune.lottery
         k = lt.rewind_iteration
         ticket, entry = ctx.dense(capture_steps=[k] if k > 0 else [])
+        if k > 0 and k not in entry.checkpoints:
+            raise ConfigError(
+                f"prune.lottery.rewind_iteration: the dense training stopped early at step "
+                f"{entry.history.get('steps')} (train.patience={cfg.train.patience}), before iteration {k}, so there "
+                "are no weights to rewind to; rewind to an earlier iteration, or raise or remove train.patience")
         # The dense net started from ctx.build_model() under the run seed: rebuilding gives its init.
         rewind = plain_state_dict(ctx.build_model()) if k == 0 else entry.checkpoints[k]
         dense_metrics = {key[len("dense_"):]: value for key, value in ctx.metrics.items()
@@ -72,11 +94,7 @@ class LotteryTicket(Timing):
         ctx.levels.append({"level": 0, "branch": "ticket", **compression_summary(ticket, cfg.prune),
                            "best_step": entry.history.get("best_step"), **dense_metrics})
         rate = lottery_rate(cfg)
-        names = list(prunable_layers(ticket))
-        layer_rates: dict[str, float] = {}
-        for pattern, r in lt.layer_rates.items():
-            for name in resolve_patterns([pattern], names, "prune.lottery.layer_rates"):
-                layer_rates.setdefault(name, r)
+        layer_rates = resolve_layer_rates(ticket, cfg)
 
         for level in range(1, lt.levels + 1):
             # survivors lose `rate` per level: aim at (1 − rate)^level of the original weights, so
@@ -92,7 +110,9 @@ class LotteryTicket(Timing):
 
     def _train(self, ctx: RunContext, model: nn.Module, level: int, branch: str) -> None:
         phase = f"level_{level}" if branch == "ticket" else f"level_{level}_{branch}"
-        history = ctx.fit(model, phase, kind="train" if branch == "ticket" else f"control_{branch}")
+        # rewound to iteration k, a branch trains the rest of the run: steps k+1..T at their own rates
+        history = ctx.fit(model, phase, kind="train" if branch == "ticket" else f"control_{branch}",
+                          start_step=ctx.cfg.prune.lottery.rewind_iteration)
         ctx.levels.append({"level": level, "branch": branch, **compression_summary(model, ctx.cfg.prune),
                            "best_step": history.best_step, **ctx.evaluate_splits(model)})
 
