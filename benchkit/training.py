@@ -183,8 +183,8 @@ def train(
 
     ``start_step`` resumes this training length at that step, as lottery-ticket rewinding to iteration
     k retrains (Frankle et al. 2020; OpenLTH's ``start_step``): only steps k+1… run, with the learning
-    rate each has in the full run (by epochs: the epoch holding step k runs its remaining batches),
-    and steps, evaluations and callbacks count from k.
+    rate each has in the full run; the epoch holding step k runs its remaining batches, so epochs end
+    and evaluate where they do in the full run; steps and callbacks count from k.
     """
     dev = resolve_device(device)
     length, by_iterations = _length(cfg, epochs, iterations)
@@ -218,9 +218,10 @@ def train(
     running = _RunningMetrics()
     step = last_eval = start_step
     epoch = start_step // steps_per_epoch
-    # resumed mid-epoch (by epochs): that epoch ends after its remaining batches. Other epochs run the
-    # loader to its end: breaking early would skip the sampler's last draw and shift later data orders.
-    resumed_epoch_end = (epoch + 1) * steps_per_epoch if not by_iterations and start_step % steps_per_epoch else None
+    # resumed mid-epoch: that epoch ends after its remaining batches, so epochs (and the evaluations at
+    # their ends) fall where they do in the full run. Other epochs run the loader to its end: breaking
+    # early would skip the sampler's last draw and shift every later data order.
+    resumed_epoch_end = (epoch + 1) * steps_per_epoch if start_step % steps_per_epoch else None
     stop = False
 
     def set_lr(unit: int) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchkit.config import ExperimentConfig
+from benchkit.config import ConfigError, ExperimentConfig
 from benchkit.data import load_data
 from benchkit.experiment import PruningExperiment
 from benchkit.models import build_model
@@ -158,3 +158,39 @@ def test_target_compression_reached_after_the_levels(tmp_path):
     result = PruningExperiment(cfg).run()
     kept = sum(int(m.sum()) for m in result.masks.values())
     assert abs(kept - (64 * 32 + 32 * 16 + 16 * 10) / 9) <= 1
+
+
+def test_rewinding_to_iteration_k_retrains_the_rest_of_the_run_at_its_own_rates(tmp_path):
+    """Frankle et al. 2020 / OpenLTH: rewound to iteration k, the ticket and both controls train
+    steps k+1..T with the learning rates those steps had in the dense run (not the schedule restarted
+    over a full-length run)."""
+    cfg = tiny(tmp_path, **{"train.iterations": 40, "train.eval_every": 10, "train.lr": 0.08,
+                            "train.schedule": "step", "train.step_size": 10, "train.gamma": 0.5,
+                            "prune.lottery.levels": 1, "prune.lottery.rewind_iteration": 20,
+                            "prune.lottery.controls": ["reinit", "random"]})
+    result = PruningExperiment(cfg).run()
+    by_phase: dict[str, list[tuple[int, float]]] = {}
+    for r in result.history:
+        by_phase.setdefault(r["phase"], []).append((r["step"], r["lr"]))
+    assert by_phase["dense"] == [(10, 0.08), (20, 0.04), (30, 0.02), (40, 0.01)]
+    for phase in ("level_1", "level_1_reinit", "level_1_random"):
+        assert by_phase[phase] == [(30, 0.02), (40, 0.01)], phase
+
+
+def test_a_dense_run_that_stops_early_before_k_is_reported_and_not_retrained(tmp_path, monkeypatch):
+    dense_calls = []
+    real = base.train
+
+    def spy(model, data, cfg, **kwargs):
+        if kwargs["desc"] == "dense":
+            dense_calls.append(1)
+        return real(model, data, cfg, **kwargs)
+
+    monkeypatch.setattr(base, "train", spy)
+    cfg = tiny(tmp_path, **{"train.iterations": 400, "train.eval_every": 2,
+                            "train.patience": 1, "train.lr": 0.5, "prune.lottery.levels": 1,
+                            "prune.lottery.rewind_iteration": 300})
+    for _ in range(2):
+        with pytest.raises(ConfigError, match=r"stopped early at step \d+ .*before iteration 300"):
+            PruningExperiment(cfg).run()
+    assert len(dense_calls) == 1  # the second run is served the cached dense model and told the same

@@ -463,3 +463,34 @@ def test_divergence_stops_the_run_naming_the_step_and_learning_rate():
     model = mlp(data)
     with pytest.raises(training.TrainingDiverged, match=r"training loss is (nan|inf) at step 10 \(lr 1e\+06\).*train\.lr"):
         train(model, data, TrainConfig(lr=1e6, momentum=0.9, epochs=3), device="cpu")
+
+
+class LrPerStep:
+    """Callback: the learning rate each optimizer step ran at, by step."""
+
+    def __init__(self):
+        self.lr: dict[int, float] = {}
+
+    def on_step(self, step, model, optimizer):
+        self.lr[step] = optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("unit", ["iterations", "epochs"])
+def test_start_step_runs_the_rest_of_the_run_at_the_rates_of_the_full_run(unit):
+    """Resuming at step k (lottery rewinding, OpenLTH's start_step): steps k+1..T only, each at the
+    learning rate it has in the full run; by epochs, k mid-epoch finishes that epoch's batches."""
+    data = synth()  # 10 steps per epoch
+    if unit == "iterations":
+        cfg = TrainConfig(lr=0.08, iterations=40, schedule="step", step_size=10, gamma=0.5, select_best=False)
+    else:
+        cfg = TrainConfig(lr=0.08, epochs=4, schedule="step", step_size=1, gamma=0.5, select_best=False)
+    full, resumed = LrPerStep(), LrPerStep()
+    train(mlp(data), data, cfg, device="cpu", callbacks=[full])
+    history = train(mlp(data), data, cfg, device="cpu", callbacks=[resumed], start_step=17)
+    assert sorted(full.lr) == list(range(1, 41))
+    assert sorted(resumed.lr) == list(range(18, 41))  # 23 steps: the rest of epoch 2, then epochs 3 and 4
+    assert all(resumed.lr[s] == full.lr[s] for s in resumed.lr)
+    assert resumed.lr[18] == pytest.approx(0.04) and resumed.lr[40] == pytest.approx(0.01)
+    assert history.steps == 40 and [r["step"] for r in history.records] == [20, 30, 40]  # epochs end where they did
+    with pytest.raises(ValueError, match="start_step"):
+        train(mlp(data), data, cfg, device="cpu", start_step=40)
