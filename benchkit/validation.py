@@ -13,6 +13,10 @@ Decisions documented here:
 * Knobs that belong to one timing are refused with the others rather than silently ignored:
   ``schedule.soft``→``during``, ``rounds > 1``/``lr_rewind``/``distill``→``post``,
   ``lottery.controls``/``lottery.rate``/``lottery.layer_rates``/``lottery.rewind_iteration``→``lottery``.
+  Plain settings of a timing's procedure — ``prune.finetune.*`` (post), ``prune.schedule.start/end/
+  every/initial_sparsity`` (during), ``prune.lottery.levels`` — are accepted with every timing, so one
+  sweep base can serve a ``zip`` over timings (``experiments/timing.yaml``); only the timing they
+  belong to reads them.
   Likewise ``train.nesterov`` with only adam/adamw, and ``train.milestones`` with no ``multistep``
   schedule (``train.schedule``, or post's ``prune.finetune.schedule``).
 * ``N:M`` fixes the compression at M/N: ``compression`` must be unset or M/N, and it cannot be
