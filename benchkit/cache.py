@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from benchkit.config import NON_SEMANTIC_KEYS, ExperimentConfig, stable_hash
+from benchkit.config import ExperimentConfig, non_semantic_keys, stable_hash
 
 # Code changes in the files of DENSE_SOURCE_MODULES invalidate entries by themselves (their source is
 # hashed into the key). Bump this for changes elsewhere that alter a dense model's numbers.
@@ -49,12 +49,22 @@ def cache_root(cfg: ExperimentConfig) -> Path:
 def dense_key_material(cfg: ExperimentConfig, device_type: str) -> dict[str, Any]:
     """Everything that determines a dense model's weights (and nothing that does not)."""
 
+    skip = non_semantic_keys(cfg)
+
     def section(name: str) -> dict[str, Any]:
         values = dataclasses.asdict(getattr(cfg, name))
-        return {k: v for k, v in values.items() if f"{name}.{k}" not in NON_SEMANTIC_KEYS}
+        return {k: v for k, v in values.items() if f"{name}.{k}" not in skip}
 
+    data = section("data")
+    if cfg.data.name == "imagefolder":
+        # The folder is the dataset: with data.root unset it comes from $BENCHKIT_DATA or the user cache,
+        # so the written root alone would let a model trained on one folder be served for another.
+        from benchkit.data import imagefolder_root
+
+        folder = imagefolder_root(cfg.data)
+        data["folder"] = str(folder.resolve()) if folder is not None else None
     return {
-        "data": section("data"),
+        "data": data,
         "model": section("model"),
         "train": section("train"),
         "seed": cfg.seed,

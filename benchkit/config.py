@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,12 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem found before any work starts. The message names the key and the fix."""
+
+
+def _lower(value: Any) -> Any:
+    """Registry names are looked up case-insensitively; one spelling keeps ``Layer`` and ``layer`` one
+    config (one hash) and lets code compare names literally."""
+    return value.lower() if isinstance(value, str) else value
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -43,6 +50,9 @@ class DataConfig:
     num_classes: int = 10
     input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
 
+    def __post_init__(self) -> None:
+        self.name = _lower(self.name)
+
 
 @dataclass
 class ModelConfig:
@@ -53,6 +63,14 @@ class ModelConfig:
     in_channels: int | None = None  # default: from the dataset
     init: str = "default"  # default | kaiming_normal | glorot_normal (LTH uses Gaussian Glorot)
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Registry names are case-insensitive, torchvision names are not: lowercase only a registry name.
+        if isinstance(self.name, str) and self.name != self.name.lower():
+            from benchkit.models import MODELS
+
+            if self.name in MODELS:
+                self.name = self.name.lower()
 
 
 @dataclass
@@ -76,16 +94,23 @@ class TrainConfig:
     patience: int | None = None  # early stopping on validation loss, in evaluations
     eval_batch_size: int = 1000
 
+    def __post_init__(self) -> None:
+        self.optimizer, self.schedule = _lower(self.optimizer), _lower(self.schedule)
+
 
 @dataclass
 class FinetuneConfig:
-    """Training after each post-training pruning round (and after each lottery level's rewind)."""
+    """Training after each post-training pruning round (timing ``post`` only: a lottery level retrains
+    with ``train`` itself, from its rewind point)."""
 
     epochs: int = 3
     iterations: int | None = None
     lr: float | None = None  # default: train.lr / 10 (Han et al. 2015)
     optimizer: str | None = None  # default: train.optimizer
     schedule: str | None = None  # default: constant (or the rewound original schedule with lr_rewind)
+
+    def __post_init__(self) -> None:
+        self.optimizer, self.schedule = _lower(self.optimizer), _lower(self.schedule)
 
 
 @dataclass
@@ -141,6 +166,10 @@ class PruneConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     lottery: LotteryConfig = field(default_factory=LotteryConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("timing", "criterion", "granularity", "scope", "reduce"):
+            setattr(self, name, _lower(getattr(self, name)))
 
     def target_compression(self) -> float | None:
         """The requested compression ratio, from ``compression`` or ``sparsity`` (None if neither)."""
@@ -222,7 +251,8 @@ class ExperimentConfig:
 
     def config_hash(self) -> str:
         """Hash of everything that determines the run's outcome (not where it is written or shown)."""
-        d = {k: v for k, v in self.flat().items() if k not in NON_SEMANTIC_KEYS}
+        skip = non_semantic_keys(self)
+        d = {k: v for k, v in self.flat().items() if k not in skip}
         return stable_hash(d)
 
     def validate(self, lines: dict[str, int] | None = None) -> None:
@@ -235,6 +265,19 @@ class ExperimentConfig:
 NON_SEMANTIC_KEYS = frozenset(
     {"experiment", "name", "output_dir", "cache_dir", "progress", "data.root", "data.num_workers", "data.download"}
 )
+
+
+def non_semantic_keys(cfg: ExperimentConfig) -> frozenset[str]:
+    """:data:`NON_SEMANTIC_KEYS` for this config: for ``imagefolder`` the root *is* the dataset (not just
+    where a torchvision dataset is stored), so it stays in the hash and the dense-cache key."""
+    if cfg.data.name == "imagefolder":
+        return NON_SEMANTIC_KEYS - {"data.root"}
+    return NON_SEMANTIC_KEYS
+
+
+# Free-form dicts: their keys are user names (layer globs such as ``features.0``, model kwargs), not
+# config sections, so a dotted key splits only up to them (``prune.overrides.layer1.0.conv1``).
+FREE_FORM = ("prune.overrides", "model.kwargs", "prune.lottery.layer_rates")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -256,11 +299,20 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _is_section(dotted: str) -> bool:
     """Sections are dataclass fields; free-form dicts (overrides, kwargs, layer_rates) stay whole."""
-    return dotted.split(".")[-1] not in {"overrides", "kwargs", "layer_rates"}
+    return dotted not in FREE_FORM
+
+
+def split_dotted(key: str) -> list[str]:
+    """``key`` split at its dots, except past a :data:`FREE_FORM` prefix: the rest is one dict key
+    (``prune.overrides.features.0`` → ``["prune", "overrides", "features.0"]``)."""
+    for prefix in FREE_FORM:
+        if key.startswith(prefix + ".") and len(key) > len(prefix) + 1:
+            return [*prefix.split("."), key[len(prefix) + 1:]]
+    return key.split(".")
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
+    parts = split_dotted(key)
     cur = d
     for p in parts[:-1]:
         nxt = cur.get(p)
@@ -270,6 +322,40 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"cannot set {key!r}: {p!r} is a value, not a section")
         cur = nxt
     cur[parts[-1]] = value
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2-style numbers: ``1e-3`` and ``-.5`` are floats (YAML 1.1 wants a dot and
+    a signed exponent, so ``lr: 1e-3`` was the string '1e-3'), and there are no base-60 numbers
+    (``2:4`` stays the N:M granularity, not the integer 124). Everything else as SafeLoader."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"""^(?:[-+]?0b[0-1_]+
+                    |[-+]?0[0-7_]+
+                    |[-+]?(?:0|[1-9][0-9_]*)
+                    |[-+]?0x[0-9a-fA-F_]+)$""", re.X),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` as YAML with :class:`_Loader` (config files and ``key=value`` overrides alike)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
@@ -282,7 +368,7 @@ def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, 
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. prune.compression=8)")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = parse_yaml(v)
     return out
 
 
@@ -293,8 +379,8 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -307,9 +393,15 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
 
     def walk(n: yaml.Node, prefix: str) -> None:
         if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in n.value:
                 key = f"{prefix}{k.value}"
-                lines[key] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if key in seen:  # YAML would silently keep the last one
+                    raise ConfigError(f"{path}: duplicate key {key!r} at lines {seen[key]} and {line}; a mapping "
+                                      "holds each key once (the later one would silently win). Fix: keep one "
+                                      "(merge their values, e.g. one list for a grid axis)")
+                seen[key] = lines[key] = line
                 walk(v, key + ".")
 
     walk(node, "")

@@ -248,6 +248,18 @@ def cifar100(cfg: DataConfig) -> Source:
     return _cifar_source("cifar100", "CIFAR100", "cifar-100-python", 100, cfg)
 
 
+def imagefolder_candidates(cfg: DataConfig) -> list[Path]:
+    """Where ``imagefolder`` looks, in order: ``data.root`` itself, then ``<BENCHKIT_DATA or cache>/imagenet``."""
+    candidates = [Path(cfg.root).expanduser()] if cfg.root else []
+    return candidates + [r / "imagenet" for r in data_roots(DataConfig(root=None))]
+
+
+def imagefolder_root(cfg: DataConfig) -> Path | None:
+    """The folder ``imagefolder`` reads (the first candidate with ``train/`` and ``val/``), or None. The
+    dense-model cache keys on it too: it *is* the dataset."""
+    return next((c for c in imagefolder_candidates(cfg) if (c / "train").is_dir() and (c / "val").is_dir()), None)
+
+
 @DATASETS.register("imagefolder")
 def imagefolder(cfg: DataConfig) -> Source:
     """An ImageNet-style folder: ``<root>/train/<class>/*.jpg`` and ``<root>/val/<class>/*.jpg``.
@@ -259,9 +271,8 @@ def imagefolder(cfg: DataConfig) -> Source:
     from torchvision import datasets
     from torchvision import transforms as T
 
-    candidates = [Path(cfg.root).expanduser()] if cfg.root else []
-    candidates += [r / "imagenet" for r in data_roots(DataConfig(root=None))]
-    root = next((c for c in candidates if (c / "train").is_dir() and (c / "val").is_dir()), None)
+    candidates = imagefolder_candidates(cfg)
+    root = imagefolder_root(cfg)
     if root is None:
         raise DataNotFoundError(
             "dataset 'imagefolder' not found. Looked in:\n" + "\n".join(f"  - {c}" for c in candidates)

@@ -191,3 +191,138 @@ def test_training_settings_that_apply_pass():
         {"train.nesterov": True, "train.optimizer": "adam", "prune.finetune.optimizer": "sgd"},  # sgd fine-tuning
     ):
         ExperimentConfig.from_dict({}, overrides)
+
+
+# --------------------------------------------------------------------------------------------- review fixes
+def _old_hash(cfg: ExperimentConfig) -> str:
+    """The config hash as computed before imagefolder roots counted: every other config keeps it."""
+    from benchkit.config import NON_SEMANTIC_KEYS, stable_hash
+
+    return stable_hash({k: v for k, v in cfg.flat().items() if k not in NON_SEMANTIC_KEYS})
+
+
+def _image_folder(path: Path) -> Path:
+    (path / "train").mkdir(parents=True)
+    (path / "val").mkdir()
+    return path
+
+
+def test_imagefolder_root_is_part_of_the_config_hash(tmp_path):
+    for name in ("digits", "mnist", "cifar10"):  # a torchvision root is only where the files are
+        a = ExperimentConfig.from_dict({"data": {"name": name, "root": str(tmp_path / "a")}})
+        b = ExperimentConfig.from_dict({"data": {"name": name, "root": str(tmp_path / "b")}})
+        assert a.config_hash() == b.config_hash() == _old_hash(a)
+    assert ExperimentConfig().config_hash() == _old_hash(ExperimentConfig())
+    a = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": str(tmp_path / "a")}})
+    b = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": str(tmp_path / "b")}})
+    assert a.config_hash() != b.config_hash()
+
+
+def test_imagefolder_dense_cache_key_includes_the_dataset_folder(tmp_path, monkeypatch):
+    from benchkit.cache import dense_key_material
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder_a, folder_b = _image_folder(tmp_path / "a"), _image_folder(tmp_path / "b")
+
+    def material(name: str, root: str | None) -> dict:
+        return dense_key_material(ExperimentConfig.from_dict({"data": {"name": name, "root": root}}), "cpu")
+
+    assert material("imagefolder", str(folder_a)) != material("imagefolder", str(folder_b))
+    assert material("imagefolder", str(folder_a))["data"]["folder"] == str(folder_a.resolve())
+    # data.root unset: the folder comes from $BENCHKIT_DATA/imagenet, so two data roots are two datasets
+    monkeypatch.setenv("BENCHKIT_DATA", str(tmp_path / "x"))
+    _image_folder(tmp_path / "x" / "imagenet")
+    from_x = material("imagefolder", None)
+    monkeypatch.setenv("BENCHKIT_DATA", str(tmp_path / "y"))
+    _image_folder(tmp_path / "y" / "imagenet")
+    from_y = material("imagefolder", None)
+    assert from_x != from_y and from_y["data"]["folder"] == str((tmp_path / "y" / "imagenet").resolve())
+    # other datasets: the key ignores the root, as before
+    digits_a, digits_b = material("digits", str(folder_a)), material("digits", str(folder_b))
+    assert digits_a == digits_b and "root" not in digits_a["data"] and "folder" not in digits_a["data"]
+
+
+def test_yaml_1_2_numbers_in_files_overrides_and_sweeps(tmp_path):
+    import yaml
+
+    from benchkit.sweep import load_sweep
+
+    path = write(tmp_path, """\
+        data: {name: digits, val_fraction: .5}
+        train:
+          lr: 1e-3
+          weight_decay: 5E-4
+        prune:
+          granularity: 2:4
+        """)
+    cfg = ExperimentConfig.from_yaml(path)
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005 and cfg.data.val_fraction == 0.5
+    assert cfg.prune.granularity == "2:4"
+    cfg = ExperimentConfig.from_dict({}, ["train.lr=1e-3", "prune.granularity=2:4", "train.gamma=-2.5e-4"],
+                                     validate=False)
+    assert (cfg.train.lr, cfg.prune.granularity, cfg.train.gamma) == (0.001, "2:4", -0.00025)
+    # line numbers survive the custom loader
+    msg = error_of(tmp_path, """\
+        train:
+          lr: 1e-3
+          optimizer: lbfgs
+        """)
+    assert "train.optimizer (line 3)" in msg
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {data: {name: digits}}\ngrid:\n  train.lr: [1e-3, 1E+5]\n  prune.granularity: [2:4]\n")
+    spec = load_sweep(sweep)
+    assert spec.grid == {"train.lr": [0.001, 100000.0], "prune.granularity": ["2:4"]}
+    assert yaml.safe_load("2:4") == 124  # yaml.SafeLoader itself is left alone
+
+
+def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path):
+    from benchkit.sweep import load_sweep
+
+    msg = error_of(tmp_path, """\
+        prune:
+          compression: 4
+          compression: 8
+        """)
+    assert "'prune.compression'" in msg and "lines 2 and 3" in msg and "Fix" in msg
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {data: {name: digits}}\ngrid:\n  seed: [0]\n  seed: [1, 2]\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(sweep)
+    assert "'grid.seed'" in str(info.value) and "lines 3 and 4" in str(info.value)
+    # the same name in two sections is not a duplicate
+    ExperimentConfig.from_yaml(write(tmp_path, "train: {epochs: 2}\nprune: {finetune: {epochs: 2}}\n"))
+
+
+def test_free_form_keys_keep_their_dots_in_overrides_and_grid_axes(tmp_path):
+    from benchkit.sweep import expand, load_sweep
+
+    cfg = ExperimentConfig.from_dict({}, ["prune.overrides.layer1.0.conv1=4",
+                                          "prune.lottery.layer_rates.features.0=0.1"], validate=False)
+    assert cfg.prune.overrides == {"layer1.0.conv1": 4.0}
+    assert cfg.prune.lottery.layer_rates == {"features.0": 0.1}
+    cfg = ExperimentConfig.from_dict({"model": {"kwargs": {"a": 1}}}, {"model.kwargs.b.c": 2}, validate=False)
+    assert cfg.model.kwargs == {"a": 1, "b.c": 2}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {data: {name: digits}, model: {name: resnet20}, prune: {compression: 2}}\n"
+                     "grid:\n  prune.overrides.layer1.0.conv1: [2, 4]\n")
+    entries = expand(load_sweep(sweep))
+    assert [e.config.prune.overrides for e in entries] == [{"layer1.0.conv1": 2.0}, {"layer1.0.conv1": 4.0}]
+    assert all(e.runnable for e in entries), [e.reason for e in entries]
+
+
+def test_registry_names_are_one_config_whatever_their_case():
+    lower = ExperimentConfig.from_dict({}, {"prune.scope": "layer", "prune.criterion": "magnitude"})
+    upper = ExperimentConfig.from_dict({}, {"prune.scope": "Layer", "prune.criterion": "Magnitude"})
+    assert (upper.prune.scope, upper.prune.criterion) == ("layer", "magnitude")
+    assert upper.config_hash() == lower.config_hash()
+    cfg = ExperimentConfig.from_dict({}, {
+        "prune.timing": "Post", "prune.granularity": "ELEMENT", "prune.reduce": "L1", "train.optimizer": "SGD",
+        "train.schedule": "Cosine", "prune.finetune.optimizer": "Adam", "prune.finetune.schedule": "Step",
+        "data.name": "Digits", "model.name": "LeNet300"})
+    p = cfg.prune
+    assert (p.timing, p.granularity, p.reduce, p.finetune.optimizer, p.finetune.schedule) == \
+        ("post", "element", "l1", "adam", "step")
+    assert (cfg.train.optimizer, cfg.train.schedule, cfg.data.name, cfg.model.name) == \
+        ("sgd", "cosine", "digits", "lenet300")
+    # torchvision names are matched exactly: left as written (and refused as unknown)
+    assert ExperimentConfig.from_dict({}, {"model.name": "ResNet18"}, validate=False).model.name == "ResNet18"
