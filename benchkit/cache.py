@@ -75,8 +75,20 @@ def dense_key_material(cfg: ExperimentConfig, device_type: str) -> dict[str, Any
         "trainer_version": TRAINER_VERSION,
         "source": dense_source_hash(),
         "torch": torch.__version__,  # kernels and initialisers change between releases
+        # the data itself: torchvision's readers and transforms, scikit-learn's digits and its split
+        "data_packages": {name: _version(name) for name in ("torchvision", "scikit-learn")},
         "format": CACHE_FORMAT,
     }
+
+
+def _version(distribution: str) -> str | None:
+    """Installed version of a distribution (read from its metadata: nothing is imported), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 def dense_source_files() -> list[Path]:

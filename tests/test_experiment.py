@@ -154,6 +154,11 @@ def test_stale_or_foreign_entries_are_never_served(tmp_path, monkeypatch):
                     cfg.replace(train__epochs=3), cfg.replace(seed=2)):
         assert cache_mod.stable_hash(dense_key_material(changed, "cpu")) != base_key
     assert cache_mod.stable_hash(dense_key_material(cfg, "cuda")) != base_key
+    # another torchvision or scikit-learn (the data's readers, the digits split) is another key
+    real_version = cache_mod._version
+    monkeypatch.setattr(cache_mod, "_version", lambda d: "0.0-other" if d == "scikit-learn" else real_version(d))
+    assert cache_mod.stable_hash(dense_key_material(cfg, "cpu")) != base_key
+    monkeypatch.setattr(cache_mod, "_version", real_version)
     for same in (cfg.replace(output_dir="/elsewhere"), cfg.replace(prune__compression=16),
                  cfg.replace(data__num_workers=2)):
         assert cache_mod.stable_hash(dense_key_material(same, "cpu")) == base_key
