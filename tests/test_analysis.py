@@ -105,6 +105,14 @@ def test_load_runs_filter_and_several_experiments(store):
     assert "experiment" in ba.strategy_columns(both)  # two sweeps are never averaged together
 
 
+def test_an_image_folder_root_tells_strategies_apart_other_roots_do_not():
+    frame = pd.DataFrame({"data": ["imagefolder", "imagefolder"], "data.root": ["/d/dogs", "/d/cats"],
+                          "seed": [0, 0], "test_acc1": [0.5, 0.6]})
+    assert "data.root" in ba.strategy_columns(frame)  # two datasets are never averaged together
+    frame["data"] = "mnist"  # a torchvision root is only where the files are
+    assert "data.root" not in ba.strategy_columns(frame)
+
+
 def test_load_runs_refuses_bad_input_naming_the_fix(store):
     with pytest.raises(ValueError, match=r"no MLflow experiment named 'nope'.*'fake-strategies'"):
         ba.load_runs("nope", tracking_uri=store.uri)

@@ -40,8 +40,12 @@ def strategy_columns(runs: pd.DataFrame) -> list[str]:
     two configs that differ in, say, ``prune.finetune.epochs`` are never averaged together.
     """
     cols = [c for c in STRATEGY_COLUMNS if c in runs]
+    skip = NON_SEMANTIC_KEYS
+    datasets = runs["data"] if "data" in runs else runs.get("data.name")
+    if datasets is not None and (datasets.astype(str).str.lower() == "imagefolder").any():
+        skip = skip - {"data.root"}  # an image folder's root is the dataset itself (config.non_semantic_keys)
     for c in param_columns(runs):
-        if c in SEED_KEYS or c in NON_SEMANTIC_KEYS or c in _ALIASED or c in CONFIG_COLUMNS:
+        if c in SEED_KEYS or c in skip or c in _ALIASED or c in CONFIG_COLUMNS:
             continue
         if _varies(runs[c]):
             cols.append(c)
