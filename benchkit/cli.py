@@ -12,6 +12,7 @@ Torch, MLflow and Ray are imported inside the commands, so ``--help`` answers at
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import os
 import sys
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="expand a sweep YAML into runs and execute them (resumable)",
                        description="Expand grid × zip minus exclusions into runs; skip configs already FINISHED, "
-                                   "redo FAILED/interrupted ones. Overrides apply to the base (and pin a grid axis).")
+                                   "redo FAILED/interrupted ones. Overrides apply to the base (and pin a grid or zip axis).")
     s.add_argument("sweep", metavar="SWEEP.yaml")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
     s.add_argument("--workers", "-j", type=int, default=1, metavar="N",
@@ -93,20 +94,20 @@ def _version() -> str:
 # --------------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
     from benchkit.config import ExperimentConfig
-    from benchkit.sweep import PlanEntry, format_plan, plan_sweep
+    from benchkit.sweep import PlanEntry, format_plan, plan_notes, plan_sweep
     from benchkit.tracking import Tracker
 
     cfg = ExperimentConfig.from_yaml(args.config, args.overrides)
     tracker = Tracker(args.tracking_uri)
     overrides = dict(o.split("=", 1) for o in args.overrides if "=" in o)
     entries = plan_sweep([PlanEntry(0, overrides, cfg, cfg.config_hash())], tracker, cfg.experiment)
-    print(format_plan(entries, cfg.experiment, tracker.uri))
+    print(format_plan(entries, cfg.experiment, tracker.uri, plan_notes(tracker, cfg.experiment)))
     return _execute(entries, cfg.experiment, tracker, workers=1, executor="local", sweep_file=args.config,
                     plots=not args.no_plots)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from benchkit.sweep import expand, format_plan, load_sweep, plan_sweep
+    from benchkit.sweep import expand, format_plan, load_sweep, plan_notes, plan_sweep
     from benchkit.tracking import Tracker
 
     if args.workers < 1:
@@ -127,7 +128,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     entries = expand(spec)  # every config is built and validated here, before anything runs
     tracker = Tracker(args.tracking_uri)
     plan_sweep(entries, tracker, spec.experiment)
-    print(format_plan(entries, spec.experiment, tracker.uri))
+    print(format_plan(entries, spec.experiment, tracker.uri, plan_notes(tracker, spec.experiment)))
     if args.dry_run:
         return EXIT_OK
     options: dict[str, Any] = {}
@@ -173,7 +174,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from benchkit.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = require_store(resolve_tracking_uri(args.tracking_uri))
     client = mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
     if args.experiment:
@@ -196,17 +197,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: MLflow columns the table shows under a name of their own; ``-c`` and ``--sort`` take that name too.
+TABLE_NAMES = {"tags.mlflow.runName": "run", "tags.benchkit.config_hash": "hash"}
+#: More names for them. ``name`` is the run name (the config's ``name`` when it has one); ``params.name`` is the param.
+COLUMN_ALIASES = {"run_name": "run", "name": "run", "config_hash": "hash"}
+
+
+def require_store(uri: str) -> str:
+    """The store a read-only command (report, ui) reads: MLflow creates a missing sqlite file on opening,
+    so a mistyped path or the wrong folder would show an empty store, made on the spot, as "(no runs)"."""
+    from benchkit.tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise _usage(f"no MLflow store at {db}: run a sweep first (`benchkit sweep SWEEP.yaml` creates it), "
+                     "or pass --tracking-uri (or set $MLFLOW_TRACKING_URI) to the store that holds the runs")
+    return uri
+
+
 def resolve_column(df, name: str) -> str:
+    """The column of ``df`` (MLflow's ``params.x``/``metrics.x``/``tags.x`` columns, or a table already
+    renamed by :func:`select_columns`) that ``name`` means: as written, a table name or alias, else the
+    bare name of a param, metric or tag."""
     name = name.strip()
-    for cand in (name, f"params.{name}", f"metrics.{name}", f"tags.{name}", _short_to_long(df, name)):
+    short = COLUMN_ALIASES.get(name, name)
+    long = {v: k for k, v in TABLE_NAMES.items()}.get(short)
+    for cand in (name, long, short, f"params.{name}", f"metrics.{name}", f"tags.{name}"):
         if cand in df.columns:
             return cand
-    raise _usage(f"no column {name!r}; available: {', '.join(_short(c) for c in df.columns)}")
-
-
-def _short_to_long(df, name: str) -> str:
-    aliases = {"run_name": "tags.mlflow.runName", "name": "tags.mlflow.runName", "hash": "tags.benchkit.config_hash"}
-    return aliases.get(name, name)
+    known = sorted({*(_short(c) for c in df.columns), *TABLE_NAMES.values(), *COLUMN_ALIASES})
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+        "columns are run, status, hash and the runs' params, metrics and tags (params.x / metrics.x / tags.x or x)"
+    raise _usage(f"no column {name!r}; {hint}")
 
 
 def _short(col: str) -> str:
@@ -222,7 +245,8 @@ def select_columns(df, columns: str | None):
     if df is None or len(df) == 0:
         return pd.DataFrame()
     if columns:
-        cols = [resolve_column(df, c) for c in columns.split(",") if c.strip()]
+        # once each: two names of one column (run, name) would make a table that cannot be rendered
+        cols = list(dict.fromkeys(resolve_column(df, c) for c in columns.split(",") if c.strip()))
     else:
         params = [c for c in df.columns if c.startswith("params.") and _short(c) not in HIDDEN_PARAMS
                   and df[c].astype(str).nunique(dropna=False) > 1]
@@ -230,7 +254,7 @@ def select_columns(df, columns: str | None):
         head = [c for c in ("tags.mlflow.runName", "status", "tags.benchkit.config_hash") if c in df.columns]
         cols = head + params + metrics
     out = df[cols].copy()
-    out.columns = [{"tags.mlflow.runName": "run", "tags.benchkit.config_hash": "hash"}.get(c, _short(c)) for c in cols]
+    out.columns = [TABLE_NAMES.get(c, _short(c)) for c in cols]
     return out.reset_index(drop=True)
 
 
@@ -257,7 +281,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     from benchkit.tracking import resolve_tracking_uri, sqlite_path
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = require_store(resolve_tracking_uri(args.tracking_uri))
     if uri.startswith(("http://", "https://")):
         raise _usage(f"{uri} is already a tracking server: open it in a browser")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,

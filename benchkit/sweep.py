@@ -18,7 +18,8 @@ Combinations that validation refuses are excluded too, each with validation's re
 A grid value refused in *every* combination is a typo, not an incompatibility: the file is refused,
 naming the key and line. Resuming is by config hash (the ``benchkit.config_hash`` tag): configs
 already FINISHED are skipped, FAILED / KILLED / dead RUNNING ones are redone, and the store ends up
-with exactly one FINISHED run per hash (see :func:`run_tracked`).
+with exactly one FINISHED run per hash (see :func:`run_tracked`). A deleted experiment is started over,
+not restored with its old runs (see :func:`plan_sweep`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchkit.config import ConfigError, ExperimentConfig, load_yaml, set_dotted, where
+from benchkit.config import FREE_FORM, ConfigError, ExperimentConfig, load_yaml, set_dotted, where
 from benchkit.tracking import (
     TAG_HASH,
     TAG_HEARTBEAT,
@@ -46,13 +47,14 @@ from benchkit.tracking import (
     Heartbeat,
     Owner,
     Tracker,
+    retired_name,
     run_is_alive,
     runtime_tags,
     sqlite_path,
 )
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run
+    from mlflow.entities import Experiment, Run
 
 SWEEP_KEYS = {
     "experiment": "MLflow experiment name (default: the file name)",
@@ -62,7 +64,6 @@ SWEEP_KEYS = {
     "zip": "dotted key -> list of values, all the same length, moving together",
     "exclude": "list of {match: {key: value}, reason: text}",
 }
-FREE_FORM = ("prune.overrides", "model.kwargs", "prune.lottery.layer_rates")
 
 
 # --------------------------------------------------------------------------------------------- spec
@@ -154,9 +155,12 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | list[str] | None = 
     exclude = _excludes(data.get("exclude"), lines)
     experiment = str(data.get("experiment") or base.get("experiment") or Path(path).stem)
     ov = _parse_overrides(overrides)
-    for k in ov:
+    for k in ov:  # pin the axis: an override that an axis value replaced would silently do nothing, and
+        # the plan label, run name and overrides tag are built from the axis values, so they must be the run's
         if k in grid:
-            grid[k] = [ov[k]]  # pin the axis: an override that a grid value replaced would silently do nothing
+            grid[k] = [ov[k]]
+        elif k in zipped:
+            zipped[k] = [ov[k]] * len(zipped[k])  # rows made identical are duplicates, run once
     return SweepSpec(experiment, base, grid, zipped, exclude, lines, str(path), ov)
 
 
@@ -207,11 +211,12 @@ def _fmt(v: Any) -> str:
 
 def run_name(cfg: ExperimentConfig, overrides: dict[str, Any]) -> str:
     """The config's ``name``, else its varying values (``criterion=random compression=8``): what a table row needs."""
-    from benchkit.config import NON_SEMANTIC_KEYS
+    from benchkit.config import non_semantic_keys
 
     if cfg.name:
         return cfg.name
-    shown = {k: v for k, v in overrides.items() if k not in NON_SEMANTIC_KEYS}
+    skip = non_semantic_keys(cfg)  # an image folder's root names its dataset: shown
+    shown = {k: v for k, v in overrides.items() if k not in skip}
     shorts = [k.split(".")[-1] for k in shown]
     parts = [f"{k if shorts.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={_fmt(v)}" for k, v in shown.items()]
     p = cfg.prune
@@ -268,7 +273,7 @@ def expand(spec: SweepSpec) -> list[PlanEntry]:
     preflight_memo: dict[str, Any] = {}  # one throwaway model per distinct data shape and model config
     for i, combo in enumerate(combinations(spec)):
         d = json.loads(json.dumps(base, default=str)) if _jsonable(base) else dict(base)
-        for k, v in {**combo, **{k: v for k, v in spec.overrides.items() if k not in spec.grid}}.items():
+        for k, v in {**combo, **{k: v for k, v in spec.overrides.items() if k not in combo}}.items():
             set_dotted(d, k, v)
         cfg = ExperimentConfig.from_dict(d, lines=lines, validate=False)  # type errors / unknown keys: abort
         entry = PlanEntry(i, combo, cfg, cfg.config_hash())
@@ -338,15 +343,12 @@ class HashState:
 def plan_sweep(entries: list[PlanEntry], tracker: Tracker | None, experiment: str) -> list[PlanEntry]:
     """Set each entry's status from the store: finished-skip, running (elsewhere), redo or new.
 
-    Reads only: a dry run on a store that does not exist yet creates nothing.
+    Reads only: a dry run on a store that does not exist yet creates nothing. A deleted experiment
+    counts as absent, every config new: the sweep starts over in a new experiment of that name and
+    leaves the deleted one, old runs included, in the bin (:meth:`Tracker.ensure_experiment`).
     """
-    if tracker is None:
-        return entries
-    db = sqlite_path(tracker.uri)
-    if db is not None and not db.exists():
-        return entries
-    exp = tracker.client.get_experiment_by_name(experiment)
-    if exp is None:
+    exp = _stored_experiment(tracker, experiment)
+    if exp is None or exp.lifecycle_stage == "deleted":
         return entries
     by_hash: dict[str, list[Run]] = {}
     for r in tracker.runs(exp.experiment_id):
@@ -370,17 +372,38 @@ def plan_sweep(entries: list[PlanEntry], tracker: Tracker | None, experiment: st
     return entries
 
 
+def _stored_experiment(tracker: Tracker | None, experiment: str) -> Experiment | None:
+    """The store's experiment of that name, deleted or not; ``None`` without opening (creating) a missing store."""
+    if tracker is None:
+        return None
+    db = sqlite_path(tracker.uri)
+    if db is not None and not db.exists():
+        return None
+    return tracker.client.get_experiment_by_name(experiment)
+
+
+def plan_notes(tracker: Tracker | None, experiment: str) -> list[str]:
+    """What the plan's lines do not say about the store: a deleted experiment is started over."""
+    exp = _stored_experiment(tracker, experiment)
+    if exp is None or exp.lifecycle_stage != "deleted":
+        return []
+    old = len(tracker.runs(exp.experiment_id, deleted=True))
+    return [f"experiment {experiment!r} was deleted: starting over, {old} old run{'s' * (old != 1)} ignored "
+            f"(the deleted experiment stays in MLflow's bin as "
+            f"{retired_name(experiment, exp.experiment_id)!r})"]
+
+
 def _why_stale(r: Run) -> str:
     return "interrupted (RUNNING, owner gone)" if r.info.status == "RUNNING" else r.info.status
 
 
-def format_plan(entries: Sequence[PlanEntry], experiment: str, uri: str) -> str:
+def format_plan(entries: Sequence[PlanEntry], experiment: str, uri: str, notes: Sequence[str] = ()) -> str:
     counts: dict[str, int] = {}
     for e in entries:
         counts[e.status] = counts.get(e.status, 0) + 1
     head = (f"sweep {experiment!r} -> {uri}: {len(entries)} combinations; "
             + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    lines = [head]
+    lines = [head, *(f"  note: {n}" for n in notes)]
     for e in entries:
         h = e.config_hash or "-" * 16
         line = f"  #{e.index:<3} {h}  {e.status:<13}  {e.label()}"

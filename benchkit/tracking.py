@@ -73,6 +73,11 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def retired_name(name: str, experiment_id: str) -> str:
+    """The name a deleted experiment keeps in the bin once a new one took its name (see ``ensure_experiment``)."""
+    return f"{name}.deleted-{experiment_id}"
+
+
 def sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):].split("?", 1)[0])
@@ -335,28 +340,68 @@ class Tracker:
         return (db.parent / "mlartifacts" / f"{slug}-{stable_hash(name, 6)}").as_uri()
 
     def ensure_experiment(self, name: str) -> str:
-        """Experiment id for ``name``, created (or restored from the bin) if needed; race-safe."""
+        """Experiment id for ``name``, created if needed; race-safe.
+
+        A *deleted* experiment of that name is not brought back: whoever deleted it meant to start over,
+        and restoring it restores its runs, so every config would be skipped as FINISHED. MLflow keeps
+        the name of a deleted experiment taken until ``mlflow gc`` purges it, and purging is not part of
+        its client API (a tracking server does not offer it), so the deleted experiment is moved aside
+        with calls that a sqlite store and an ``mlflow server`` both allow: restored, renamed
+        ``<name>.deleted-<id>`` (:func:`retired_name`) and deleted again, runs included. It stays in the
+        bin as it was, restorable under that name and purged by ``mlflow gc`` as before, and a new
+        experiment takes ``name``. :func:`benchkit.sweep.plan_sweep` plans exactly that (every config
+        new). A sweep that looks the name up during the moment it is restored sees the old runs.
+        """
         exp = with_retry(self.client.get_experiment_by_name, name)
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            self._retire_deleted(exp.experiment_id, name)
+            exp = None
         if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                with_retry(self.client.restore_experiment, exp.experiment_id)
             return exp.experiment_id
         try:
             return with_retry(self.client.create_experiment, name, artifact_location=self.artifact_location(name))
         except Exception as e:  # another process created it between our two calls
             exp = with_retry(self.client.get_experiment_by_name, name)
-            if exp is None:
+            if exp is None or exp.lifecycle_stage == "deleted":
                 raise RuntimeError(f"could not create MLflow experiment {name!r} at {self.uri}: {e}") from e
             return exp.experiment_id
 
+    def _retire_deleted(self, experiment_id: str, name: str, attempts: int = 20) -> None:
+        """Move the deleted experiment off ``name`` (restore → rename → delete), one step per state, so two
+        sweeps doing it at once both end with it retired: each re-reads the state after a step fails."""
+        retired = retired_name(name, experiment_id)
+        steps: dict[tuple[str, str], Callable[[], Any]] = {
+            (name, "deleted"): lambda: self.client.restore_experiment(experiment_id),
+            (name, "active"): lambda: self.client.rename_experiment(experiment_id, retired),
+            (retired, "active"): lambda: self.client.delete_experiment(experiment_id),
+        }
+        error: Exception | None = None
+        for _ in range(attempts):
+            exp = with_retry(self.client.get_experiment, experiment_id)
+            step = steps.get((exp.name, exp.lifecycle_stage))
+            if step is None:  # retired (by us or a concurrent sweep), or renamed by someone: the name is free
+                return
+            try:
+                with_retry(step)
+            except Exception as e:  # noqa: BLE001 - another sweep took this step first: read the state again
+                error = e
+                time.sleep(0.05 * (1 + random.random()))
+        raise RuntimeError(f"could not move the deleted MLflow experiment {name!r} (id {experiment_id}) aside "
+                           f"at {self.uri}: {error}")
+
     # ------------------------------------------------------------------ runs
-    def runs(self, experiment_id: str, config_hash: str | None = None) -> list[Run]:
-        """All active runs of the experiment (optionally of one config hash), every page."""
+    def runs(self, experiment_id: str, config_hash: str | None = None, *, deleted: bool = False) -> list[Run]:
+        """All active runs of the experiment (optionally of one config hash; the deleted ones on request),
+        every page."""
+        from mlflow.entities import ViewType
+
         filt = f"tags.`{TAG_HASH}` = '{config_hash}'" if config_hash else ""
+        view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
         out: list[Run] = []
         token = None
         while True:
-            page = with_retry(self.client.search_runs, [experiment_id], filt, max_results=1000, page_token=token)
+            page = with_retry(self.client.search_runs, [experiment_id], filt, view, max_results=1000,
+                              page_token=token)
             out.extend(page)
             token = page.token
             if not token:

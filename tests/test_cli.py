@@ -119,6 +119,58 @@ def test_report_filters_and_formats(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_report_and_ui_refuse_a_store_that_does_not_exist_and_do_not_create_it(tmp_path, monkeypatch, capsys):
+    """Opening a missing sqlite file creates an empty store: a wrong folder or a typo would read as '(no runs)'."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"ui started a server: {a}"))
+    assert main(["report"]) == 2  # the default store, sqlite:///mlflow.db here
+    err = capsys.readouterr().err
+    assert f"no MLflow store at {tmp_path / 'mlflow.db'}" in err and "run a sweep first" in err
+    assert "--tracking-uri" in err
+    for command in (["report", "-e", "x"], ["ui"]):
+        assert main([*command, "--tracking-uri", "sqlite:///nope.db"]) == 2
+        assert f"no MLflow store at {tmp_path / 'nope.db'}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_columns_take_the_names_the_table_shows(tmp_path, capsys):
+    """Every header of the default table is a valid -c / --sort name; `name` is the run name; an unknown
+    column is answered with close matches, not the list of every column."""
+    from benchkit.tracking import TAG_HASH
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    exp = tracker.ensure_experiment("cols")
+    for i, criterion in enumerate(["magnitude", "random"]):
+        cfg = ExperimentConfig.from_dict({"prune": {"criterion": criterion}})
+        run_id = tracker.start_run(exp, cfg, run_name=f"criterion={criterion}", tags={TAG_HASH: cfg.config_hash()})
+        tracker.log_metrics(run_id, [("test_acc1", 0.5 + i / 4, 0)])
+        tracker.end_run(run_id)
+
+    def report(*args: str) -> pd.DataFrame:
+        assert main(["report", "--tracking-uri", uri, "--format", "csv", *args]) == 0
+        return pd.read_csv(io.StringIO(capsys.readouterr().out))
+
+    default = report("--sort", "run")
+    assert list(default.columns) == ["run", "status", "hash", "prune.criterion", "test_acc1"]
+    assert list(default["run"]) == ["criterion=magnitude", "criterion=random"]
+    for col in default.columns:  # one at a time, and all at once: the default table again
+        assert list(report("-c", col).columns) == [col]
+    pd.testing.assert_frame_equal(report("-c", ",".join(default.columns), "--sort", "run"), default)
+    for name in ("name", "run_name"):  # the run name (the config's name when it has one), once
+        assert report("-c", f"run,{name}", "--sort=-" + name)["run"].tolist() == default["run"][::-1].tolist()
+    assert report("-c", "params.name")["name"].isna().all()  # the config's own `name` param stays reachable
+
+    assert main(["report", "--tracking-uri", uri, "-c", "run,test_acc9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no column 'test_acc9'; did you mean 'test_acc1'" in err and "prune.granularity" not in err
+    assert len(err) < 300, err
+    assert main(["report", "--tracking-uri", uri, "--sort", "zzzqqq"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no column 'zzzqqq'" in err and len(err) < 300, err
+
+
 # --------------------------------------------------------------------------------------------- resume after kill -9
 def test_sweep_killed_with_sigkill_resumes_to_exactly_one_finished_run_per_config(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

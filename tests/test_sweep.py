@@ -104,6 +104,26 @@ def test_cli_override_pins_a_grid_axis(tmp_path):
     assert {e.config.seed for e in entries} == {5} and {e.config.train.lr for e in entries} == {0.01}
 
 
+def test_cli_override_pins_a_zip_axis_and_labels_show_the_values_run(tmp_path, capsys):
+    """The plan label, run name and overrides tag come from PlanEntry.overrides: they must say what runs."""
+    from benchkit.sweep import run_name
+
+    p = write(tmp_path, BASE + "zip:\n  prune.criterion: [magnitude, random]\n  seed: [0, 1]\n")
+    entries = expand(load_sweep(p, ["seed=5"]))
+    assert [e.overrides for e in entries] == [{"prune.criterion": "magnitude", "seed": 5},
+                                              {"prune.criterion": "random", "seed": 5}]
+    for e in entries:
+        assert e.status == "new" and e.config.seed == 5 and e.config.prune.criterion == e.overrides["prune.criterion"]
+        assert "seed=5" in e.label() and "seed=5" in run_name(e.config, e.overrides)
+    # pinning the only column that differs makes the rows one config: the second is a duplicate
+    assert [e.status for e in expand(load_sweep(p, ["prune.criterion=random", "seed=5"]))] == ["new", "duplicate"]
+    store = tmp_path / "mlflow.db"
+    assert main(["sweep", str(p), "--dry-run", "--tracking-uri", f"sqlite:///{store}", "seed=5"]) == 0
+    plan = capsys.readouterr().out.splitlines()[1:]
+    assert len(plan) == 2 and all("seed=5" in line and "seed=0" not in line and "seed=1" not in line
+                                  for line in plan), plan
+
+
 # --------------------------------------------------------------------------------------------- bad files
 BAD = {
     "unknown top-level key": ("grdi:\n  seed: [0]\n", "'grdi'", 7),
@@ -209,6 +229,47 @@ def test_plan_reads_statuses_from_the_store(tmp_path):
     assert os.path.exists(tmp_path / "mlflow.db")
 
 
+def test_a_deleted_experiment_starts_over_and_the_plan_says_so(tmp_path, capsys):
+    """Deleting the experiment means starting over: the plan says new (and why), every config runs again
+    once, into a new experiment; the deleted one keeps its runs in the bin instead of being restored."""
+    from mlflow import MlflowClient
+
+    from benchkit.tracking import retired_name
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write(tmp_path, BASE + f"  output_dir: {tmp_path / 'runs'}\ngrid:\n  seed: [0, 1]\n")
+    assert main(["sweep", str(p), "--tracking-uri", uri]) == 0
+    tracker = Tracker(uri)
+    old = tracker.client.get_experiment_by_name("unit").experiment_id
+    old_runs = {r.info.run_id for r in tracker.runs(old)}
+    assert len(old_runs) == 2
+    MlflowClient(uri).delete_experiment(old)
+    capsys.readouterr()
+
+    assert main(["sweep", str(p), "--dry-run", "--tracking-uri", uri]) == 0
+    dry = capsys.readouterr().out.splitlines()
+    assert "2 combinations; 2 new" in dry[0]
+    assert "experiment 'unit' was deleted: starting over, 2 old runs ignored" in dry[1]
+    assert sum(" new " in line for line in dry[2:]) == 2
+    assert tracker.client.get_experiment(old).lifecycle_stage == "deleted"  # the dry run changed nothing
+
+    assert main(["sweep", str(p), "--tracking-uri", uri]) == 0
+    assert "2 finished" in capsys.readouterr().out
+    new = tracker.client.get_experiment_by_name("unit")
+    assert new.lifecycle_stage == "active" and new.experiment_id != old
+    runs = tracker.runs(new.experiment_id)
+    planned = {e.config_hash for e in expand(load_sweep(p))}
+    assert sorted(r.data.tags[TAG_HASH] for r in runs) == sorted(planned)  # each config exactly once
+    assert {r.info.status for r in runs} == {"FINISHED"} and not old_runs & {r.info.run_id for r in runs}
+    binned = tracker.client.get_experiment(old)
+    assert binned.lifecycle_stage == "deleted" and binned.name == retired_name("unit", old)
+    assert {r.info.run_id for r in tracker.runs(old, deleted=True)} == old_runs
+
+    assert main(["sweep", str(p), "--dry-run", "--tracking-uri", uri]) == 0  # resumes as usual from here
+    dry = capsys.readouterr().out.splitlines()
+    assert "2 finished-skip" in dry[0] and not any("note:" in line for line in dry)
+
+
 # --------------------------------------------------------------------------------------------- model-dependent checks
 def test_plan_refuses_layer_patterns_and_model_kwargs_that_fit_no_model(tmp_path, capsys, monkeypatch):
     """What the experiment's preflight would refuse (a glob matching no layer, an unknown model kwarg, N:M
@@ -288,3 +349,12 @@ def test_threads_tag_is_the_runs_thread_count(tmp_path, monkeypatch):
             assert tag == str(seen[-1]) == str(threads or torch.get_num_threads())
     finally:
         torch.set_num_threads(before)
+
+
+def test_run_names_show_an_image_folder_root_and_hide_other_roots():
+    from benchkit.sweep import run_name
+
+    folder = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": "/d/dogs"}}, validate=False)
+    mnist = ExperimentConfig.from_dict({"data": {"name": "mnist", "root": "/d/mnist"}}, validate=False)
+    assert run_name(folder, {"data.root": "/d/dogs", "seed": 0}) == "root=/d/dogs seed=0"  # it names the dataset
+    assert run_name(mnist, {"data.root": "/d/mnist", "seed": 0}) == "seed=0"  # only where the files are

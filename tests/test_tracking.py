@@ -90,6 +90,41 @@ def test_result_rows_history_by_phase_and_levels_by_branch():
     assert ("level_sparsity", 0.5, 3) in level_rows([{"update": 3, "step": 90, "sparsity": 0.5}])
 
 
+def test_deleted_experiment_is_moved_aside_not_restored_even_by_two_sweeps_at_once(tmp_path):
+    """ensure_experiment on a deleted experiment: a new one takes the name; the old one stays in the bin with
+    its runs, renamed. Two trackers doing it at once agree on the new experiment."""
+    import threading
+
+    from benchkit.tracking import retired_name
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    old = tracker.ensure_experiment("gone")
+    run_id = tracker.client.create_run(old).info.run_id
+    tracker.client.delete_experiment(old)
+    trackers = [Tracker(uri), Tracker(uri)]
+    for t in trackers:
+        _ = t.client  # open the store first: the threads race on the experiment, not on the migration
+    got: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def ensure(t: Tracker) -> None:
+        barrier.wait()
+        got.append(t.ensure_experiment("gone"))
+
+    threads = [threading.Thread(target=ensure, args=(t,)) for t in trackers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert len(got) == 2 and got[0] == got[1] != old
+    assert tracker.client.get_experiment(got[0]).lifecycle_stage == "active" and tracker.runs(got[0]) == []
+    binned = tracker.client.get_experiment(old)
+    assert binned.name == retired_name("gone", old) and binned.lifecycle_stage == "deleted"
+    assert [r.info.run_id for r in tracker.runs(old, deleted=True)] == [run_id]
+    assert tracker.ensure_experiment("gone") == got[0]  # live now: used as it is
+
+
 # --------------------------------------------------------------------------------------------- end to end
 SWEEP = """\
 experiment: e2e
