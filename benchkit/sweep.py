@@ -178,6 +178,10 @@ def _excludes(raw: Any, lines: dict[str, int]) -> list[dict[str, Any]]:
         if not item.get("reason"):
             raise ConfigError(f"exclude[{i}]{where('exclude', lines)} needs a `reason:` saying why the "
                               "combination is excluded")
+        if not item["match"]:  # matches every combination: surely not meant
+            raise ConfigError(f"exclude[{i}]{where('exclude', lines)} has an empty `match:`, which would exclude "
+                              "every combination; name the key(s) and value(s) to exclude, e.g. "
+                              "{match: {prune.timing: lottery, prune.criterion: snip}, reason: ...}")
         for key in item["match"]:
             check_key(str(key), f"exclude[{i}].match", lines, "exclude")
         out.append({"match": {str(k): v for k, v in item["match"].items()}, "reason": str(item["reason"])})

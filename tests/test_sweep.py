@@ -134,6 +134,7 @@ BAD = {
     "value not a list": ("grid:\n  seed: 3\n", "grid.seed", 8),
     "zip lengths differ": ("zip:\n  seed: [0, 1]\n  prune.compression: [2]\n", "same length", 8),
     "exclude without reason": ("grid:\n  seed: [0]\nexclude:\n  - match: {seed: 0}\n", "reason", 9),
+    "exclude matching everything": ("grid:\n  seed: [0]\nexclude:\n  - match: {}\n    reason: x\n", "empty `match:`", 9),
     "exclude key unknown": ("grid:\n  seed: [0]\nexclude:\n  - match: {sed: 0}\n    reason: x\n", "'sed'", 9),
     "typo in a grid value": ("grid:\n  prune.criterion: [magnitude, magnitud]\n", "magnitud", 8),
     "unknown key in base": ("grid:\n  seed: [0]\n", "'train.epoch'", 5),
