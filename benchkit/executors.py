@@ -31,6 +31,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as mp_wait
@@ -39,7 +40,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from benchkit.registry import Registry
-from benchkit.sweep import INTERRUPT_DEFERRED, INTERRUPT_HANDLED, RunOutcome, RunTask, cores
+from benchkit.sweep import (
+    INTERRUPT_DEFERRED,
+    INTERRUPT_HANDLED,
+    INTERRUPT_PENDING,
+    RunOutcome,
+    RunTask,
+    cores,
+)
 
 EXECUTORS: Registry[type] = Registry("executor")
 RunFn = Callable[[RunTask], RunOutcome]
@@ -122,15 +130,43 @@ class SerialExecutor:
     def run(self, fn: RunFn, tasks: Sequence[RunTask]) -> Iterator[RunOutcome]:
         if self.threads:
             set_torch_threads(self.threads)
-        for task in tasks:
-            outcome = fn(task)
-            if outcome.status == "killed":  # run_tracked swallowed the KeyboardInterrupt to mark the run
-                self._killed.append(outcome)
-                raise KeyboardInterrupt
-            yield outcome
+        with _deferrable_sigint():
+            for task in tasks:
+                outcome = fn(task)
+                if outcome.status == "killed":  # run_tracked swallowed the KeyboardInterrupt to mark the run
+                    self._killed.append(outcome)
+                    raise KeyboardInterrupt
+                if INTERRUPT_PENDING.is_set():  # Ctrl-C while the finished run was being closed: stop here
+                    raise KeyboardInterrupt
+                yield outcome
 
     def interrupted_outcomes(self) -> list[RunOutcome]:
         return self._killed
+
+
+@contextmanager
+def _deferrable_sigint() -> Iterator[None]:
+    """Ctrl-C as usual (KeyboardInterrupt), except while run_tracked creates or closes its run
+    (``INTERRUPT_DEFERRED``): an interrupt there would leave a RUNNING run that nobody marks, so it is
+    remembered (``INTERRUPT_PENDING``) and acted on right after. Only from the main thread, where
+    Python delivers signals; elsewhere the default handling stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if INTERRUPT_DEFERRED.is_set():
+            INTERRUPT_PENDING.set()
+        elif not INTERRUPT_HANDLED.is_set():  # a run already marking itself KILLED finishes that first
+            raise KeyboardInterrupt
+
+    INTERRUPT_PENDING.clear()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        INTERRUPT_PENDING.clear()
 
 
 # --------------------------------------------------------------------------------------------- process pool

@@ -452,6 +452,10 @@ INTERRUPT_HANDLED = threading.Event()
 #: Set while run_tracked creates its run: an interrupt there would leave a RUNNING run nobody marks, so
 #: the worker's stop request waits (the parent watcher repeats it every second) until the claim is made.
 INTERRUPT_DEFERRED = threading.Event()
+#: A Ctrl-C that arrived while INTERRUPT_DEFERRED was set, in a sweep that runs in its own process (the
+#: serial executor's SIGINT handler sets it): acted on as soon as the deferral ends, since a user's one
+#: Ctrl-C is not repeated the way a pool worker's stop request is.
+INTERRUPT_PENDING = threading.Event()
 
 
 _HEAP_FROZEN = False
@@ -508,6 +512,8 @@ def run_tracked(task: RunTask) -> RunOutcome:
     finally:
         INTERRUPT_DEFERRED.clear()
     try:
+        if INTERRUPT_PENDING.is_set():  # Ctrl-C while the run was being created: it is ours to mark KILLED
+            raise KeyboardInterrupt
         others = [r for r in tracker.runs(exp_id, h) if r.info.run_id != run_id]
         state = HashState.of(others)
         earlier_alive = [r for r in state.alive if (r.info.start_time, r.info.run_id) < (started, run_id)]
@@ -532,9 +538,13 @@ def run_tracked(task: RunTask) -> RunOutcome:
     except Exception as e:  # noqa: BLE001 - a failing config must not stop the sweep
         tracker.fail_run(run_id, e, status="FAILED")
         return RunOutcome(task.index, h, "failed", run_id, time.time() - t0, f"{type(e).__name__}: {e}")
-    tracker.end_run(run_id, "FINISHED")
-    if stale or state.alive:  # a later claimant yields to us; only these cases can leave extra runs
-        _settle(tracker, exp_id, h)
+    INTERRUPT_DEFERRED.set()  # trained and logged: a Ctrl-C now stops the sweep after this run is FINISHED
+    try:
+        tracker.end_run(run_id, "FINISHED")
+        if stale or state.alive:  # a later claimant yields to us; only these cases can leave extra runs
+            _settle(tracker, exp_id, h)
+    finally:
+        INTERRUPT_DEFERRED.clear()
     metrics = {k: float(result.metrics[k]) for k in SUMMARY_METRICS if k in (result.metrics or {})}
     return RunOutcome(task.index, h, "finished", run_id, time.time() - t0, metrics=metrics)
 

@@ -359,3 +359,36 @@ def test_run_names_show_an_image_folder_root_and_hide_other_roots():
     mnist = ExperimentConfig.from_dict({"data": {"name": "mnist", "root": "/d/mnist"}}, validate=False)
     assert run_name(folder, {"data.root": "/d/dogs", "seed": 0}) == "root=/d/dogs seed=0"  # it names the dataset
     assert run_name(mnist, {"data.root": "/d/mnist", "seed": 0}) == "seed=0"  # only where the files are
+
+
+@pytest.mark.parametrize("moment", ["creating", "closing"])
+def test_ctrl_c_while_a_serial_run_is_created_or_closed_leaves_no_running_run(tmp_path, monkeypatch, moment):
+    """A Ctrl-C landing inside the calls that create or close a run (a few ms each) is held until
+    they return: the run created is marked KILLED, the run being closed ends FINISHED, and the
+    sweep stops there (exit 130) with no run left RUNNING and no further run started."""
+    import signal
+
+    from benchkit import tracking
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    p = write(tmp_path, BASE + "grid:\n  seed: [0, 1, 2]\n")
+    real_start, real_end = tracking.Tracker.start_run, tracking.Tracker.end_run
+
+    def start_run(self, *args, **kwargs):
+        if moment == "creating":
+            os.kill(os.getpid(), signal.SIGINT)  # lands between the run's creation and our return
+        return real_start(self, *args, **kwargs)
+
+    def end_run(self, run_id, status="FINISHED"):
+        if moment == "closing" and status == "FINISHED":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_end(self, run_id, status)
+
+    monkeypatch.setattr(tracking.Tracker, "start_run", start_run)
+    monkeypatch.setattr(tracking.Tracker, "end_run", end_run)
+    assert main(["sweep", str(p), "--tracking-uri", uri]) == 130
+    monkeypatch.setattr(tracking.Tracker, "start_run", real_start)
+    monkeypatch.setattr(tracking.Tracker, "end_run", real_end)
+    client = Tracker(uri).client
+    runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED" if moment == "creating" else "FINISHED"]
