@@ -188,7 +188,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(df) and not args.all:
         df = df[df["status"] == "FINISHED"]
     table = select_columns(df, args.columns)
-    if args.sort:
+    if args.sort and len(table):  # no runs (yet, or after the filter): nothing to sort, "(no runs)"
         col = resolve_column(table, args.sort.lstrip("-"))
         numeric = pd.to_numeric(table[col], errors="coerce")  # params are strings: sort 10 after 4
         key = (lambda c: numeric) if numeric.notna().all() else None

@@ -169,6 +169,10 @@ def test_report_columns_take_the_names_the_table_shows(tmp_path, capsys):
     assert main(["report", "--tracking-uri", uri, "--sort", "zzzqqq"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no column 'zzzqqq'" in err and len(err) < 300, err
+    # a filter that leaves no runs: "(no runs)", whatever --sort names
+    assert main(["report", "--tracking-uri", uri, "--filter", "params.`prune.criterion` = 'snip'",
+                 "--sort=-test_acc1"]) == 0
+    assert capsys.readouterr().out.strip() == "(no runs)"
 
 
 # --------------------------------------------------------------------------------------------- resume after kill -9
