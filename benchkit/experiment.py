@@ -187,12 +187,16 @@ def plan_preflight(cfg: ExperimentConfig, memo: dict[str, Any] | None = None) ->
 
 
 def write_result(result: RunResult, folder: Path) -> Path:
-    """``config.yaml, metrics.json, history.csv, levels.csv, layers.csv, model.pt`` in ``folder``."""
+    """``config.yaml, metrics.json, history.csv, levels.csv, layers.csv, model.pt`` in ``folder``; a run
+    with no rounds or levels (``pre``, a dense baseline) has no ``levels.csv``: an empty file is no CSV."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(result.config.to_yaml())
     (folder / "metrics.json").write_text(json.dumps(_json_safe(result.metrics), indent=2, sort_keys=True))
-    pd.DataFrame(result.history).to_csv(folder / "history.csv", index=False)
-    pd.DataFrame(result.levels).to_csv(folder / "levels.csv", index=False)
+    for name, rows in (("history.csv", result.history), ("levels.csv", result.levels)):
+        if rows:
+            pd.DataFrame(rows).to_csv(folder / name, index=False)
+        else:
+            (folder / name).unlink(missing_ok=True)
     result.layers.to_csv(folder / "layers.csv", index=False)
     torch.save(result.state_dict, folder / "model.pt")
     return folder

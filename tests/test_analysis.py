@@ -204,6 +204,16 @@ def test_layer_density_bars_from_artifact_beside_reference(store):
         ba.load_artifact_table(run_id, "nope.csv", tracking_uri=store.uri)
 
 
+def test_an_empty_csv_artifact_reads_as_an_empty_table(tmp_path):
+    """What runs without rounds or levels (pre, a dense baseline) once logged as levels.csv."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("empty-levels")).info.run_id
+    (tmp_path / "levels.csv").write_text("\n")
+    client.log_artifact(run_id, str(tmp_path / "levels.csv"))
+    assert ba.load_artifact_table(run_id, "levels.csv", tracking_uri=uri).empty
+
+
 def test_artifacts_are_found_when_the_store_folder_moves(tmp_path):
     """A committed results store is read from wherever it is cloned: MLflow recorded absolute artifact
     paths, benchkit keeps them in mlartifacts/ beside the database, so the folder can move whole."""

@@ -94,6 +94,10 @@ def test_same_config_and_seed_give_identical_results(tmp_path, monkeypatch, timi
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
     different = PruningExperiment(cfg.replace(seed=1)).run()
     assert not all(torch.equal(a.masks[k], different.masks[k]) for k in a.masks)
+    # the output folder: a run without rounds or levels writes no (empty, unreadable) levels.csv
+    assert (a.output_dir / "levels.csv").is_file() == bool(a.levels)
+    if a.levels:
+        assert len(pd.read_csv(a.output_dir / "levels.csv")) == len(a.levels)
 
 
 def test_dense_model_is_trained_once_per_key(tmp_path, monkeypatch):

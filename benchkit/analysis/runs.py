@@ -355,7 +355,10 @@ def load_artifact_table(run_id: str, path: str = "layers.csv", *, tracking_uri: 
             raise FileNotFoundError(
                 f"run {run_id} has no artifact {path!r} ({type(e).__name__}); its artifacts: {listed}"
             ) from e
-        return pd.read_csv(Path(local))
+        try:
+            return pd.read_csv(Path(local))
+        except pd.errors.EmptyDataError:  # runs logged before empty tables were skipped: an empty file
+            return pd.DataFrame()
 
 
 def _moved_artifact(client: MlflowClient, run_id: str, path: str) -> Path | None:
