@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from benchkit.config import ExperimentConfig, non_semantic_keys, stable_hash
+from benchkit.config import ExperimentConfig, non_semantic_keys, root_is_dataset, stable_hash
 
 # Code changes in the files of DENSE_SOURCE_MODULES invalidate entries by themselves (their source is
 # hashed into the key). Bump this for changes elsewhere that alter a dense model's numbers.
@@ -56,7 +56,7 @@ def dense_key_material(cfg: ExperimentConfig, device_type: str) -> dict[str, Any
         return {k: v for k, v in values.items() if f"{name}.{k}" not in skip}
 
     data = section("data")
-    if cfg.data.name == "imagefolder":
+    if root_is_dataset(cfg.data.name):
         # The folder is the dataset: with data.root unset it comes from $BENCHKIT_DATA or the user cache,
         # so the written root alone would let a model trained on one folder be served for another.
         from benchkit.data import imagefolder_root

@@ -267,10 +267,18 @@ NON_SEMANTIC_KEYS = frozenset(
 )
 
 
+#: Datasets whose ``data.root`` *is* the dataset (an image folder), not just where a torchvision
+#: dataset is stored: for them the root is part of the hash, the dense-cache key and the run's label.
+ROOT_IS_DATASET = frozenset({"imagefolder"})
+
+
+def root_is_dataset(name: Any) -> bool:
+    return str(name).lower() in ROOT_IS_DATASET
+
+
 def non_semantic_keys(cfg: ExperimentConfig) -> frozenset[str]:
-    """:data:`NON_SEMANTIC_KEYS` for this config: for ``imagefolder`` the root *is* the dataset (not just
-    where a torchvision dataset is stored), so it stays in the hash and the dense-cache key."""
-    if cfg.data.name == "imagefolder":
+    """:data:`NON_SEMANTIC_KEYS` for this config (less ``data.root`` where :data:`ROOT_IS_DATASET`)."""
+    if root_is_dataset(cfg.data.name):
         return NON_SEMANTIC_KEYS - {"data.root"}
     return NON_SEMANTIC_KEYS
 

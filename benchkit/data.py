@@ -254,10 +254,11 @@ def imagefolder_candidates(cfg: DataConfig) -> list[Path]:
     return candidates + [r / "imagenet" for r in data_roots(DataConfig(root=None))]
 
 
-def imagefolder_root(cfg: DataConfig) -> Path | None:
-    """The folder ``imagefolder`` reads (the first candidate with ``train/`` and ``val/``), or None. The
-    dense-model cache keys on it too: it *is* the dataset."""
-    return next((c for c in imagefolder_candidates(cfg) if (c / "train").is_dir() and (c / "val").is_dir()), None)
+def imagefolder_root(cfg: DataConfig, candidates: list[Path] | None = None) -> Path | None:
+    """The folder ``imagefolder`` reads (the first of ``candidates``, default :func:`imagefolder_candidates`,
+    with ``train/`` and ``val/``), or None. The dense-model cache keys on it too: it *is* the dataset."""
+    candidates = imagefolder_candidates(cfg) if candidates is None else candidates
+    return next((c for c in candidates if (c / "train").is_dir() and (c / "val").is_dir()), None)
 
 
 @DATASETS.register("imagefolder")
@@ -272,7 +273,7 @@ def imagefolder(cfg: DataConfig) -> Source:
     from torchvision import transforms as T
 
     candidates = imagefolder_candidates(cfg)
-    root = imagefolder_root(cfg)
+    root = imagefolder_root(cfg, candidates)
     if root is None:
         raise DataNotFoundError(
             "dataset 'imagefolder' not found. Looked in:\n" + "\n".join(f"  - {c}" for c in candidates)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from benchkit.analysis.runs import CONFIG_COLUMNS, metric_columns, param_columns
-from benchkit.config import NON_SEMANTIC_KEYS
+from benchkit.config import NON_SEMANTIC_KEYS, root_is_dataset
 
 # The sweep axes, in the order a reader scans a table.
 STRATEGY_COLUMNS = ("model", "data", "timing", "criterion", "granularity", "scope", "compression")
@@ -42,8 +42,8 @@ def strategy_columns(runs: pd.DataFrame) -> list[str]:
     cols = [c for c in STRATEGY_COLUMNS if c in runs]
     skip = NON_SEMANTIC_KEYS
     datasets = runs["data"] if "data" in runs else runs.get("data.name")
-    if datasets is not None and (datasets.astype(str).str.lower() == "imagefolder").any():
-        skip = skip - {"data.root"}  # an image folder's root is the dataset itself (config.non_semantic_keys)
+    if datasets is not None and datasets.map(root_is_dataset).any():
+        skip = skip - {"data.root"}  # an image folder's root is the dataset itself
     for c in param_columns(runs):
         if c in SEED_KEYS or c in skip or c in _ALIASED or c in CONFIG_COLUMNS:
             continue

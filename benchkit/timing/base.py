@@ -268,13 +268,21 @@ def pruned_groups(model: nn.Module, p: PruneConfig) -> tuple[list[str], dict[str
     """Layer names of the jointly-pruned set, and each overridden layer with its compression."""
     names = list(prunable_layers(model))
     excluded = set(resolve_patterns(p.exclude, names, "prune.exclude"))
-    overrides: dict[str, float] = {}
-    for pattern, c in p.overrides.items():
-        for name in resolve_patterns([pattern], names, "prune.overrides"):
-            if name not in excluded:
-                overrides.setdefault(name, float(c))
+    overrides = per_layer_values(p.overrides, names, excluded, "prune.overrides")
     main = [n for n in names if n not in excluded and n not in overrides]
     return main, overrides
+
+
+def per_layer_values(by_glob: dict[str, float], names: list[str], excluded: set[str], key: str) -> dict[str, float]:
+    """Layer glob → value (``prune.overrides``, ``lottery.layer_rates``) resolved to layer names, the first
+    matching glob winning. A glob also matching excluded layers skips them: ``fc*`` with ``exclude: [fc3]``
+    means the fc layers that are pruned."""
+    values: dict[str, float] = {}
+    for pattern, v in by_glob.items():
+        for name in resolve_patterns([pattern], names, key):
+            if name not in excluded:
+                values.setdefault(name, float(v))
+    return values
 
 
 def weight_density(model: nn.Module, names: Iterable[str]) -> tuple[int, int]:

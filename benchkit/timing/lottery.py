@@ -32,7 +32,7 @@ from benchkit.config import ConfigError, ExperimentConfig, stable_hash
 from benchkit.pruning.layers import prunable_layers, resolve_patterns
 from benchkit.pruning.masks import apply_masks, get_masks, load_weights, plain_state_dict
 from benchkit.timing import TIMINGS
-from benchkit.timing.base import RunContext, Timing, compression_summary, is_n_m
+from benchkit.timing.base import RunContext, Timing, compression_summary, is_n_m, per_layer_values
 
 CRITERIA = ("magnitude", "random")
 CONTROLS = ("reinit", "random")
@@ -47,20 +47,6 @@ def lottery_rate(cfg: ExperimentConfig) -> float:
     if target is not None:
         return 1.0 - target ** (-1.0 / lt.levels)
     return DEFAULT_RATE
-
-
-def resolve_layer_rates(model: nn.Module, cfg: ExperimentConfig) -> dict[str, float]:
-    """``lottery.layer_rates`` globs resolved to layer names (the first matching pattern wins). A
-    glob also matching excluded layers skips them, as ``prune.overrides`` globs do: ``fc*`` with
-    ``exclude: [fc3]`` means the fc layers that are pruned."""
-    names = list(prunable_layers(model))
-    excluded = set(resolve_patterns(cfg.prune.exclude, names, "prune.exclude"))
-    rates: dict[str, float] = {}
-    for pattern, r in cfg.prune.lottery.layer_rates.items():
-        for name in resolve_patterns([pattern], names, "prune.lottery.layer_rates"):
-            if name not in excluded:
-                rates.setdefault(name, r)
-    return rates
 
 
 def control_seed(seed: int, control: str, level: int) -> int:
@@ -94,7 +80,9 @@ class LotteryTicket(Timing):
         ctx.levels.append({"level": 0, "branch": "ticket", **compression_summary(ticket, cfg.prune),
                            "best_step": entry.history.get("best_step"), **dense_metrics})
         rate = lottery_rate(cfg)
-        layer_rates = resolve_layer_rates(ticket, cfg)
+        names = list(prunable_layers(ticket))
+        excluded = set(resolve_patterns(cfg.prune.exclude, names, "prune.exclude"))
+        layer_rates = per_layer_values(lt.layer_rates, names, excluded, "prune.lottery.layer_rates")
 
         for level in range(1, lt.levels + 1):
             # survivors lose `rate` per level: aim at (1 − rate)^level of the original weights, so
