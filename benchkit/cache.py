@@ -58,11 +58,13 @@ def dense_key_material(cfg: ExperimentConfig, device_type: str) -> dict[str, Any
     data = section("data")
     if root_is_dataset(cfg.data.name):
         # The folder is the dataset: with data.root unset it comes from $BENCHKIT_DATA or the user cache,
-        # so the written root alone would let a model trained on one folder be served for another.
-        from benchkit.data import imagefolder_root
+        # so the written root alone would let a model trained on one folder be served for another; and
+        # files changed inside it make another dataset under the same path.
+        from benchkit.data import folder_fingerprint, imagefolder_root
 
         folder = imagefolder_root(cfg.data)
         data["folder"] = str(folder.resolve()) if folder is not None else None
+        data["folder_contents"] = folder_fingerprint(folder) if folder is not None else None
     return {
         "data": data,
         "model": section("model"),

@@ -242,6 +242,42 @@ def test_imagefolder_dense_cache_key_includes_the_dataset_folder(tmp_path, monke
     assert digits_a == digits_b and "root" not in digits_a["data"] and "folder" not in digits_a["data"]
 
 
+def test_imagefolder_dense_cache_key_follows_the_folder_contents(tmp_path):
+    """Same path, other images: the dense cache must not serve the model trained on the old ones."""
+    import os
+
+    from benchkit.cache import dense_key_material
+
+    folder = _image_folder(tmp_path / "imgs")
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (folder / split / cls).mkdir()
+            (folder / split / cls / "0.png").write_bytes(f"{split}-{cls}".encode())
+    cfg = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": str(folder)}})
+
+    def key() -> str:
+        return dense_key_material(cfg, "cpu")["data"]["folder_contents"]
+
+    first = key()
+    assert key() == first  # reading the folder changes nothing
+    image = next((folder / "train").rglob("*.png"))
+    extra = image.with_name("extra.png")
+    extra.write_bytes(image.read_bytes())  # an image added
+    added = key()
+    extra.unlink()
+    assert added != first and key() == first
+    st = image.stat()
+    image.write_bytes(image.read_bytes() + b"\0")  # an image rewritten (other size)
+    assert key() not in (first, added)
+    image.write_bytes(image.read_bytes()[:-1])
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, newer mtime: rewritten
+    assert key() not in (first, added)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert key() == first
+    (folder / "val" / next(iter(os.listdir(folder / "val")))).rename(folder / "val" / "renamed")  # a class renamed
+    assert key() != first
+
+
 def test_yaml_1_2_numbers_in_files_overrides_and_sweeps(tmp_path):
     import yaml
 
