@@ -44,7 +44,7 @@ class DataConfig:
     split_seed: int = 0  # fixed seed of the train/validation split, independent of the run seed
     train_subset: int | None = None  # use only the first N training examples (after the split)
     augment: bool = True  # standard augmentation where the dataset has one (CIFAR crop+flip)
-    num_workers: int = 0  # DataLoader workers
+    num_workers: int = 0  # DataLoader workers for datasets read from files (in-memory tensors need none)
     # synthetic only
     num_samples: int = 512
     num_classes: int = 10
