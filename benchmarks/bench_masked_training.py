@@ -14,10 +14,13 @@ cost), ``train`` through torch.nn.utils.prune's own hooks (``train``'s gradient-
 and a second copy of the plain loop, whose ratio to the first is the noise floor of the machine.
 Reported per variant: median wall-clock and process CPU time; the verdict uses CPU time (the steadier
 one on a shared machine), both as a ratio of medians and as the median of per-repeat ratios (each
-repeat's epochs run seconds apart) with a 95% bootstrap interval.
+repeat's epochs run seconds apart) with a 95% bootstrap interval. ``--abba N`` then times the goal's
+two variants alone in N mirrored blocks (plain, masked, masked, plain), which cancels linear drift of the
+machine's speed within a block.
 
     .venv/bin/python benchmarks/bench_masked_training.py            # Fashion-MNIST if present
     .venv/bin/python benchmarks/bench_masked_training.py --repeats 9 --threads 1
+    .venv/bin/python benchmarks/bench_masked_training.py --models lenet300 --repeats 5 --abba 25
 """
 
 from __future__ import annotations
@@ -107,16 +110,10 @@ def bench(model_name: str, data: DataBundle, repeats: int, sparsity: float, lr: 
     Every repeat trains fresh copies of one initial model (masks re-applied), so no variant keeps a
     lucky or unlucky placement of its tensors in memory for the whole benchmark; a second copy of the
     plain loop shows how far two identical variants drift apart on this machine."""
-    seed_everything(0)
-    base = build_model(ModelConfig(name=model_name), data.input_shape, data.num_classes)
-    masks = random_masks(base, sparsity, seed=0)
-    no_val = dataclasses.replace(data, val=None)  # nothing but the epoch loop is timed
-    cfg = TrainConfig(optimizer="sgd", lr=lr, momentum=0.9, epochs=1, select_best=False)
+    base, masks, no_val, cfg = setup(model_name, data, sparsity, lr)
 
     def masked_copy() -> nn.Module:
-        model = copy.deepcopy(base)
-        apply_masks(model, masks)
-        return model
+        return masked_model(base, masks)
 
     def hand_masked_copy() -> tuple[nn.Module, dict[nn.Parameter, torch.Tensor]]:
         model = copy.deepcopy(base)
@@ -158,6 +155,51 @@ def bench(model_name: str, data: DataBundle, repeats: int, sparsity: float, lr: 
     return times
 
 
+def setup(model_name: str, data: DataBundle, sparsity: float, lr: float
+          ) -> tuple[nn.Module, dict[str, torch.Tensor], DataBundle, TrainConfig]:
+    """One initial model, its random masks, the data without validation (nothing but the epoch loop is
+    timed) and the one-epoch SGD config every ``train`` variant uses."""
+    seed_everything(0)
+    base = build_model(ModelConfig(name=model_name), data.input_shape, data.num_classes)
+    masks = random_masks(base, sparsity, seed=0)
+    no_val = dataclasses.replace(data, val=None)
+    return base, masks, no_val, TrainConfig(optimizer="sgd", lr=lr, momentum=0.9, epochs=1, select_best=False)
+
+
+def masked_model(base: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    model = copy.deepcopy(base)
+    apply_masks(model, masks)
+    return model
+
+
+def abba(model_name: str, data: DataBundle, blocks: int, sparsity: float, lr: float) -> list[float]:
+    """The goal's two variants alone, in ABBA blocks: plain, masked ``train``, masked ``train``, plain.
+
+    Per block, (masked + masked) / (plain + plain) CPU time. The four epochs run back to back, and the
+    mirrored order cancels a machine whose speed drifts linearly over the block, which rotating six
+    variants cannot: on a shared VM whose speed moves by 20-40% within minutes, this is the estimate
+    of the goal's ratio that drift moves least."""
+    base, masks, no_val, cfg = setup(model_name, data, sparsity, lr)
+
+    def plain() -> float:
+        model, c0 = copy.deepcopy(base), time.process_time()
+        plain_epoch(model, data.train, lr, 0.9)
+        return time.process_time() - c0
+
+    def masked() -> float:
+        model, c0 = masked_model(base, masks), time.process_time()
+        train(model, no_val, cfg, device="cpu")
+        return time.process_time() - c0
+
+    plain(), masked()  # warm-up
+    per_block = []
+    for _ in range(blocks):
+        a1 = plain()
+        b = masked() + masked()
+        per_block.append(b / (a1 + plain()))
+    return per_block
+
+
 def paired(a: list[float], b: list[float], resamples: int = 2000) -> tuple[float, float, float]:
     """Median of the per-repeat ratios a/b and a 95% bootstrap interval for it."""
     ratios = [x / y for x, y in zip(a, b)]
@@ -187,6 +229,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--no-hooks-baseline", action="store_true",
                     help="skip the 4th variant (train with torch.nn.utils.prune's multiplying hooks)")
+    ap.add_argument("--abba", type=int, default=0, metavar="N",
+                    help="then N ABBA blocks of the goal's two variants alone (plain, masked, masked, plain)")
     ap.add_argument("--train-subset", type=int, default=None,
                     help="training examples per epoch (default: the whole 54,000-example training split)")
     args = ap.parse_args()
@@ -215,6 +259,12 @@ def main() -> None:
                      f" -> {'meets' if ok else 'MISSES'} the <= 1.05 goal",
                      f"  benchkit.train masked / plain loop masked by hand: {describe(ratios(times, masked, hand))}",
                      f"  noise floor, plain loop / its second copy: {describe(ratios(times, PLAIN_AGAIN, PLAIN))}"]
+        if args.abba:
+            blocks = abba(model_name, data, args.abba, args.sparsity, args.lr)
+            mid, lo, hi = paired(blocks, [1.0] * len(blocks))
+            verdicts.append(f"  ABBA, {len(blocks)} blocks of plain/masked/masked/plain: masked train / plain loop"
+                            f" {mid:.3f} median (95% CI {lo:.3f}-{hi:.3f}); blocks "
+                            + " ".join(f"{r:.3f}" for r in blocks))
     print()
     print("\n".join(verdicts))
 
