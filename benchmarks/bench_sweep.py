@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_sweep.py                 # both parts
     .venv/bin/python benchmarks/bench_sweep.py --part throughput --runs 12
     .venv/bin/python benchmarks/bench_sweep.py --part overhead --repeats 3
+    .venv/bin/python benchmarks/bench_sweep.py --part throughput --epochs 150 --repeats 0 --abba 5  # 1/2/2/1 blocks
 
 throughput: the same digits sweep (timing `pre`: every run trains, no dense cache to share; 16 runs
 of 40 epochs, a few seconds each, as a real sweep's runs are) run through `benchkit sweep` with
@@ -93,6 +94,44 @@ def timed_sweep(cmd: list[str], env: dict[str, str]) -> tuple[float, list[float]
     return time.perf_counter() - t0, done
 
 
+def one_sweep(tmp: Path, sweep: Path, env: dict[str, str], name: str, workers: int, extra: list[str],
+              runs: int) -> tuple[float, list[float], float | None]:
+    """One ``benchkit sweep`` into a fresh store ``name``: (wall time, when each result came, CPU stolen)."""
+    uri = f"sqlite:///{tmp / f'{name}.db'}"
+    # create the store first: its one-off schema migration is not sweep throughput
+    subprocess.run([sys.executable, "-c", f"from benchkit.tracking import Tracker; Tracker({uri!r}).client"],
+                   check=True, env=env, cwd=REPO)
+    before = cpu_jiffies()
+    total, done = timed_sweep([sys.executable, "-m", "benchkit.cli", "sweep", str(sweep), *extra, "--workers",
+                               str(workers), "--tracking-uri", uri], env)
+    stolen = steal_share(before, cpu_jiffies())
+    if len(done) != runs:
+        raise SystemExit(f"{name}: {len(done)} of {runs} runs finished")
+    return total, done, stolen
+
+
+def abba(runs: int, epochs: int, data: str, blocks: int) -> list[tuple[float, float]]:
+    """The goal's two sweeps alone, in mirrored blocks: 1 worker, 2 workers, 2 workers, 1 worker.
+
+    Per block, (whole-command speedup, steady-state speedup) of the two 2-worker sweeps over the two
+    1-worker sweeps. The mirrored order cancels a machine whose speed drifts linearly over the block's
+    two minutes; rotating three variants leaves a pair up to two sweeps apart."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-abba-") as tmp:
+        tmp = Path(tmp)
+        p = sweep_yaml(tmp, runs, epochs, data)
+        env = {**os.environ, "BENCHKIT_CACHE": str(tmp / "cache"), "CI": "true"}
+        for b in range(blocks):
+            whole, rate = {1: 0.0, 2: 0.0}, {1: 0.0, 2: 0.0}
+            for i, workers in enumerate((1, 2, 2, 1)):
+                total, done, _ = one_sweep(tmp, p, env, f"abba-{b}-{i}", workers, [], runs)
+                whole[workers] += total
+                rate[workers] += (runs - workers) / (done[-1] - done[workers - 1])
+            out.append((whole[1] / whole[2], rate[2] / rate[1]))
+            print(f"  block {b + 1}/{blocks}: whole {out[-1][0]:.2f}x, steady {out[-1][1]:.2f}x", flush=True)
+    return out
+
+
 def throughput(runs: int, epochs: int, data: str, repeats: int = 1) -> dict[str, Any]:
     """Wall time of each variant's whole ``benchkit sweep`` command, ``repeats`` times, the order
     rotated every repeat, and its steady-state rate.
@@ -113,16 +152,7 @@ def throughput(runs: int, epochs: int, data: str, repeats: int = 1) -> dict[str,
         for r in range(repeats):
             order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
             for key, workers, extra in order:
-                uri = f"sqlite:///{tmp / f'{key}-{r}.db'}"
-                # create the store first: its one-off schema migration is not sweep throughput
-                subprocess.run([sys.executable, "-c", f"from benchkit.tracking import Tracker; Tracker({uri!r}).client"],
-                               check=True, env=env, cwd=REPO)
-                before = cpu_jiffies()
-                total, done = timed_sweep([sys.executable, "-m", "benchkit.cli", "sweep", str(p), *extra, "--workers",
-                                           str(workers), "--tracking-uri", uri], env)
-                stolen = steal_share(before, cpu_jiffies())
-                if len(done) != runs:
-                    raise SystemExit(f"{key}: {len(done)} of {runs} runs finished")
+                total, done, stolen = one_sweep(tmp, p, env, f"{key}-{r}", workers, extra, runs)
                 times[key].append(total)
                 first[key].append(done[0])
                 rates[key].append((runs - workers) / (done[-1] - done[workers - 1]))
@@ -214,6 +244,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40,
                     help="throughput: training epochs per run (digits; 40 = a few seconds, so the sweep's "
                          "work, not process start-up, is what is measured)")
+    ap.add_argument("--abba", type=int, default=0, metavar="N",
+                    help="throughput: then N blocks of the 1- and 2-worker sweeps alone, in the order 1, 2, 2, 1")
     ap.add_argument("--repeats", type=int, default=3,
                     help="overhead: timed pairs; throughput: rounds of the three sweeps (medians reported)")
     args = ap.parse_args()
@@ -221,7 +253,7 @@ def main() -> None:
         ap.error(f"--runs must be a positive multiple of 4, got {args.runs}")
     load = os.getloadavg()
     print(f"# cores={len(os.sched_getaffinity(0))} load(1/5/15 min)={load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
-    if args.part in ("throughput", "all"):
+    if args.part in ("throughput", "all") and args.repeats > 0:
         t = throughput(args.runs, args.epochs, args.data, args.repeats)
         print(f"throughput: {args.runs} runs of {args.epochs} epochs on {args.data}, medians of {args.repeats} (goal >= 1.6x)")
         print(f"  whole command: 1 worker {t['w1_s']:.1f}s, 2 workers {t['w2_s']:.1f}s -> {t['speedup']:.2f}x "
@@ -234,6 +266,12 @@ def main() -> None:
               f"{t['w1t1_rate']:.3f} runs/s (2 workers vs it {t['steady_speedup_vs_1thread']:.2f}x)")
         if t["steal_max"] is not None:
             print(f"  CPU stolen by the host during a sweep: at most {t['steal_max']:.1%}")
+    if args.abba:
+        blocks = abba(args.runs, args.epochs, args.data, args.abba)
+        med = statistics.median
+        print(f"ABBA, {args.abba} blocks of 1/2/2/1 workers: whole command {med(w for w, _ in blocks):.2f}x "
+              f"(range {min(w for w, _ in blocks):.2f}-{max(w for w, _ in blocks):.2f}), steady state "
+              f"{med(r for _, r in blocks):.2f}x (range {min(r for _, r in blocks):.2f}-{max(r for _, r in blocks):.2f})")
     if args.part in ("overhead", "all"):
         o = overhead(args.repeats)
         print(f"overhead: PruningExperiment.run() alone {o['run_alone_s']:.2f}s (median of {args.repeats}); "
