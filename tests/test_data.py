@@ -316,8 +316,8 @@ def test_digits_with_two_loader_workers_match_in_process_loading():
 
 
 @pytest.mark.parametrize("n,batch", [(12, 4), (13, 4), (5, 8), (1, 1)])
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_tensor_batches_match_the_dataloader_and_draw_the_same_random_numbers(n, batch, shuffle):
+@pytest.mark.parametrize("shuffle,seeded", [(True, True), (True, False), (False, False)])
+def test_tensor_batches_match_the_dataloader_and_draw_the_same_random_numbers(n, batch, shuffle, seeded):
     """TensorBatches replaces DataLoader(BatchSampler(RandomSampler | SequentialSampler)) for in-memory
     data: same batches, and the same draws from its generator and from torch's global one, also across
     passes that stop early (so every later data order and dropout mask is unchanged)."""
@@ -339,7 +339,7 @@ def test_tensor_batches_match_the_dataloader_and_draw_the_same_random_numbers(n,
                          g.get_state().clone() if g is not None else None))
         return seen
 
-    g_ref, g_new = (torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)) if shuffle else (None, None)
+    g_ref, g_new = (torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)) if seeded else (None, None)
     new = bkdata.make_loader(ds, batch, shuffle=shuffle, generator=g_new)
     assert isinstance(new, bkdata.TensorBatches) and len(new) == len(reference(None))
     for (xs_a, ys_a, r_a, s_a), (xs_b, ys_b, r_b, s_b) in zip(passes(reference(g_ref), g_ref), passes(new, g_new),
