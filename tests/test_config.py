@@ -362,3 +362,23 @@ def test_registry_names_are_one_config_whatever_their_case():
         ("sgd", "cosine", "digits", "lenet300")
     # torchvision names are matched exactly: left as written (and refused as unknown)
     assert ExperimentConfig.from_dict({}, {"model.name": "ResNet18"}, validate=False).model.name == "ResNet18"
+
+
+def test_imagefolder_fingerprint_survives_what_imagefolder_tolerates(tmp_path):
+    """A link cycle, a broken link and a name that is not UTF-8 load in torchvision's ImageFolder, so
+    the cache key must not crash on them; each still changes the key."""
+    import os
+
+    from benchkit.data import folder_fingerprint
+
+    folder = _image_folder(tmp_path / "imgs")
+    (folder / "train" / "a").mkdir()
+    (folder / "train" / "a" / "0.png").write_bytes(b"x")
+    keys = [folder_fingerprint(folder)]
+    os.symlink("../a", folder / "train" / "a" / "loop")  # a cycle: train/a/loop/loop/...
+    keys.append(folder_fingerprint(folder))
+    os.symlink("/nonexistent/readme", folder / "train" / "a" / "README.txt")  # broken
+    keys.append(folder_fingerprint(folder))
+    (folder / "train" / "a" / os.fsdecode(b"caf\xe9.png")).write_bytes(b"y")  # latin-1 name
+    keys.append(folder_fingerprint(folder))
+    assert len(set(keys)) == 4 and folder_fingerprint(folder) == keys[-1]

@@ -352,3 +352,20 @@ def test_tensor_batches_match_the_dataloader_and_draw_the_same_random_numbers(n,
     x, _ = next(iter(new))
     x.add_(1.0)
     assert not torch.equal(x, ds.tensors[0][: len(x)]) or shuffle
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_tensor_batches_keep_the_dataloaders_memory_layout(shuffle):
+    """Strides can pick other kernels (and other rounding): a channels-last or transposed tensor
+    gives batches laid out as the DataLoader's would be."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+    ds = TensorDataset(torch.randn(10, 3, 4, 4).to(memory_format=torch.channels_last), torch.randn(3, 10).t(),
+                       torch.arange(10))
+    g_ref, g_new = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    inner = RandomSampler(ds, generator=g_ref) if shuffle else SequentialSampler(ds)
+    ref = DataLoader(ds, sampler=BatchSampler(inner, 4, drop_last=False), batch_size=None, generator=g_ref)
+    new = bkdata.make_loader(ds, 4, shuffle=shuffle, generator=g_new)
+    for a, b in zip(ref, new, strict=True):
+        for ta, tb in zip(a, b, strict=True):
+            assert torch.equal(ta, tb) and ta.stride() == tb.stride()
