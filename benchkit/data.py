@@ -268,11 +268,11 @@ def folder_fingerprint(root: Path) -> str:
     seen: set[tuple[int, int]] = set()
     for split in ("train", "val"):
         for folder, dirs, files in os.walk(root / split, followlinks=True):  # ImageFolder follows links too
-            st = os.stat(folder)
-            if (st.st_dev, st.st_ino) in seen:
+            here = os.stat(folder)
+            if (here.st_dev, here.st_ino) in seen:
                 dirs.clear()
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            seen.add((here.st_dev, here.st_ino))
             dirs.sort()
             rel = os.fsencode(Path(folder).relative_to(root).as_posix())
             for name in sorted(files):
@@ -506,14 +506,10 @@ class TensorBatches:
         order = torch.randperm(n, generator=generator) if self.shuffle else None
 
         def batch(start: int, stop: int) -> list[Tensor]:
-            rows = order[start:stop] if order is not None else None
-            out = []
-            for t in tensors:
-                if not t.is_contiguous():  # advanced indexing gives the DataLoader's (t[list]) output layout
-                    out.append(t[rows if rows is not None else torch.arange(start, stop)])
-                else:  # the same values and layout, 4x faster
-                    out.append(t[start:stop].clone() if rows is None else t.index_select(0, rows))
-            return out
+            rows = order[start:stop] if order is not None else torch.arange(start, stop)
+            # index_select: the DataLoader's values and layout, 4x faster; a non-contiguous tensor takes
+            # advanced indexing, which gives the DataLoader's (t[list]) output layout
+            return [t.index_select(0, rows) if t.is_contiguous() else t[rows] for t in tensors]
 
         full = n // size
         for b in range(full):
@@ -528,7 +524,7 @@ Loader = DataLoader | TensorBatches  # what DataBundle's splits are: both iterat
 
 
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                num_workers: int = 0) -> DataLoader | TensorBatches:
+                num_workers: int = 0) -> Loader:
     """A DataLoader; for a TensorDataset, :class:`TensorBatches` (the same batches, one tensor index each).
 
     Shuffling draws from ``generator``, so the order is reproducible and independent of other RNG use.

@@ -180,7 +180,6 @@ class RunContext:
         history joins the run as phase ``dense``; its val/test metrics become ``dense_*``.
         ``capture_steps``: weights after these training steps are kept too (lottery rewinding)."""
         capture_steps = sorted(set(capture_steps))
-        material = dense_key_material(self.cfg, self.device.type)
 
         def create() -> DenseEntry:
             model = self.build_model()
@@ -198,8 +197,8 @@ class RunContext:
         with self.clock("dense"):
             if self.cache is None:
                 entry = create()
-            else:
-                entry = self.cache.get_or_create(material, create, usable)
+            else:  # the key (an image folder's fingerprint stats every file) only where a cache is read
+                entry = self.cache.get_or_create(dense_key_material(self.cfg, self.device.type), create, usable)
         if entry.hit:  # the fresh-training path already recorded its history
             self.history.extend({**r, "phase": "dense"} for r in entry.history["records"])
         model = self.build_model()
