@@ -3,6 +3,7 @@ seeding, selection, early stopping, masked training, callbacks and the test-spli
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -307,11 +308,151 @@ def test_gradient_masking_gives_exactly_the_prune_hook_results(optimizer, monkey
         h = train(model, data, TrainConfig(optimizer=optimizer, lr=0.02, weight_decay=1e-3, epochs=3), device="cpu")
         return model, h
 
+    stepped = []  # the optimiser of each call of benchkit's masked step (train's, or its check against torch's)
+    monkeypatch.setitem(training._MASKED_STEPS, torch.optim.SGD, (lambda g: g["dampening"] == 0, lambda opt, m: (
+        stepped.append(id(opt)), training._masked_sgd_step(opt, m))))
+    monkeypatch.setitem(training._MASKED_STEPS, torch.optim.Adam, (lambda g: not g["amsgrad"], lambda opt, m: (
+        stepped.append(id(opt)), training._masked_adam_step(opt, m))))
+    monkeypatch.setattr(training, "_AGREES", {})
     (fast, hf), (slow, hs) = run(True), run(False)
+    assert collections.Counter(stepped).most_common(1)[0][1] == hf.steps  # train took benchkit's masked step
     assert weights_equal(fast, slow)
     assert strip_seconds(hf.records) == strip_seconds(hs.records)
     x = next(iter(synth().val))[0]
     assert torch.equal(fast(x), slow(x))
+
+
+MASKED_STEP_CASES = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "sgd nesterov, L2": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "sgd no momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.0, weight_decay=1e-3),
+    "sgd odd momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.123456789),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1.2e-3),
+    "adam L2, betas": lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-3),
+    "adam eps 1e-30": lambda ps: torch.optim.Adam(ps, lr=1e-3, eps=1e-30),  # float32: sqrt(tiny) not swamped
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(MASKED_STEP_CASES))
+def test_masked_optimizer_steps_are_torchs_own_steps_bit_for_bit(case, dtype):
+    """benchkit's masked steps (SGD with the mask folded into the momentum update, Adam with the square root
+    floored at the smallest normal number) against masking the gradients and calling torch's own step:
+    every weight and every state tensor equal bit for bit over 60 steps, with a learning rate that changes,
+    gradients from 1e-30 (whose squares underflow to 0 or subnormals) to 1e9, entries whose gradient is
+    always 0 besides the masked ones, and a parameter without gradient. One rounding of its own (a fused
+    multiply-add for ``μ·buf + grad``, a floor that reached the denominator) would show here."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(300, 784), (300,), (10, 7), (5,)]
+    init = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    masks = {0: (torch.rand(shapes[0], generator=g) > 0.9).to(dtype), 2: (torch.rand(shapes[2], generator=g) > 0.5).to(dtype)}
+    for i, m in masks.items():
+        init[i].mul_(m)
+    dead = torch.rand(shapes[0], generator=g) > 0.8  # kept entries whose gradient is always exactly 0
+
+    def build():
+        params = [nn.Parameter(t.clone()) for t in init]
+        return params, MASKED_STEP_CASES[case](params)
+
+    (ours, our_opt), (ref, ref_opt) = build(), build()
+    step = training._masked_step_for(our_opt)
+    assert step is (training._masked_sgd_step if case.startswith("sgd") else training._masked_adam_step)
+    our_masks = {ours[i]: m for i, m in masks.items()}
+    grads = torch.Generator().manual_seed(1)
+    for t in range(60):
+        for group in (our_opt.param_groups[0], ref_opt.param_groups[0]):
+            group["lr"] = MASKED_STEP_CASES[case]([nn.Parameter(torch.zeros(1))]).defaults["lr"] * 0.97 ** t
+        for a, b in zip(ours[:3], ref[:3]):  # the last parameter never gets a gradient
+            scale = 10.0 ** torch.randint(-30, 10, (), generator=grads).item()
+            a.grad = torch.randn(a.shape, generator=grads, dtype=dtype) * scale
+            if a.shape == dead.shape:
+                a.grad[dead] = 0
+            b.grad = a.grad.clone()
+        for i, m in masks.items():
+            ref[i].grad.mul_(m)
+        step(our_opt, our_masks)
+        ref_opt.step()
+        for a, b in zip(ours, ref):
+            a.grad = b.grad = None
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+        ours_state, ref_state = our_opt.state[a], ref_opt.state[b]
+        assert ours_state.keys() == ref_state.keys()
+        for key in ref_state:
+            assert ours_state[key].dtype == ref_state[key].dtype and torch.equal(ours_state[key], ref_state[key]), key
+    assert torch.count_nonzero(ours[0][masks[0] == 0]) == 0
+    assert not torch.equal(ours[0], init[0])
+    if "adam" in case:  # which square root ran: floored, except where eps does not swamp sqrt(tiny)
+        group = our_opt.param_groups[0]
+        floored = training._zero_floor_invisible(dtype, group["betas"][1], group["eps"])
+        assert floored == (case != "adam eps 1e-30" or dtype == torch.float64)
+
+
+def test_masked_steps_are_taken_only_where_they_are_torchs_own_code_path():
+    params = [nn.Parameter(torch.zeros(3))]
+    sgd, adam = training._masked_sgd_step, training._masked_adam_step
+    assert training._masked_step_for(torch.optim.SGD(params, lr=0.1, momentum=0.9)) is sgd
+    assert training._masked_step_for(torch.optim.AdamW(params)) is adam
+    for other in (torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.1),
+                  torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=True),
+                  torch.optim.SGD(params, lr=0.1, maximize=True),
+                  torch.optim.SGD(params, lr=torch.tensor(0.1)),
+                  torch.optim.Adam(params, amsgrad=True),
+                  torch.optim.Adam(params, betas=(torch.tensor(0.9), torch.tensor(0.999))),
+                  torch.optim.Adam(params, foreach=True),
+                  torch.optim.RMSprop(params),
+                  torch.optim.SGD([nn.Parameter(torch.zeros(3, dtype=torch.float16))], lr=0.1)):
+        assert training._masked_step_for(other) is None
+    hooked = torch.optim.SGD(params, lr=0.1)
+    handle = hooked.register_step_post_hook(lambda *args: None)
+    assert training._masked_step_for(hooked) is None
+    handle.remove()
+    assert training._masked_step_for(hooked) is sgd
+
+
+def test_a_masked_step_that_disagrees_with_torchs_own_is_not_taken(monkeypatch):
+    """The once-per-process check against torch's step (what guards another torch version): a step that
+    forgets the masks is caught, and train falls back to masking the gradients and calling opt.step()."""
+    monkeypatch.setattr(training, "_AGREES", {})
+    sizes = []  # parameter size of each call: the check's own 515-element problem, or train's model
+    monkeypatch.setitem(training._MASKED_STEPS, torch.optim.SGD, (lambda g: True, lambda opt, m: (
+        sizes.append(opt.param_groups[0]["params"][0].numel()), training._masked_sgd_step(opt, {}))))
+    assert training._masked_step_for(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9)) is None
+    data = synth()
+    model = mlp(data)
+    masks = random_masks(model)
+    apply_masks(model, masks)
+    train(model, data, TrainConfig(lr=0.05, momentum=0.9, epochs=1), device="cpu")
+    assert sizes and set(sizes) == {515}  # checked, never used for training
+    assert torch.count_nonzero(model.fc1.weight_orig[~masks["fc1.weight"]]) == 0
+
+
+def test_a_step_hook_registered_by_a_callback_sees_torchs_own_steps_from_then_on():
+    """benchkit's masked step bypasses opt.step(), so a step hook would never fire: from the step a callback
+    registers one, training goes back to opt.step() (and stays bit-identical to torch's hooks)."""
+    fired = []
+
+    class HookAt:
+        def on_step(self, step, model, optimizer):
+            if step == 4:
+                optimizer.register_step_post_hook(lambda opt, args, kwargs: fired.append(1))
+
+    def run(fast: bool):
+        training.GRADIENT_MASKING = fast
+        try:
+            data = synth()
+            model = mlp(data)
+            apply_masks(model, random_masks(model))
+            h = train(model, data, TrainConfig(lr=0.05, momentum=0.9, epochs=2), device="cpu", callbacks=[HookAt()])
+        finally:
+            training.GRADIENT_MASKING = True
+        return model, h
+
+    fast, h = run(True)
+    assert len(fired) == h.steps - 4
+    slow, _ = run(False)
+    assert weights_equal(fast, slow)
 
 
 def test_without_callbacks_the_prune_hooks_are_set_aside_during_training_and_put_back():
