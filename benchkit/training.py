@@ -20,7 +20,7 @@ import copyreg
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -602,6 +602,18 @@ def _agrees_with_torch(cls: type, step: MaskedStep, hyper: dict[str, Any], dtype
     return _AGREES[key]
 
 
+def _masked_grads(params: Iterable[Tensor], masks: dict[Tensor, Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    """(param, its gradient with the masked entries zeroed in place) for every param that has a gradient."""
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            continue
+        mask = masks.get(p)
+        if mask is not None:
+            grad.mul_(mask)
+        yield p, grad
+
+
 _ONES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
@@ -614,13 +626,7 @@ def _masked_sgd_step(opt: torch.optim.SGD, masks: dict[Tensor, Tensor]) -> None:
     the mask's, so masked training costs about what dense training does."""
     for group in opt.param_groups:
         weight_decay, momentum, lr, nesterov = group["weight_decay"], group["momentum"], group["lr"], group["nesterov"]
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            mask = masks.get(p)
-            if mask is not None:
-                grad.mul_(mask)
+        for p, grad in _masked_grads(group["params"], masks):
             if weight_decay != 0:
                 grad = grad.add(p, alpha=weight_decay)
             if momentum != 0:
@@ -675,13 +681,7 @@ def _masked_adam_step(opt: torch.optim.Adam, masks: dict[Tensor, Tensor]) -> Non
         beta1, beta2 = group["betas"]
         lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
         decoupled = group.get("decoupled_weight_decay", False)
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            mask = masks.get(p)
-            if mask is not None:
-                grad.mul_(mask)
+        for p, grad in _masked_grads(group["params"], masks):
             state = opt.state[p]
             if len(state) == 0:
                 scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
