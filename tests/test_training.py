@@ -455,6 +455,104 @@ def test_a_step_hook_registered_by_a_callback_sees_torchs_own_steps_from_then_on
     assert weights_equal(fast, slow)
 
 
+class _SetAt:
+    """Callback: at step 3, change the optimiser (a setting the masked steps do not reproduce)."""
+
+    def __init__(self, change):
+        self.change = change
+
+    def on_step(self, step, model, optimizer):
+        if step == 3:
+            self.change(optimizer)
+
+
+class _OwnBackward:
+    """Callback: its own backward and step, as a second-order or auxiliary-loss callback might do."""
+
+    def __init__(self, data):
+        self.x, self.y = next(iter(data.train))
+        self.seen_under_mask = []
+
+    def on_step(self, step, model, optimizer):
+        optimizer.zero_grad()
+        F.cross_entropy(model(self.x), self.y).backward()
+        self.seen_under_mask.append(float(model.fc1.weight_orig.grad[model.fc1.weight_mask == 0].abs().sum()))
+        optimizer.step()
+
+
+@pytest.mark.parametrize("case", ["dampening", "maximize", "adam maximize", "group added", "own backward", "step replaced",
+                                  "param outside the optimiser"])
+def test_masked_training_stays_torchs_when_callbacks_or_factories_change_the_optimiser(case, monkeypatch):
+    """Found by review: each case used to drift from the reference (torch's prune hooks and opt.step())."""
+    def run(fast: bool):
+        monkeypatch.setattr(training, "GRADIENT_MASKING", fast)
+        data = synth()
+        model = mlp(data)
+        apply_masks(model, random_masks(model))
+        extra = nn.Parameter(torch.ones(3))
+        extra.grad = torch.full((3,), 0.5)  # for the added group: a constant gradient
+        callbacks = {
+            "dampening": [_SetAt(lambda o: o.param_groups[0].update(dampening=0.5))],
+            "maximize": [_SetAt(lambda o: o.param_groups[0].update(maximize=True))],
+            "adam maximize": [_SetAt(lambda o: o.param_groups[0].update(maximize=True))],
+            "group added": [_SetAt(lambda o: o.add_param_group({"params": [extra], "dampening": 0.5}))],
+            "own backward": [_OwnBackward(data)],
+        }.get(case, [])
+        optimizer = "adam" if case.startswith("adam") else "sgd"
+        if case == "step replaced":  # an optimiser factory that clips gradients inside step()
+            def clipping(params, cfg, lr):
+                opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+                plain_step = opt.step
+                opt.step = lambda: (nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1e-3), plain_step())
+                return opt
+            monkeypatch.setitem(OPTIMIZERS._items, "clipping", clipping)
+            optimizer = "clipping"
+        if case == "param outside the optimiser":  # fc1 masked but frozen by the factory
+            monkeypatch.setitem(OPTIMIZERS._items, "frozen_fc1", lambda params, cfg, lr: torch.optim.SGD(
+                [p for p in model.parameters() if p is not model.fc1.weight_orig], lr=lr, momentum=0.9))
+            optimizer = "frozen_fc1"
+        train(model, data, TrainConfig(optimizer=optimizer, lr=0.05 if optimizer != "adam" else 1e-2, epochs=1,
+                                       select_best=False), device="cpu", callbacks=callbacks)
+        return model, extra, callbacks
+
+    (fast, extra_fast, cb_fast), (slow, extra_slow, _) = run(True), run(False)
+    assert weights_equal(fast, slow)
+    assert torch.equal(extra_fast, extra_slow)
+    assert torch.equal(fast.fc1.weight_orig.grad, slow.fc1.weight_orig.grad)  # what the user sees afterwards
+    if case == "own backward":
+        assert cb_fast[0].seen_under_mask and set(cb_fast[0].seen_under_mask) == {0.0}
+
+
+def test_a_sparse_embedding_trains_through_torchs_own_step(monkeypatch):
+    """Sparse gradients (nn.Embedding(sparse=True)) are not the strided tensors the masked steps handle."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 8, sparse=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, idx):
+            return self.fc(self.emb(idx).mean(1))
+
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randint(0, 50, (64, 5), generator=g), torch.randint(0, 3, (64,), generator=g)),
+                        batch_size=16)
+    data = dataclasses.replace(synth(), train=loader, val=None)
+
+    def run(fast: bool):
+        monkeypatch.setattr(training, "GRADIENT_MASKING", fast)
+        torch.manual_seed(0)
+        model = Bag()
+        apply_masks(model, {"fc.weight": torch.rand(3, 8, generator=torch.Generator().manual_seed(1)) > 0.5})
+        prune.custom_from_mask(model.emb, "weight", torch.rand(50, 8, generator=torch.Generator().manual_seed(2)) > 0.5)
+        with torch.no_grad():
+            model.emb.weight_orig.mul_(model.emb.weight_mask)
+        train(model, data, TrainConfig(lr=0.1, momentum=0.9, epochs=2, select_best=False), device="cpu")
+        return model
+
+    assert weights_equal(run(True), run(False))
+
+
 def test_without_callbacks_the_prune_hooks_are_set_aside_during_training_and_put_back():
     """No callback can look for them, so the modules run hook-free; afterwards every hook is back, in
     its place among the module's other hooks, as the torch class, with weight = weight_orig * mask."""
