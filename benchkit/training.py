@@ -516,8 +516,7 @@ class _GradientMasking:
                         state.mul_(e.mask)
                 e.version = e.mask._version
             kept.append(e)
-        if (full or len(kept) != len(self.entries) or (self.masked_step is not None and _step_hooks(self.opt))
-                or _settings(self.opt) != self.settings):
+        if full or len(kept) != len(self.entries) or _settings(self.opt) != self.settings:
             self.entries = kept
             self._refresh()
 
@@ -558,8 +557,8 @@ def _masked_step_for(opt: torch.optim.Optimizer) -> MaskedStep | None:
     float64 CPU tensors, float hyperparameters, no foreach, fused, capturable or differentiable mode, no AMP
     scaling and no step hooks. Otherwise None: gradients are masked and ``opt.step()`` runs."""
     known = _MASKED_STEPS.get(type(opt))
-    if (known is None or "step" in vars(opt) or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None
-            or _step_hooks(opt)):
+    if (known is None or "step" in vars(opt) or _step_hooks(opt)
+            or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None):
         return None
     group_ok, step = known
     for g in opt.param_groups:
@@ -585,8 +584,8 @@ def _grad_masker(mask: Tensor) -> Callable[[Tensor], None]:
 def _settings(opt: torch.optim.Optimizer) -> tuple:
     """What decides whether a masked step reproduces ``opt.step()``, cheap to compare every step: each
     group's size and settings (lr only as float or tensor: schedules change its value, the steps read it
-    live), and whether ``step`` was replaced on the instance."""
-    return ("step" in vars(opt), tuple(
+    live), whether ``step`` was replaced on the instance, and whether step hooks are registered."""
+    return ("step" in vars(opt), _step_hooks(opt), tuple(
         (len(g["params"]), torch.is_tensor(g["lr"]),
          tuple((k, id(v) if torch.is_tensor(v) else v) for k, v in g.items() if k not in ("params", "lr")))
         for g in opt.param_groups))
@@ -688,7 +687,7 @@ def _zero_floor_invisible(dtype: torch.dtype, beta2: float, eps: float) -> bool:
         ok = 0 <= beta2 < 1
         if ok:
             correction = (1 - beta2) ** 0.5
-            at_tiny = (torch.full((67,), torch.finfo(dtype).tiny, dtype=dtype).sqrt() / correction).add_(eps)
+            at_tiny = (torch.full((67,), _TINY[dtype], dtype=dtype).sqrt() / correction).add_(eps)
             at_zero = (torch.zeros(67, dtype=dtype).sqrt() / correction).add_(eps)
             ok = torch.equal(at_tiny, at_zero)
         _INVISIBLE[key] = ok

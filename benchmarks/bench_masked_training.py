@@ -35,7 +35,9 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +114,12 @@ PLAIN, PLAIN_AGAIN = "plain loop, dense", "plain loop, dense (a second copy: the
 HAND, MASKED = "plain loop, {sparsity:.0%} masked by hand (grad.mul_(mask) before the step)", "benchkit.train, {sparsity:.0%} masked"
 
 
-def bench(model_name: str, data: DataBundle, repeats: int, sparsity: float, lr: float,
-          with_hooks: bool = True, optimizer: str = "sgd") -> dict[str, dict[str, list[float]]]:
-    """Per variant: wall-clock and process CPU seconds of each timed epoch.
+Variant = tuple[Callable[[], Any], Callable[[Any], None]]  # (make a fresh model, train it one epoch)
 
-    Every repeat trains fresh copies of one initial model (masks re-applied), so no variant keeps a
-    lucky or unlucky placement of its tensors in memory for the whole benchmark; a second copy of the
-    plain loop shows how far two identical variants drift apart on this machine."""
+
+def make_variants(model_name: str, data: DataBundle, sparsity: float, lr: float, optimizer: str = "sgd",
+                  with_hooks: bool = True) -> dict[str, Variant]:
+    """Every variant, by name, on one initial model and its masks (see the module docstring)."""
     base, masks, no_val, cfg = setup(model_name, data, sparsity, lr, optimizer)
 
     def masked_copy() -> nn.Module:
@@ -134,7 +135,7 @@ def bench(model_name: str, data: DataBundle, repeats: int, sparsity: float, lr: 
                 weight.mul_(by_param[weight])
         return model, by_param
 
-    variants = {  # name -> (make the model, train it one epoch)
+    variants: dict[str, Variant] = {
         PLAIN: (lambda: copy.deepcopy(base), lambda m: plain_epoch(m, data.train, lr, optimizer)),
         HAND.format(sparsity=sparsity):
             (hand_masked_copy, lambda mm: plain_epoch(mm[0], data.train, lr, optimizer, grad_masks=mm[1])),
@@ -144,6 +145,17 @@ def bench(model_name: str, data: DataBundle, repeats: int, sparsity: float, lr: 
     if with_hooks:
         variants[f"same, prune hooks only ({sparsity:.0%} masked)"] = (masked_copy, lambda m: hooks_only(m, no_val, cfg))
     variants[PLAIN_AGAIN] = variants[PLAIN]
+    return variants
+
+
+def bench(model_name: str, data: DataBundle, repeats: int, sparsity: float, lr: float,
+          with_hooks: bool = True, optimizer: str = "sgd") -> dict[str, dict[str, list[float]]]:
+    """Per variant: wall-clock and process CPU seconds of each timed epoch.
+
+    Every repeat trains fresh copies of one initial model (masks re-applied), so no variant keeps a
+    lucky or unlucky placement of its tensors in memory for the whole benchmark; a second copy of the
+    plain loop shows how far two identical variants drift apart on this machine."""
+    variants = make_variants(model_name, data, sparsity, lr, optimizer, with_hooks)
     names = list(variants)
     for name in names:  # warm-up: allocator, kernels, first-touch of the data
         make, run = variants[name]
@@ -190,17 +202,20 @@ def abba(model_name: str, data: DataBundle, blocks: int, sparsity: float, lr: fl
     variants cannot: on a shared VM whose speed moves by 20-40% within minutes, this is the estimate
     of the goal's ratio that drift moves least. Returns the per-block ratios, then every plain and every
     masked epoch's CPU seconds."""
-    base, masks, no_val, cfg = setup(model_name, data, sparsity, lr, optimizer)
+    variants = make_variants(model_name, data, sparsity, lr, optimizer, with_hooks=False)
 
-    def plain() -> float:
-        model, c0 = copy.deepcopy(base), time.process_time()
-        plain_epoch(model, data.train, lr, optimizer)
-        return time.process_time() - c0
+    def timed(name: str) -> Callable[[], float]:
+        make, run = variants[name]
 
-    def masked() -> float:
-        model, c0 = masked_model(base, masks), time.process_time()
-        train(model, no_val, cfg, device="cpu")
-        return time.process_time() - c0
+        def epoch() -> float:
+            model = make()
+            c0 = time.process_time()
+            run(model)
+            return time.process_time() - c0
+
+        return epoch
+
+    plain, masked = timed(PLAIN), timed(MASKED.format(sparsity=sparsity))
 
     plain(), masked()  # warm-up
     per_block, plains, maskeds = [], [], []
