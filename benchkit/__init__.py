@@ -1,7 +1,7 @@
 """benchkit: run, track and compare neural-network pruning experiments.
 
 >>> import benchkit as bk
->>> report = bk.prune(model, compression=8, criterion="magnitude", scope="global")
+>>> report = bk.prune(model, compression=8, criterion="magnitude", allocation="global")
 >>> bk.layer_metrics(model, input_shape=(1, 1, 28, 28))
 """
 
@@ -19,8 +19,10 @@ _EXPORTS = {
     "PruneReport": "benchkit.pruning.engine",
     "CRITERIA": "benchkit.pruning.criteria",
     "GRANULARITIES": "benchkit.pruning.granularity",
-    "SCOPES": "benchkit.pruning.scope",
+    "ALLOCATIONS": "benchkit.pruning.allocation",
     "apply_masks": "benchkit.pruning.masks",
+    "set_masks": "benchkit.pruning.masks",
+    "reset_optimizer_state": "benchkit.pruning.masks",
     "get_masks": "benchkit.pruning.masks",
     "make_permanent": "benchkit.pruning.masks",
     "release": "benchkit.pruning.masks",
@@ -35,6 +37,8 @@ _EXPORTS = {
     "TIMINGS": "benchkit.timing",
     "ExperimentConfig": "benchkit.config",
     "ConfigError": "benchkit.config",
+    "load_config": "benchkit.validation",
+    "validate_config": "benchkit.validation",
     "PruningExperiment": "benchkit.experiment",
     "RunResult": "benchkit.experiment",
 }
@@ -42,7 +46,14 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+# Configs name timings whose settings sections register when the timings are imported: whoever reaches
+# a config through the package gets them (benchkit.config itself sits below the timings and imports none).
+_NEEDS_TIMINGS = {"ExperimentConfig", "PruningExperiment", "load_config", "validate_config", "TIMINGS"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
+        if name in _NEEDS_TIMINGS:
+            importlib.import_module("benchkit.timing")
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'benchkit' has no attribute {name!r}")

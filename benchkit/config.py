@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -65,12 +67,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Registry names are case-insensitive, torchvision names are not: lowercase only a registry name.
-        if isinstance(self.name, str) and self.name != self.name.lower():
-            from benchkit.models import MODELS
-
-            if self.name in MODELS:
-                self.name = self.name.lower()
+        # Registry names are case-insensitive and torchvision's are all lowercase: one spelling, one hash.
+        self.name, self.init = _lower(self.name), _lower(self.init)
 
 
 @dataclass
@@ -98,84 +96,105 @@ class TrainConfig:
         self.optimizer, self.schedule = _lower(self.optimizer), _lower(self.schedule)
 
 
-@dataclass
-class FinetuneConfig:
-    """Training after each post-training pruning round (timing ``post`` only: a lottery level retrains
-    with ``train`` itself, from its rewind point)."""
-
-    epochs: int = 3
-    iterations: int | None = None
-    lr: float | None = None  # default: train.lr / 10 (Han et al. 2015)
-    optimizer: str | None = None  # default: train.optimizer
-    schedule: str | None = None  # default: constant (or the rewound original schedule with lr_rewind)
-
-    def __post_init__(self) -> None:
-        self.optimizer, self.schedule = _lower(self.optimizer), _lower(self.schedule)
+# How the overall sparsity is split across layers (benchkit.pruning.allocation) and how global structured
+# pruning compares groups of different layers (benchkit.pruning.granularity). Defined here so the config can
+# be read without importing the pruning code; validation checks the names against the registries.
 
 
 @dataclass
-class DistillConfig:
-    """Knowledge distillation from the dense teacher during fine-tuning (Hinton et al. 2015)."""
+class CollapseConfig:
+    """When a pruned layer counts as (nearly) collapsed: it keeps fewer than ``min_units`` output units (whole
+    rows alive) or a density below ``min_relative_density`` × the pruned set's overall density. Such layers are
+    reported (a warning, the ``collapsed_layers`` metric and the ``benchkit.collapsed`` tag); ``strict`` refuses
+    the run instead."""
 
-    enabled: bool = False
-    temperature: float = 4.0
-    alpha: float = 0.9  # weight of the soft-target term; 1 - alpha on the hard labels
-
-
-@dataclass
-class ScheduleConfig:
-    """Gradual pruning while training (timing ``during``): AGP cubic schedule, Zhu & Gupta 2017."""
-
-    start: float = 0.0  # fraction of training where pruning starts (t0)
-    end: float = 0.75  # fraction of training where the final sparsity is reached (t0 + n·Δt)
-    every: int = 50  # Δt: masks are updated every this many iterations
-    initial_sparsity: float = 0.0  # s_i
-    soft: bool = False  # soft pruning: pruned weights keep training; masks re-chosen every update
-
-
-@dataclass
-class LotteryConfig:
-    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020)."""
-
-    levels: int = 5
-    rate: float | None = None  # fraction of survivors pruned per level; default 0.2, or derived from compression
-    layer_rates: dict[str, float] = field(default_factory=dict)  # per-layer (glob) rates, e.g. {fc3: 0.1}
-    rewind_iteration: int = 0  # 0 = rewind to initialisation; k = to the weights after iteration k
-    controls: list[str] = field(default_factory=list)  # reinit | random: controls trained at every level
+    min_units: int = 1
+    min_relative_density: float = 0.05
+    strict: bool = False
 
 
 @dataclass
 class PruneConfig:
-    """What is pruned, how, how much and when."""
+    """What is pruned, how, how much and when. The settings of one timing live in its own section
+    ``prune.<timing>`` (``prune.post``, ``prune.during``, ``prune.lottery``, ...), declared beside the timing's
+    code and registered with :func:`register_section`; only the active timing's section is logged and hashed."""
 
-    timing: str = "post"  # pre | during | post | lottery
+    #: timing name -> the dataclass of its settings (filled by the timings as they are imported)
+    SECTIONS: ClassVar[dict[str, type]] = {}
+
+    timing: str = "post"  # pre | during | post | lottery | dynamic (registry benchkit.timing.TIMINGS)
     criterion: str = "magnitude"
     granularity: str = "element"  # element | N:M | vector | kernel | channel
-    scope: str = "global"  # global | layer
+    allocation: str = "global"  # global | uniform | uniform+ | er | erk | lamp | owl
+    normalize: str = "auto"  # global ranking of groups: none | mean | max | l2 | lamp; auto = mean for groups
     compression: float | None = None  # ratio >= 1; None with no sparsity = 1 (dense) except lottery
     sparsity: float | None = None  # alternative to compression, in [0, 1)
     reduce: str = "l1"  # group score reduction: l1 | l2 | mean
     exclude: list[str] = field(default_factory=list)  # module names or globs kept dense
     overrides: dict[str, float] = field(default_factory=dict)  # module name/glob -> compression
+    keep_outputs: bool = True  # structured granularities never remove the output layer's units (classes)
     score_batch_size: int = 100  # examples per batch for data-driven criteria (SNIP: one batch of 100)
     score_batches: int = 1
     iterations: int | None = None  # scoring iterations (SynFlow default 100, others 1)
-    rounds: int = 1  # post: prune in this many rounds, fine-tuning after each
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    lr_rewind: bool = False  # post: fine-tune with the original schedule rewound (Renda et al. 2020)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    lottery: LotteryConfig = field(default_factory=LotteryConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
 
     def __post_init__(self) -> None:
-        for name in ("timing", "criterion", "granularity", "scope", "reduce"):
+        for name in ("timing", "criterion", "granularity", "allocation", "normalize", "reduce"):
             setattr(self, name, _lower(getattr(self, name)))
+        for name, cls in self.SECTIONS.items():
+            if name not in self.__dict__:
+                self.__dict__[name] = cls()
+
+    def __getattr__(self, name: str) -> Any:  # only reached for attributes that do not exist
+        if not name.startswith("_") and name not in type(self).SECTIONS:
+            known = ", ".join(sorted(type(self).SECTIONS)) or "none registered yet (import benchkit.timing)"
+            raise AttributeError(f"PruneConfig has no setting or timing section {name!r}; timing sections: {known}")
+        raise AttributeError(name)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and _prune_dict(self) == _prune_dict(other)  # sections included
 
     def target_compression(self) -> float | None:
         """The requested compression ratio, from ``compression`` or ``sparsity`` (None if neither)."""
         if self.sparsity is not None:
             return 1.0 / (1.0 - self.sparsity)
         return self.compression
+
+    @property
+    def settings(self) -> Any:
+        """The active timing's own section (``prune.<timing>``), or None if it declares none."""
+        return self.__dict__.get(self.timing)
+
+
+def register_section(timing: str, cls: type) -> type:
+    """Declare ``cls`` (a dataclass) as the settings of ``timing``: it becomes ``prune.<timing>`` in every
+    config. Called by :func:`benchkit.timing.base.register_timing`; a plugin timing gets its section this way."""
+    name = timing.lower()
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"the settings of timing {timing!r} must be a dataclass, got {cls!r}")
+    if name in {f.name for f in dataclasses.fields(PruneConfig)}:
+        raise ValueError(f"timing {timing!r} cannot own a section named like the prune setting prune.{name}")
+    old = PruneConfig.SECTIONS.get(name)
+    if old is not None and old is not cls:
+        raise ValueError(f"timing {timing!r} already has the settings section {old.__module__}.{old.__qualname__}; "
+                         f"{cls.__module__}.{cls.__qualname__} cannot replace it")
+    PruneConfig.SECTIONS[name] = cls
+    return cls
+
+
+def _prune_dict(p: PruneConfig) -> dict[str, Any]:
+    d = {f.name: dataclasses.asdict(getattr(p, f.name)) if dataclasses.is_dataclass(getattr(p, f.name))
+         else copy.deepcopy(getattr(p, f.name)) for f in dataclasses.fields(p)}
+    for name in sorted(type(p).SECTIONS):
+        d[name] = dataclasses.asdict(p.__dict__[name])
+    return d
+
+
+def exclusive_fields(cls: type) -> list[str]:
+    """Fields of a timing section marked ``metadata={"exclusive": True}``: set away from their default under
+    another timing they are refused (they would be silently ignored). The other fields are plain settings of
+    the timing's procedure, accepted with every timing so one sweep base can serve a zip over timings."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("exclusive")]
 
 
 @dataclass
@@ -213,35 +232,40 @@ class ExperimentConfig:
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None = None, overrides: dict[str, Any] | list[str] | None = None,
-                  *, lines: dict[str, int] | None = None, validate: bool = True) -> ExperimentConfig:
-        """Build from a nested dict plus dotted overrides (``{"prune.compression": 8}`` or ``["seed=1"]``)."""
-        d = copy.deepcopy(d or {})
+                  *, lines: dict[str, int] | None = None) -> ExperimentConfig:
+        """Build from a nested dict plus dotted overrides (``{"prune.compression": 8}`` or ``["seed=1"]``).
+
+        This checks structure and types only (unknown keys, wrong types, renamed keys); the values are checked
+        against the registries by :func:`benchkit.validation.validate_config` — :func:`benchkit.load_config`
+        does both, and :class:`benchkit.PruningExperiment` validates before it runs anything."""
+        lines = dict(lines or {})
+        d = rename_legacy(copy.deepcopy(d or {}), lines)
         for key, value in _parse_overrides(overrides).items():
+            key, value = rename_legacy_key(key, value)
             set_dotted(d, key, value)
-        cfg = _build(cls, d, prefix="", lines=lines or {})
-        if validate:
-            cfg.validate(lines=lines)
-        return cfg
+        return _build(cls, d, prefix="", lines=lines)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> ExperimentConfig:
-        """Load one run. A sweep file (with ``base:``) gives its base run, experiment name included."""
-        data, lines = load_yaml(path)
-        if "base" in data or "grid" in data:
-            base = dict(data.get("base") or {})
-            if "experiment" in data:
-                base.setdefault("experiment", data["experiment"])
-            lines = {k[len("base."):]: v for k, v in lines.items() if k.startswith("base.")}
-            data = base
+        """Load one run (structure and types; see :meth:`from_dict`). A sweep file (with ``base:``) gives its
+        base run, experiment name included."""
+        data, lines = read_run_yaml(path)
         return cls.from_dict(data, overrides, lines=lines)
 
     # ------------------------------------------------------------------------------ views
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, every timing's section included (what ``config.yaml`` holds; round-trips)."""
+        d = dataclasses.asdict(self)
+        d["prune"] = _prune_dict(self.prune)
+        return d
 
     def flat(self) -> dict[str, Any]:
-        """Flattened dotted keys → values (used as MLflow params)."""
-        return flatten(self.to_dict())
+        """Flattened dotted keys → values of what the run uses: the prune sections of other timings, which
+        cannot change this run, are left out. These are the MLflow params and what the hash covers."""
+        d = self.to_dict()
+        active = self.prune.timing
+        d["prune"] = {k: v for k, v in d["prune"].items() if k not in PruneConfig.SECTIONS or k == active}
+        return flatten(d)
 
     def replace(self, **dotted: Any) -> ExperimentConfig:
         return ExperimentConfig.from_dict(self.to_dict(), {k.replace("__", "."): v for k, v in dotted.items()})
@@ -255,10 +279,86 @@ class ExperimentConfig:
         d = {k: v for k, v in self.flat().items() if k not in skip}
         return stable_hash(d)
 
-    def validate(self, lines: dict[str, int] | None = None) -> None:
-        from benchkit.validation import validate_config
 
-        validate_config(self, lines or {})
+def read_run_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """A run file's config dict and line map; a sweep file (``base:``/``grid:``) gives its base run."""
+    data, lines = load_yaml(path)
+    if "base" in data or "grid" in data:
+        base = dict(data.get("base") or {})
+        if "experiment" in data:
+            base.setdefault("experiment", data["experiment"])
+        if "plugins" in data and "plugins" not in base:
+            base["plugins"] = data["plugins"]
+        lines = {k[len("base."):]: v for k, v in lines.items() if k.startswith("base.")}
+        data = base
+    return data, lines
+
+
+# --------------------------------------------------------------------------------------------- renamed keys
+#: Keys of earlier releases → their spelling now (a timing's settings moved into its section; ``scope``
+#: became ``allocation``). Old YAML keeps working: the keys are translated when read (with a warning), and
+#: :mod:`benchkit.analysis` translates the params of runs stored under the old names.
+RENAMED_KEYS: dict[str, str] = {
+    "prune.scope": "prune.allocation",
+    "prune.rounds": "prune.post.rounds",
+    "prune.lr_rewind": "prune.post.lr_rewind",
+    "prune.finetune": "prune.post.finetune",
+    "prune.distill": "prune.post.distill",
+    "prune.schedule": "prune.during",
+}
+#: Values that changed with their key: ``scope: layer`` is ``allocation: uniform``.
+RENAMED_VALUES: dict[str, dict[Any, Any]] = {"prune.scope": {"layer": "uniform"}}
+
+
+def rename_legacy_key(key: str, value: Any = None) -> tuple[str, Any]:
+    """``(key, value)`` in today's spelling (unchanged when the key is current)."""
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            if key == old and old in RENAMED_VALUES and isinstance(value, (str, list)):
+                mapping = RENAMED_VALUES[old]
+                value = [mapping.get(_lower(v), v) for v in value] if isinstance(value, list) else \
+                    mapping.get(_lower(value), value)
+            _warn_renamed(old, new)
+            return new + key[len(old):], value
+    return key, value
+
+
+def rename_legacy(d: dict[str, Any], lines: dict[str, int] | None = None) -> dict[str, Any]:
+    """A nested config dict with renamed keys moved to today's place (``lines`` updated to match). Giving a
+    setting under both its old and its new name is refused."""
+    prune = d.get("prune")
+    if not isinstance(prune, dict):
+        return d
+    for old in RENAMED_KEYS:
+        leaf = old.split(".", 1)[1]
+        if leaf not in prune:
+            continue
+        value = prune.pop(leaf)
+        new, value = rename_legacy_key(old, value)
+        parts = new.split(".")[1:]
+        cur = prune
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"{new}: {old} (its old name) cannot be moved into a value")
+        if parts[-1] in cur:
+            raise ConfigError(f"{old}{where(old, lines)} and {new} are the same setting (the old and the new name); "
+                              f"keep {new}")
+        cur[parts[-1]] = value
+        if lines is not None:
+            for k in [k for k in lines if k == old or k.startswith(old + ".")]:
+                lines[new + k[len(old):]] = lines.pop(k)
+    return d
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    if old not in _WARNED:
+        _WARNED.add(old)
+        warnings.warn(f"config key {old!r} is now {new!r} (read as such; update the file to silence this)",
+                      FutureWarning, stacklevel=4)
 
 
 # Keys that never change a run's numbers: where it is written, how it is displayed, its labels.
@@ -285,7 +385,14 @@ def non_semantic_keys(cfg: ExperimentConfig) -> frozenset[str]:
 
 # Free-form dicts: their keys are user names (layer globs such as ``features.0``, model kwargs), not
 # config sections, so a dotted key splits only up to them (``prune.overrides.layer1.0.conv1``).
-FREE_FORM = ("prune.overrides", "model.kwargs", "prune.lottery.layer_rates")
+FREE_FORM = ("prune.overrides", "model.kwargs")
+
+
+def free_form_keys() -> tuple[str, ...]:
+    """:data:`FREE_FORM` plus every dict-valued setting of a timing section (``prune.lottery.layer_rates``)."""
+    extra = [f"prune.{name}.{f.name}" for name, cls in PruneConfig.SECTIONS.items()
+             for f in dataclasses.fields(cls) if typing.get_origin(typing.get_type_hints(cls)[f.name]) is dict]
+    return FREE_FORM + tuple(extra)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -307,13 +414,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _is_section(dotted: str) -> bool:
     """Sections are dataclass fields; free-form dicts (overrides, kwargs, layer_rates) stay whole."""
-    return dotted not in FREE_FORM
+    return dotted not in free_form_keys()
 
 
 def split_dotted(key: str) -> list[str]:
-    """``key`` split at its dots, except past a :data:`FREE_FORM` prefix: the rest is one dict key
+    """``key`` split at its dots, except past a :func:`free_form_keys` prefix: the rest is one dict key
     (``prune.overrides.features.0`` → ``["prune", "overrides", "features.0"]``)."""
-    for prefix in FREE_FORM:
+    for prefix in free_form_keys():
         if key.startswith(prefix + ".") and len(key) > len(prefix) + 1:
             return [*prefix.split("."), key[len(prefix) + 1:]]
     return key.split(".")
@@ -484,14 +591,22 @@ def _build(cls: type, d: Any, prefix: str, lines: dict[str, int]):
         raise ConfigError(f"{section}{where(section, lines)} must be a mapping of keys, got {d!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in d if k not in names]
+    sections: dict[str, type] = getattr(cls, "SECTIONS", {})  # PruneConfig: the timings' own sections
+    unknown = [k for k in d if k not in names and k not in sections]
     if unknown:
         key = prefix + str(unknown[0])
+        allowed = sorted(names | set(sections))
+        close = difflib.get_close_matches(str(unknown[0]), allowed, n=1)
+        hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
         raise ConfigError(
-            f"unknown config key {key!r}{where(key, lines)}; allowed keys in {section}: {', '.join(sorted(names))}"
+            f"unknown config key {key!r}{where(key, lines)}{hint}; allowed keys in {section}: {', '.join(allowed)}"
         )
+    built_sections = {name: _build(sections[name], value if value is not None else {}, prefix + name + ".", lines)
+                      for name, value in d.items() if name in sections}
     kwargs = {}
     for name, value in d.items():
+        if name in sections:
+            continue
         tp = hints[name]
         key = prefix + name
         if dataclasses.is_dataclass(tp):
@@ -501,4 +616,6 @@ def _build(cls: type, d: Any, prefix: str, lines: dict[str, int]):
         if not ok:
             raise ConfigError(f"{key}{where(key, lines)} must be {_type_name(tp)}, got {value!r}")
         kwargs[name] = coerced
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    obj.__dict__.update(built_sections)
+    return obj

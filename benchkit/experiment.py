@@ -34,6 +34,8 @@ from benchkit.pruning.layers import LayerSelectionError, prunable_layers, resolv
 from benchkit.pruning.masks import get_masks
 from benchkit.seeding import resolve_device, seed_everything
 from benchkit.timing import TIMINGS, RunContext
+from benchkit.timing.base import prunes_anything
+from benchkit.validation import validate_config
 
 
 @dataclass
@@ -52,6 +54,9 @@ class RunResult:
     output_dir: Path | None = None
     dense_cache_hit: bool | None = None  # None: the timing uses no dense model
     model: nn.Module | None = field(default=None, repr=False)  # the final model (not serialised)
+    notes: list[str] = field(default_factory=list)  # what the pruning decided on its own (logged as a tag)
+    collapsed: dict[str, str] = field(default_factory=dict)  # layer -> why it counts as nearly collapsed
+    resolved: dict[str, Any] = field(default_factory=dict)  # settings resolved at run time (logged as params)
 
     def history_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.history)
@@ -65,7 +70,7 @@ class PruningExperiment:
     config assembled by hand is checked before any data loads."""
 
     def __init__(self, cfg: ExperimentConfig, *, write: bool = True):
-        cfg.validate()
+        validate_config(cfg)
         self.cfg = cfg
         self.write = write
 
@@ -104,6 +109,7 @@ class PruningExperiment:
                 metrics.update(run_latency(model, data.input_shape, batch_size=lat.batch_size, threads=lat.threads,
                                            warmup=lat.warmup, repeats=lat.repeats, device=device))
         metrics.update(ctx.metrics)
+        metrics["collapsed_layers"] = float(len(ctx.collapsed))
         ctx.timings["total"] = time.perf_counter() - start
         metrics.update({f"time_{k}_s": float(v) for k, v in ctx.timings.items()})
         result = RunResult(
@@ -112,7 +118,7 @@ class PruningExperiment:
                                                                for k, v in model.state_dict().items()},
             timings=dict(ctx.timings), dense_cache_hit=(bool(ctx.metrics["dense_cache_hit"])
                                                         if "dense_cache_hit" in ctx.metrics else None),
-            model=model,
+            model=model, notes=sorted(ctx.notes), collapsed=dict(ctx.collapsed), resolved=dict(ctx.resolved),
         )
         if self.write:
             result.output_dir = write_result(result, Path(cfg.output_dir) / result.config_hash)
@@ -129,24 +135,41 @@ def layer_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def check_layers(cfg: ExperimentConfig, shapes: dict[str, torch.Size]) -> None:
-    """Raise :class:`ConfigError` if a layer pattern matches no prunable layer or the granularity
-    cannot group a pruned layer; ``shapes`` as given by :func:`layer_shapes`."""
+    """Raise :class:`ConfigError` if a layer pattern matches no prunable layer, every prunable layer is
+    excluded from a run that prunes, or the granularity cannot group some pruned layers (all of them named
+    at once); ``shapes`` as given by :func:`layer_shapes`."""
     p = cfg.prune
     names = list(shapes)
     for key, patterns in (("prune.exclude", p.exclude), ("prune.overrides", list(p.overrides)),
-                          ("prune.lottery.layer_rates", list(p.lottery.layer_rates))):
+                          *_section_patterns(cfg)):
         try:
             resolve_patterns(patterns, names, key)
         except LayerSelectionError as e:
             raise ConfigError(str(e)) from None
-    granularity = get_granularity(p.granularity)
     excluded = set(resolve_patterns(p.exclude, names, "prune.exclude"))
+    if names and excluded >= set(names) and prunes_anything(p):
+        raise ConfigError(f"prune.exclude: {p.exclude} excludes every prunable layer ({', '.join(names)}), so the "
+                          "run would prune nothing and report compression 1; exclude fewer layers, or run the dense "
+                          "baseline with prune.compression: 1")
+    granularity = get_granularity(p.granularity)
+    problems = []
     for name, shape in shapes.items():  # e.g. N:M needs M to divide every pruned layer's input dim
         if name not in excluded:
             try:
                 granularity.check_layer(name, shape)
             except GranularityError as e:
-                raise ConfigError(f"prune.granularity: {e}") from None
+                problems.append(str(e))
+    if problems:
+        raise ConfigError("prune.granularity: " + (problems[0] if len(problems) == 1 else
+                          f"{len(problems)} layers do not fit {p.granularity!r}:\n  - " + "\n  - ".join(problems)))
+
+
+def _section_patterns(cfg: ExperimentConfig) -> list[tuple[str, list[str]]]:
+    """Layer globs of the active timing's section (its dict-valued settings, e.g. lottery.layer_rates)."""
+    section = cfg.prune.settings
+    if section is None:
+        return []
+    return [(f"prune.{cfg.prune.timing}.{k}", list(v)) for k, v in vars(section).items() if isinstance(v, dict)]
 
 
 def plan_preflight(cfg: ExperimentConfig, memo: dict[str, Any] | None = None) -> None:
@@ -174,8 +197,8 @@ def plan_preflight(cfg: ExperimentConfig, memo: dict[str, Any] | None = None) ->
     if isinstance(shapes, str):
         raise ConfigError(shapes)
     p = cfg.prune
-    key = json.dumps([model_key, p.exclude, sorted(p.overrides), sorted(p.lottery.layer_rates), p.granularity],
-                     default=str)
+    key = json.dumps([model_key, p.exclude, sorted(p.overrides), _section_patterns(cfg), p.granularity,
+                      prunes_anything(p)], default=str)
     if key not in memo:
         try:
             check_layers(cfg, shapes)

@@ -36,7 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchkit.config import FREE_FORM, ConfigError, ExperimentConfig, load_yaml, set_dotted, where
+from benchkit.config import (
+    ConfigError,
+    ExperimentConfig,
+    flatten,
+    free_form_keys,
+    load_yaml,
+    rename_legacy_key,
+    set_dotted,
+    where,
+)
 from benchkit.tracking import (
     TAG_HASH,
     TAG_HEARTBEAT,
@@ -82,13 +91,15 @@ class SweepSpec:
 
 
 def config_keys() -> set[str]:
-    return set(ExperimentConfig().flat())
+    """Every dotted config key, the sections of every timing included."""
+    return set(flatten(ExperimentConfig().to_dict()))
 
 
 def check_key(key: str, where_: str, lines: dict[str, int], line_key: str) -> None:
     """A dotted key must name a config value (or an entry of a free-form dict such as prune.overrides)."""
     keys = config_keys()
-    if key in keys or any(key.startswith(f + ".") for f in FREE_FORM):
+    key, _ = rename_legacy_key(key)  # an old spelling (prune.scope) reads as today's (prune.allocation)
+    if key in keys or any(key.startswith(f + ".") for f in free_form_keys()):
         return
     if key == "experiment":
         raise ConfigError(f"{where_} key 'experiment'{where(line_key, lines)}: a sweep is one MLflow experiment; "
@@ -241,6 +252,7 @@ def combinations(spec: SweepSpec) -> list[dict[str, Any]]:
 
 def _matches(flat: dict[str, Any], match: dict[str, Any]) -> bool:
     for key, want in match.items():
+        key, want = rename_legacy_key(key, want)
         have = flat.get(key, _lookup_free_form(flat, key))
         if isinstance(want, list) and not isinstance(have, list):
             if have not in want and str(have) not in map(str, want):
@@ -251,7 +263,7 @@ def _matches(flat: dict[str, Any], match: dict[str, Any]) -> bool:
 
 
 def _lookup_free_form(flat: dict[str, Any], key: str) -> Any:
-    for f in FREE_FORM:
+    for f in free_form_keys():
         if key.startswith(f + ".") and isinstance(flat.get(f), dict):
             return flat[f].get(key[len(f) + 1:])
     return None
@@ -266,6 +278,7 @@ def expand(spec: SweepSpec) -> list[PlanEntry]:
     a grid value refused wherever it appears aborts too (most likely a typo).
     """
     from benchkit.experiment import plan_preflight
+    from benchkit.validation import validate_config
 
     base_lines = {k[len("base."):]: v for k, v in spec.lines.items() if k.startswith("base.")}
     axis_lines = {k: spec.lines.get(f"grid.{k}", spec.lines.get(f"zip.{k}")) for k in [*spec.grid, *spec.zip]}
@@ -279,7 +292,7 @@ def expand(spec: SweepSpec) -> list[PlanEntry]:
         d = json.loads(json.dumps(base, default=str)) if _jsonable(base) else dict(base)
         for k, v in {**combo, **{k: v for k, v in spec.overrides.items() if k not in combo}}.items():
             set_dotted(d, k, v)
-        cfg = ExperimentConfig.from_dict(d, lines=lines, validate=False)  # type errors / unknown keys: abort
+        cfg = ExperimentConfig.from_dict(d, lines=lines)  # type errors / unknown keys: abort
         entry = PlanEntry(i, combo, cfg, cfg.config_hash())
         flat = cfg.flat()
         rule = next((x for x in spec.exclude if _matches(flat, x["match"])), None)
@@ -287,7 +300,7 @@ def expand(spec: SweepSpec) -> list[PlanEntry]:
             entry.status, entry.reason = "excluded", f"excluded: {rule['reason']}"
         else:
             try:
-                cfg.validate(lines)
+                validate_config(cfg, lines)
                 plan_preflight(cfg, preflight_memo)
             except ConfigError as e:
                 entry.status, entry.reason = "excluded", f"invalid: {e}"
@@ -496,7 +509,7 @@ def run_tracked(task: RunTask) -> RunOutcome:
     INTERRUPT_HANDLED.clear()
     tracker = Tracker.shared(task.tracking_uri)
     exp_id, h = task.experiment_id, task.config_hash
-    cfg = ExperimentConfig.from_dict(task.config, validate=False)
+    cfg = ExperimentConfig.from_dict(task.config)
     if cfg.config_hash() != h:
         raise RuntimeError(f"config hash changed in transit: {cfg.config_hash()} != {h}")
     tags = {**task.tags, TAG_SWEEP: task.sweep, TAG_HASH: h, TAG_OVERRIDES: json.dumps(task.overrides, default=str),

@@ -1,36 +1,42 @@
 """Value checks on a whole config, across registries, before any data loads or anything trains.
 
-:func:`validate_config` (called by :meth:`ExperimentConfig.validate`) collects every problem and
-raises one :class:`ConfigError` listing them, each naming the dotted key, its YAML line when known,
-and the allowed values or the fix. Types and unknown keys are checked earlier by
-:mod:`benchkit.config`; checks that need the model (layer globs) run in the experiment's preflight.
+:func:`validate_config` collects every problem and raises one :class:`ConfigError` listing them, each
+naming the dotted key, its YAML line when known, and the allowed values or the fix. Types and unknown keys
+are checked earlier by :mod:`benchkit.config` (which knows no registry: it sits below them); checks that
+need the model (layer globs) run in the experiment's preflight. :func:`load_config` reads and validates.
 
 Decisions documented here:
 
-* ``lottery`` prunes by ``magnitude`` (IMP) or ``random``; other criteria are refused (the
-  procedure is defined on magnitudes; ``post`` with ``rounds`` covers iterative pruning with
-  other criteria).
-* Knobs that belong to one timing are refused with the others rather than silently ignored:
-  ``schedule.soft``→``during``, ``rounds > 1``/``lr_rewind``/``distill``→``post``,
-  ``lottery.controls``/``lottery.rate``/``lottery.layer_rates``/``lottery.rewind_iteration``→``lottery``.
-  Plain settings of a timing's procedure — ``prune.finetune.*`` (post), ``prune.schedule.start/end/
-  every/initial_sparsity`` (during), ``prune.lottery.levels`` — are accepted with every timing, so one
-  sweep base can serve a ``zip`` over timings (``experiments/timing.yaml``); only the timing they
-  belong to reads them.
-  Likewise ``train.nesterov`` with only adam/adamw, and ``train.milestones`` with no ``multistep``
-  schedule (``train.schedule``, or post's ``prune.finetune.schedule``).
+* A timing's own settings live in its section ``prune.<timing>`` and are checked by the timing's
+  ``check``. Fields a section marks ``exclusive`` (``prune.post.rounds``, ``prune.post.lr_rewind``,
+  ``prune.post.distill.enabled``, ``prune.during.soft``, ``prune.lottery.rate/layer_rates/
+  rewind_iteration/controls``...) are refused when set under another timing: they would be silently
+  ignored. The plain settings of a procedure (``prune.post.finetune.*``, ``prune.during.start/end/every``,
+  ``prune.lottery.levels``) are accepted with every timing, so one sweep base can serve a ``zip`` over
+  timings (``experiments/timing.yaml``); only the active timing's section is logged and hashed.
+* ``train.nesterov`` with only adam/adamw, and ``train.milestones`` with no ``multistep`` schedule
+  (``train.schedule``, or post's ``prune.post.finetune.schedule``) are refused.
 * ``N:M`` fixes the compression at M/N: ``compression`` must be unset or M/N, and it cannot be
   reached gradually (``during``) nor compounded (``lottery``, ``rounds > 1``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from benchkit.config import ConfigError, ExperimentConfig, where
+from benchkit.config import ConfigError, ExperimentConfig, PruneConfig, read_run_yaml, where
+from benchkit.data import DATASETS
+from benchkit.models import INITS, MODELS, torchvision_names
+from benchkit.pruning.allocation import ALLOCATIONS, NORMALIZERS
+from benchkit.pruning.criteria import CRITERIA
+from benchkit.pruning.granularity import REDUCTIONS, get_granularity, signed_reduce_problem
+from benchkit.timing import TIMINGS
+from benchkit.training import OPTIMIZERS, SCHEDULES
 
 Problem = tuple[str, str]  # (dotted key, what is wrong and how to fix it)
 Check = Callable[[ExperimentConfig], Iterator[Problem]]
@@ -42,6 +48,19 @@ DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 def check(fn: Check) -> Check:
     CHECKS.append(fn)
     return fn
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: dict[str, Any] | list[str] | None = None, *,
+                lines: dict[str, int] | None = None) -> ExperimentConfig:
+    """Read a config (a YAML path, or a dict) with dotted overrides, and validate it: the one call that
+    gives a config ready to run (``bk.load_config("experiments/quickstart.yaml", ["seed=1"])``)."""
+    if isinstance(source, dict):
+        cfg = ExperimentConfig.from_dict(source, overrides, lines=lines)
+    else:
+        data, lines = read_run_yaml(source)
+        cfg = ExperimentConfig.from_dict(data, overrides, lines=lines)
+    validate_config(cfg, lines)
+    return cfg
 
 
 def validate_config(cfg: ExperimentConfig, lines: dict[str, int] | None = None) -> None:
@@ -62,13 +81,6 @@ def _unknown(kind: str, value: Any, allowed: list[str], extra: str = "") -> str:
 # --------------------------------------------------------------------------------------------- names
 @check
 def names(cfg: ExperimentConfig) -> Iterator[Problem]:
-    from benchkit.data import DATASETS
-    from benchkit.models import INITS, MODELS, torchvision_names
-    from benchkit.pruning.criteria import CRITERIA
-    from benchkit.pruning.scope import SCOPES
-    from benchkit.timing import TIMINGS
-    from benchkit.training import OPTIMIZERS, SCHEDULES
-
     if cfg.data.name not in DATASETS:
         yield "data.name", _unknown("dataset", cfg.data.name, DATASETS.names())
     if cfg.model.name not in MODELS and cfg.model.name not in torchvision_names():
@@ -76,27 +88,27 @@ def names(cfg: ExperimentConfig) -> Iterator[Problem]:
                                      " (or any torchvision classification model, e.g. resnet18)")
     if cfg.model.init != "default" and cfg.model.init not in INITS:
         yield "model.init", _unknown("init", cfg.model.init, ["default", *INITS.names()])
-    for key, value in (("train.optimizer", cfg.train.optimizer), ("prune.finetune.optimizer",
-                                                                  cfg.prune.finetune.optimizer)):
+    finetune = cfg.prune.post.finetune if "post" in PruneConfig.SECTIONS else None
+    for key, value in (("train.optimizer", cfg.train.optimizer),
+                       ("prune.post.finetune.optimizer", finetune.optimizer if finetune else None)):
         if value is not None and value not in OPTIMIZERS:
             yield key, _unknown("optimizer", value, OPTIMIZERS.names())
-    for key, value in (("train.schedule", cfg.train.schedule), ("prune.finetune.schedule",
-                                                                cfg.prune.finetune.schedule)):
+    for key, value in (("train.schedule", cfg.train.schedule),
+                       ("prune.post.finetune.schedule", finetune.schedule if finetune else None)):
         if value is not None and value not in SCHEDULES:
             yield key, _unknown("schedule", value, SCHEDULES.names())
     if cfg.prune.timing not in TIMINGS:
         yield "prune.timing", _unknown("timing", cfg.prune.timing, TIMINGS.names())
     if cfg.prune.criterion not in CRITERIA:
         yield "prune.criterion", _unknown("criterion", cfg.prune.criterion, CRITERIA.names())
-    if cfg.prune.scope not in SCOPES:
-        yield "prune.scope", _unknown("scope", cfg.prune.scope, SCOPES.names())
-    from benchkit.pruning.granularity import REDUCTIONS
-
+    if cfg.prune.allocation not in ALLOCATIONS:
+        yield "prune.allocation", _unknown("allocation", cfg.prune.allocation, ALLOCATIONS.names(),
+                                           " (prune.scope: layer is allocation: uniform)")
+    if cfg.prune.normalize not in NORMALIZERS:
+        yield "prune.normalize", _unknown("normalization", cfg.prune.normalize, list(NORMALIZERS))
     if cfg.prune.reduce not in REDUCTIONS:
         yield "prune.reduce", _unknown("reduction", cfg.prune.reduce, list(REDUCTIONS))
     elif cfg.prune.criterion in CRITERIA:
-        from benchkit.pruning.granularity import get_granularity, signed_reduce_problem
-
         try:
             gran = get_granularity(cfg.prune.granularity)
         except ValueError:
@@ -111,8 +123,6 @@ def names(cfg: ExperimentConfig) -> Iterator[Problem]:
 
 
 def _granularity(cfg: ExperimentConfig) -> Iterator[Problem]:
-    from benchkit.pruning.granularity import get_granularity
-
     g = cfg.prune.granularity
     try:
         gran = get_granularity(g)
@@ -151,8 +161,6 @@ def compression(cfg: ExperimentConfig) -> Iterator[Problem]:
 
 
 def _criterion_needs_data(name: str) -> bool:
-    from benchkit.pruning.criteria import CRITERIA
-
     return name in CRITERIA and bool(getattr(CRITERIA.get(name), "needs_data", False))
 
 
@@ -191,12 +199,6 @@ def training(cfg: ExperimentConfig) -> Iterator[Problem]:
     if t.milestones and "multistep" not in schedules:
         yield "train.milestones", (f"only used by schedule 'multistep', but train.schedule is {t.schedule!r}; "
                                    "remove train.milestones or set train.schedule: multistep")
-    ft = cfg.prune.finetune
-    if ft.iterations is not None and ft.iterations < 1:
-        yield "prune.finetune.iterations", (f"must be >= 1, got {ft.iterations}; for no fine-tuning leave it unset "
-                                            "and set prune.finetune.epochs: 0")
-    if ft.epochs < 0:
-        yield "prune.finetune.epochs", f"must be >= 0 (0 = no fine-tuning), got {ft.epochs}"
     d = cfg.data
     if d.val_size is None and not 0.0 <= d.val_fraction < 1.0:
         yield "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"
@@ -217,44 +219,52 @@ def training(cfg: ExperimentConfig) -> Iterator[Problem]:
 IGNORE_NESTEROV = frozenset({"adam", "adamw"})
 
 
+def _post_finetune(cfg: ExperimentConfig) -> Any:
+    """post's fine-tuning settings when the run is a post run that fine-tunes with its own optimiser/schedule."""
+    if cfg.prune.timing != "post" or cfg.prune.post.lr_rewind:
+        return None
+    return cfg.prune.post.finetune
+
+
 def _optimizers_used(cfg: ExperimentConfig) -> set[str]:
     """Optimizers the run trains with: train.optimizer, and post's fine-tuning optimizer."""
     used = {cfg.train.optimizer}
-    if cfg.prune.timing == "post" and not cfg.prune.lr_rewind and cfg.prune.finetune.optimizer is not None:
-        used.add(cfg.prune.finetune.optimizer)
+    ft = _post_finetune(cfg)
+    if ft is not None and ft.optimizer is not None:
+        used.add(ft.optimizer)
     return used
 
 
 def _schedules_used(cfg: ExperimentConfig) -> set[str]:
     """Schedules the run trains with (fine-tuning reads train.step_size/milestones/gamma too)."""
     used = {cfg.train.schedule}
-    if cfg.prune.timing == "post" and not cfg.prune.lr_rewind and cfg.prune.finetune.schedule is not None:
-        used.add(cfg.prune.finetune.schedule)
+    ft = _post_finetune(cfg)
+    if ft is not None and ft.schedule is not None:
+        used.add(ft.schedule)
     return used
 
 
 # --------------------------------------------------------------------------------------------- timings
-# A knob set away from its default only means something for these timings.
-TIMING_KNOBS: list[tuple[str, Callable[[ExperimentConfig], bool], tuple[str, ...]]] = [
-    ("prune.schedule.soft", lambda c: c.prune.schedule.soft, ("during",)),
-    ("prune.rounds", lambda c: c.prune.rounds > 1, ("post",)),
-    ("prune.lr_rewind", lambda c: c.prune.lr_rewind, ("post",)),
-    ("prune.distill.enabled", lambda c: c.prune.distill.enabled, ("post",)),
-    ("prune.lottery.controls", lambda c: bool(c.prune.lottery.controls), ("lottery",)),
-    ("prune.lottery.rate", lambda c: c.prune.lottery.rate is not None, ("lottery",)),
-    ("prune.lottery.layer_rates", lambda c: bool(c.prune.lottery.layer_rates), ("lottery",)),
-    ("prune.lottery.rewind_iteration", lambda c: c.prune.lottery.rewind_iteration != 0, ("lottery",)),
-]
+def exclusive_settings(section: Any, prefix: str) -> Iterator[str]:
+    """Dotted keys of ``section``'s fields marked ``exclusive`` that are set away from their default
+    (nested sections recursed: ``prune.post.distill.enabled``)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from exclusive_settings(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("exclusive"):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
+                yield f"{prefix}{f.name}"
 
 
 @check
 def timing(cfg: ExperimentConfig) -> Iterator[Problem]:
-    from benchkit.timing import TIMINGS
-
     t = cfg.prune.timing
-    for key, is_set, timings in TIMING_KNOBS:
-        if is_set(cfg) and t not in timings:
-            yield key, (f"only applies to timing {' or '.join(timings)}, but prune.timing is {t!r}; "
-                        f"remove it or change the timing")
+    for name in PruneConfig.SECTIONS:
+        if name == t:
+            continue
+        for key in exclusive_settings(getattr(cfg.prune, name), f"prune.{name}."):
+            yield key, (f"only applies to timing {name}, but prune.timing is {t!r}; remove it or change the timing")
     if t in TIMINGS and not list(compression(cfg)):  # timing checks may rely on a sane target
         yield from TIMINGS.get(t)().check(cfg)

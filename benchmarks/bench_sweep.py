@@ -183,9 +183,9 @@ def overhead(repeats: int) -> dict[str, float]:
 
     torch.set_num_threads(1)
     import benchkit.experiment as experiment
-    from benchkit.config import ExperimentConfig
     from benchkit.sweep import RunTask, run_tracked
     from benchkit.tracking import Tracker
+    from benchkit.validation import load_config
 
     if not (DATA / "FashionMNIST" / "raw").is_dir():
         raise SystemExit(f"Fashion-MNIST not found under {DATA}; set BENCHKIT_DATA")
@@ -202,7 +202,7 @@ def overhead(repeats: int) -> dict[str, float]:
     experiment.PruningExperiment.run = timed_run
     with tempfile.TemporaryDirectory(prefix="bench-track-") as tmp:
         os.environ["BENCHKIT_CACHE"] = str(Path(tmp) / "cache")
-        base = ExperimentConfig.from_dict({
+        base = load_config({
             "experiment": "bench-overhead", "threads": 1, "output_dir": str(Path(tmp) / "runs"),
             "data": {"name": "fashion-mnist", "root": str(DATA), "download": False},
             "model": {"name": "lenet300"}, "train": {"epochs": 1, "batch_size": 60, "lr": 0.1},

@@ -119,8 +119,7 @@ def build_store(root: Path, *, with_lottery: bool = True) -> FakeStore:
         for compression in COMPRESSIONS:
             for seed in SEEDS:
                 cfg = ExperimentConfig.from_dict(base, {"prune.criterion": criterion, "prune.scope": scope,
-                                                        "prune.compression": compression, "seed": seed},
-                                                 validate=False)
+                                                        "prune.compression": compression, "seed": seed})
                 metrics = {
                     "compression_ratio": achieved(compression, seed),
                     "sparsity": 1 - 1 / achieved(compression, seed),
@@ -136,7 +135,7 @@ def build_store(root: Path, *, with_lottery: bool = True) -> FakeStore:
                 store.run_ids[(criterion, scope, compression, seed)] = run_id
     # a crashed and a still-running config: never part of a FINISHED analysis
     for status, seed in (("FAILED", 7), ("RUNNING", 8)):
-        cfg = ExperimentConfig.from_dict(base, {"seed": seed, "prune.compression": 2.0}, validate=False)
+        cfg = ExperimentConfig.from_dict(base, {"seed": seed, "prune.compression": 2.0})
         run_id = _start(tracker, exp, cfg, SWEEP)
         tracker.log_metrics(run_id, [("test_acc1", 0.0, 0)])
         if status == "FAILED":
@@ -151,7 +150,7 @@ def build_store(root: Path, *, with_lottery: bool = True) -> FakeStore:
             cfg = ExperimentConfig.from_dict(
                 {**base, "experiment": LOTTERY, "prune": {"timing": "lottery", "scope": "layer",
                                                           "lottery": {"levels": LEVELS, "controls": list(CONTROLS)}}},
-                {"seed": seed}, validate=False)
+                {"seed": seed})
             levels = []
             for level in range(LEVELS + 1):
                 for branch in ("ticket", *CONTROLS):

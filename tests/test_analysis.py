@@ -83,7 +83,7 @@ def test_load_runs_one_row_per_finished_run(store, runs):
 def test_load_runs_types_and_values(store, runs):
     assert runs["compression"].dtype == np.float64
     assert runs["seed"].dtype == np.int64
-    assert runs["prune.finetune.epochs"].dtype == np.int64
+    assert runs["prune.post.finetune.epochs"].dtype == np.int64
     assert runs["data.augment"].dtype == bool
     assert runs["test_acc1"].dtype == np.float64
     assert runs["granularity"].tolist() == ["element"] * len(runs)

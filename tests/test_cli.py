@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from benchkit.cli import main
-from benchkit.config import ExperimentConfig
 from benchkit.tracking import Tracker
+from benchkit.validation import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_run_then_report_reads_it_back(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     df = search(uri, "cli")
     assert len(df) == 1 and df["status"][0] == "FINISHED"
-    cfg = ExperimentConfig.from_yaml(p, ["prune.compression=4"])
+    cfg = load_config(p, ["prune.compression=4"])
     assert df["tags.benchkit.config_hash"][0] == cfg.config_hash() and df["params.prune.compression"][0] == "4.0"
 
     assert df["tags.mlflow.runName"][0] == "compression=4"
@@ -143,7 +143,7 @@ def test_report_columns_take_the_names_the_table_shows(tmp_path, capsys):
     tracker = Tracker(uri)
     exp = tracker.ensure_experiment("cols")
     for i, criterion in enumerate(["magnitude", "random"]):
-        cfg = ExperimentConfig.from_dict({"prune": {"criterion": criterion}})
+        cfg = load_config({"prune": {"criterion": criterion}})
         run_id = tracker.start_run(exp, cfg, run_name=f"criterion={criterion}", tags={TAG_HASH: cfg.config_hash()})
         tracker.log_metrics(run_id, [("test_acc1", 0.5 + i / 4, 0)])
         tracker.end_run(run_id)
@@ -213,7 +213,7 @@ def test_sweep_killed_with_sigkill_resumes_to_exactly_one_finished_run_per_confi
     out = cli("sweep", str(p), "--tracking-uri", uri)
     assert out.returncode == 0, out.stderr
     df = search(uri, "killed")
-    base = ExperimentConfig.from_yaml(p)
+    base = load_config(p)
     planned = {base.replace(prune__criterion=c, prune__compression=k).config_hash()
                for c in ("magnitude", "random") for k in (2, 4)}
     assert sorted(df["tags.benchkit.config_hash"]) == sorted(planned)  # each config exactly once

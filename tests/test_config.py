@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchkit.config import ConfigError, ExperimentConfig
+from benchkit.validation import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def error_of(tmp_path: Path, text: str) -> str:
     with pytest.raises(ConfigError) as info:
-        ExperimentConfig.from_yaml(write(tmp_path, text))
+        load_config(write(tmp_path, text))
     return str(info.value)
 
 
@@ -49,18 +50,18 @@ def test_unknown_key_in_sweep_base_names_line(tmp_path):
 
 @pytest.mark.parametrize("key,value,expect", [
     ("prune.timing", "sometime", ["prune.timing", "during", "lottery", "post", "pre"]),
-    ("prune.scope", "planet", ["prune.scope", "global", "layer"]),
+    ("prune.allocation", "planet", ["prune.allocation", "global", "uniform", "erk", "lamp"]),
     ("prune.granularity", "blob", ["prune.granularity", "element", "channel"]),
     ("model.name", "not_a_net", ["model.name", "lenet300", "torchvision"]),
     ("data.name", "imagenet22k", ["data.name", "digits", "fashion-mnist"]),
     ("train.optimizer", "lbfgs", ["train.optimizer", "adam", "sgd"]),
     ("train.schedule", "warmup", ["train.schedule", "cosine", "multistep"]),
-    ("prune.finetune.optimizer", "rmsprop", ["prune.finetune.optimizer", "sgd"]),
+    ("prune.post.finetune.optimizer", "rmsprop", ["prune.post.finetune.optimizer", "sgd"]),
     ("prune.reduce", "max", ["prune.reduce", "l1", "l2", "mean"]),
 ])
 def test_unknown_names_list_allowed_values(key, value, expect):
     with pytest.raises(ConfigError) as info:
-        ExperimentConfig.from_dict({}, {key: value})
+        load_config({}, {key: value})
     msg = str(info.value)
     for word in expect:
         assert word in msg, (word, msg)
@@ -74,31 +75,31 @@ def test_unknown_names_list_allowed_values(key, value, expect):
     ({"prune.overrides": {"fc3": 0.5}}, "prune.overrides", ">= 1"),
     ({"prune.granularity": "2:4", "prune.compression": 4}, "prune.compression", "M/N = 2"),
     ({"prune.granularity": "2:4", "prune.timing": "during"}, "prune.granularity", "gradually"),
-    ({"prune.granularity": "2:4", "prune.rounds": 3}, "prune.rounds", "rounds: 1"),
-    ({"prune.schedule.soft": True, "prune.timing": "post"}, "prune.schedule.soft", "timing during"),
-    ({"prune.rounds": 3, "prune.timing": "pre"}, "prune.rounds", "timing post"),
-    ({"prune.lr_rewind": True, "prune.timing": "lottery"}, "prune.lr_rewind", "timing post"),
-    ({"prune.distill.enabled": True, "prune.timing": "during"}, "prune.distill.enabled", "timing post"),
+    ({"prune.granularity": "2:4", "prune.post.rounds": 3}, "prune.post.rounds", "rounds: 1"),
+    ({"prune.during.soft": True, "prune.timing": "post"}, "prune.during.soft", "timing during"),
+    ({"prune.post.rounds": 3, "prune.timing": "pre"}, "prune.post.rounds", "timing post"),
+    ({"prune.post.lr_rewind": True, "prune.timing": "lottery"}, "prune.post.lr_rewind", "timing post"),
+    ({"prune.post.distill.enabled": True, "prune.timing": "during"}, "prune.post.distill.enabled", "timing post"),
     ({"prune.lottery.controls": ["reinit"], "prune.timing": "post"}, "prune.lottery.controls", "timing lottery"),
     ({"prune.timing": "lottery", "prune.criterion": "snip"}, "prune.criterion", "magnitude or random"),
     ({"prune.timing": "lottery", "prune.lottery.controls": ["shuffle"]}, "prune.lottery.controls", "reinit, random"),
     ({"prune.timing": "lottery", "prune.lottery.rate": 0.2, "prune.compression": 8}, "prune.compression",
      "not both"),
     ({"prune.timing": "lottery", "prune.lottery.rate": 1.5}, "prune.lottery.rate", "(0, 1)"),
-    ({"prune.timing": "during", "prune.schedule.start": 0.8, "prune.schedule.end": 0.5}, "prune.schedule.start",
+    ({"prune.timing": "during", "prune.during.start": 0.8, "prune.during.end": 0.5}, "prune.during.start",
      "start < end"),
-    ({"prune.timing": "during", "prune.compression": 2, "prune.schedule.initial_sparsity": 0.9},
-     "prune.schedule.initial_sparsity", "final sparsity"),
-    ({"prune.lr_rewind": True, "prune.finetune.epochs": 20, "train.epochs": 10}, "prune.finetune.epochs",
+    ({"prune.timing": "during", "prune.compression": 2, "prune.during.initial_sparsity": 0.9},
+     "prune.during.initial_sparsity", "final sparsity"),
+    ({"prune.post.lr_rewind": True, "prune.post.finetune.epochs": 20, "train.epochs": 10}, "prune.post.finetune.epochs",
      "at most 10"),
-    ({"prune.lr_rewind": True, "prune.finetune.lr": 0.01}, "prune.finetune.lr", "original training lr"),
-    ({"prune.distill.enabled": True, "prune.distill.alpha": 2.0}, "prune.distill.alpha", "[0, 1]"),
+    ({"prune.post.lr_rewind": True, "prune.post.finetune.lr": 0.01}, "prune.post.finetune.lr", "original training lr"),
+    ({"prune.post.distill.enabled": True, "prune.post.distill.alpha": 2.0}, "prune.post.distill.alpha", "[0, 1]"),
     ({"train.lr": 0.0}, "train.lr", "> 0"),
     ({"device": "tpu"}, "device", "cuda:N"),
 ])
 def test_impossible_values_and_combinations(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:
-        ExperimentConfig.from_dict({}, overrides)
+        load_config({}, overrides)
     msg = str(info.value)
     assert key in msg and fragment in msg, msg
 
@@ -119,25 +120,25 @@ def test_all_problems_reported_at_once(tmp_path):
 def test_valid_combinations_pass():
     for overrides in (
         {"prune.timing": "pre", "prune.criterion": "snip", "prune.compression": 10},
-        {"prune.timing": "during", "prune.sparsity": 0.9, "prune.schedule.soft": True},
-        {"prune.timing": "post", "prune.rounds": 3, "prune.compression": 8, "prune.lr_rewind": True,
-         "prune.finetune.epochs": 2},
+        {"prune.timing": "during", "prune.sparsity": 0.9, "prune.during.soft": True},
+        {"prune.timing": "post", "prune.post.rounds": 3, "prune.compression": 8, "prune.post.lr_rewind": True,
+         "prune.post.finetune.epochs": 2},
         {"prune.timing": "post", "prune.granularity": "2:4"},
         {"prune.timing": "lottery", "prune.lottery.controls": ["reinit", "random"],
          "prune.lottery.layer_rates": {"fc3": 0.1}, "prune.lottery.rewind_iteration": 100},
     ):
-        ExperimentConfig.from_dict({}, overrides)
+        load_config({}, overrides)
 
 
 def test_sweep_files_give_their_base_run():
     for name in ("quickstart.yaml", "fashion_lenet300.yaml"):
-        cfg = ExperimentConfig.from_yaml(REPO / "experiments" / name)
+        cfg = load_config(REPO / "experiments" / name)
         assert cfg.prune.timing == "post"
-    quick = ExperimentConfig.from_yaml(REPO / "experiments" / "quickstart.yaml", ["prune.compression=8"])
+    quick = load_config(REPO / "experiments" / "quickstart.yaml", ["prune.compression=8"])
     assert quick.experiment == "quickstart" and quick.data.name == "digits" and quick.prune.compression == 8
-    fashion = ExperimentConfig.from_yaml(REPO / "experiments" / "fashion_lenet300.yaml")
+    fashion = load_config(REPO / "experiments" / "fashion_lenet300.yaml")
     assert fashion.data.name == "fashion-mnist" and fashion.prune.compression == 10
-    assert fashion.prune.scope == "global" and fashion.prune.criterion == "magnitude"
+    assert fashion.prune.allocation == "global" and fashion.prune.criterion == "magnitude"
 
 
 def test_layer_pattern_matching_nothing_fails_before_training(tmp_path, monkeypatch):
@@ -149,7 +150,7 @@ def test_layer_pattern_matching_nothing_fails_before_training(tmp_path, monkeypa
         raise AssertionError("training started before the config was fully checked")
 
     monkeypatch.setattr(base, "train", no_training)
-    cfg = ExperimentConfig.from_dict({"data": {"name": "digits"}, "output_dir": str(tmp_path), "progress": False,
+    cfg = load_config({"data": {"name": "digits"}, "output_dir": str(tmp_path), "progress": False,
                                       "prune": {"compression": 4, "exclude": ["classifier.*"]}})
     with pytest.raises(ConfigError) as info:
         PruningExperiment(cfg).run()
@@ -157,10 +158,9 @@ def test_layer_pattern_matching_nothing_fails_before_training(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("overrides,key,fragment", [
-    ({"prune.finetune.iterations": 0}, "prune.finetune.iterations", ">= 1"),
-    ({"prune.finetune.iterations": -5}, "prune.finetune.iterations", ">= 1"),
-    ({"prune.finetune.epochs": -1}, "prune.finetune.epochs", ">= 0"),
-    ({"prune.timing": "pre", "prune.finetune.epochs": -1}, "prune.finetune.epochs", ">= 0"),
+    ({"prune.post.finetune.iterations": 0}, "prune.post.finetune.iterations", ">= 1"),
+    ({"prune.post.finetune.iterations": -5}, "prune.post.finetune.iterations", ">= 1"),
+    ({"prune.post.finetune.epochs": -1}, "prune.post.finetune.epochs", ">= 0"),
     ({"train.iterations": 0}, "train.iterations", ">= 1"),
     ({"train.iterations": -3}, "train.iterations", ">= 1"),
     ({"train.nesterov": True, "train.momentum": 0.0}, "train.nesterov", "train.momentum > 0"),
@@ -168,14 +168,14 @@ def test_layer_pattern_matching_nothing_fails_before_training(tmp_path, monkeypa
     ({"train.nesterov": True, "train.optimizer": "adamw", "train.momentum": 0.0}, "train.nesterov", "sgd"),
     ({"train.schedule": "step", "train.step_size": 0}, "train.step_size", "> 0"),
     ({"train.schedule": "step", "train.step_size": -2}, "train.step_size", "> 0"),
-    ({"prune.finetune.schedule": "step", "train.step_size": 0}, "train.step_size", "> 0"),
+    ({"prune.post.finetune.schedule": "step", "train.step_size": 0}, "train.step_size", "> 0"),
     ({"train.milestones": [5, 8]}, "train.milestones", "multistep"),
     ({"train.schedule": "cosine", "train.milestones": [5]}, "train.milestones", "multistep"),
-    ({"prune.finetune.schedule": "multistep"}, "train.milestones", "needs milestones"),
+    ({"prune.post.finetune.schedule": "multistep"}, "train.milestones", "needs milestones"),
 ])
 def test_training_settings_that_would_fail_or_be_ignored_are_refused(overrides, key, fragment):
     with pytest.raises(ConfigError) as info:
-        ExperimentConfig.from_dict({}, overrides)
+        load_config({}, overrides)
     msg = str(info.value)
     assert f"{key}: " in msg and fragment in msg, msg
 
@@ -185,12 +185,12 @@ def test_training_settings_that_apply_pass():
         {"train.nesterov": True, "train.momentum": 0.9},
         {"train.schedule": "constant", "train.step_size": 0},  # step_size only matters for schedule step
         {"train.schedule": "multistep", "train.milestones": [5, 8]},
-        {"prune.finetune.schedule": "multistep", "train.milestones": [2]},  # the fine-tuning schedule uses them
-        {"prune.finetune.epochs": 0},  # no fine-tuning
-        {"prune.finetune.iterations": 5},
-        {"train.nesterov": True, "train.optimizer": "adam", "prune.finetune.optimizer": "sgd"},  # sgd fine-tuning
+        {"prune.post.finetune.schedule": "multistep", "train.milestones": [2]},  # the fine-tuning schedule uses them
+        {"prune.post.finetune.epochs": 0},  # no fine-tuning
+        {"prune.post.finetune.iterations": 5},
+        {"train.nesterov": True, "train.optimizer": "adam", "prune.post.finetune.optimizer": "sgd"},  # sgd fine-tuning
     ):
-        ExperimentConfig.from_dict({}, overrides)
+        load_config({}, overrides)
 
 
 # --------------------------------------------------------------------------------------------- review fixes
@@ -209,12 +209,12 @@ def _image_folder(path: Path) -> Path:
 
 def test_imagefolder_root_is_part_of_the_config_hash(tmp_path):
     for name in ("digits", "mnist", "cifar10"):  # a torchvision root is only where the files are
-        a = ExperimentConfig.from_dict({"data": {"name": name, "root": str(tmp_path / "a")}})
-        b = ExperimentConfig.from_dict({"data": {"name": name, "root": str(tmp_path / "b")}})
+        a = load_config({"data": {"name": name, "root": str(tmp_path / "a")}})
+        b = load_config({"data": {"name": name, "root": str(tmp_path / "b")}})
         assert a.config_hash() == b.config_hash() == _old_hash(a)
     assert ExperimentConfig().config_hash() == _old_hash(ExperimentConfig())
-    a = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": str(tmp_path / "a")}})
-    b = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": str(tmp_path / "b")}})
+    a = load_config({"data": {"name": "imagefolder", "root": str(tmp_path / "a")}})
+    b = load_config({"data": {"name": "imagefolder", "root": str(tmp_path / "b")}})
     assert a.config_hash() != b.config_hash()
 
 
@@ -225,7 +225,7 @@ def test_imagefolder_dense_cache_key_includes_the_dataset_folder(tmp_path, monke
     folder_a, folder_b = _image_folder(tmp_path / "a"), _image_folder(tmp_path / "b")
 
     def material(name: str, root: str | None) -> dict:
-        return dense_key_material(ExperimentConfig.from_dict({"data": {"name": name, "root": root}}), "cpu")
+        return dense_key_material(load_config({"data": {"name": name, "root": root}}), "cpu")
 
     assert material("imagefolder", str(folder_a)) != material("imagefolder", str(folder_b))
     assert material("imagefolder", str(folder_a))["data"]["folder"] == str(folder_a.resolve())
@@ -253,7 +253,7 @@ def test_imagefolder_dense_cache_key_follows_the_folder_contents(tmp_path):
         for cls in ("cat", "dog"):
             (folder / split / cls).mkdir()
             (folder / split / cls / "0.png").write_bytes(f"{split}-{cls}".encode())
-    cfg = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": str(folder)}})
+    cfg = load_config({"data": {"name": "imagefolder", "root": str(folder)}})
 
     def key() -> str:
         return dense_key_material(cfg, "cpu")["data"]["folder_contents"]
@@ -291,11 +291,10 @@ def test_yaml_1_2_numbers_in_files_overrides_and_sweeps(tmp_path):
         prune:
           granularity: 2:4
         """)
-    cfg = ExperimentConfig.from_yaml(path)
+    cfg = load_config(path)
     assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005 and cfg.data.val_fraction == 0.5
     assert cfg.prune.granularity == "2:4"
-    cfg = ExperimentConfig.from_dict({}, ["train.lr=1e-3", "prune.granularity=2:4", "train.gamma=-2.5e-4"],
-                                     validate=False)
+    cfg = ExperimentConfig.from_dict({}, ["train.lr=1e-3", "prune.granularity=2:4", "train.gamma=-2.5e-4"])
     assert (cfg.train.lr, cfg.prune.granularity, cfg.train.gamma) == (0.001, "2:4", -0.00025)
     # line numbers survive the custom loader
     msg = error_of(tmp_path, """\
@@ -326,17 +325,17 @@ def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path):
         load_sweep(sweep)
     assert "'grid.seed'" in str(info.value) and "lines 3 and 4" in str(info.value)
     # the same name in two sections is not a duplicate
-    ExperimentConfig.from_yaml(write(tmp_path, "train: {epochs: 2}\nprune: {finetune: {epochs: 2}}\n"))
+    load_config(write(tmp_path, "train: {epochs: 2}\nprune: {finetune: {epochs: 2}}\n"))
 
 
 def test_free_form_keys_keep_their_dots_in_overrides_and_grid_axes(tmp_path):
     from benchkit.sweep import expand, load_sweep
 
     cfg = ExperimentConfig.from_dict({}, ["prune.overrides.layer1.0.conv1=4",
-                                          "prune.lottery.layer_rates.features.0=0.1"], validate=False)
+                                          "prune.lottery.layer_rates.features.0=0.1"])
     assert cfg.prune.overrides == {"layer1.0.conv1": 4.0}
     assert cfg.prune.lottery.layer_rates == {"features.0": 0.1}
-    cfg = ExperimentConfig.from_dict({"model": {"kwargs": {"a": 1}}}, {"model.kwargs.b.c": 2}, validate=False)
+    cfg = ExperimentConfig.from_dict({"model": {"kwargs": {"a": 1}}}, {"model.kwargs.b.c": 2})
     assert cfg.model.kwargs == {"a": 1, "b.c": 2}
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("base: {data: {name: digits}, model: {name: resnet20}, prune: {compression: 2}}\n"
@@ -347,21 +346,21 @@ def test_free_form_keys_keep_their_dots_in_overrides_and_grid_axes(tmp_path):
 
 
 def test_registry_names_are_one_config_whatever_their_case():
-    lower = ExperimentConfig.from_dict({}, {"prune.scope": "layer", "prune.criterion": "magnitude"})
-    upper = ExperimentConfig.from_dict({}, {"prune.scope": "Layer", "prune.criterion": "Magnitude"})
-    assert (upper.prune.scope, upper.prune.criterion) == ("layer", "magnitude")
+    lower = load_config({}, {"prune.allocation": "uniform", "prune.criterion": "magnitude"})
+    upper = load_config({}, {"prune.allocation": "Uniform", "prune.criterion": "Magnitude"})
+    assert (upper.prune.allocation, upper.prune.criterion) == ("uniform", "magnitude")
     assert upper.config_hash() == lower.config_hash()
-    cfg = ExperimentConfig.from_dict({}, {
+    cfg = load_config({}, {
         "prune.timing": "Post", "prune.granularity": "ELEMENT", "prune.reduce": "L1", "train.optimizer": "SGD",
-        "train.schedule": "Cosine", "prune.finetune.optimizer": "Adam", "prune.finetune.schedule": "Step",
+        "train.schedule": "Cosine", "prune.post.finetune.optimizer": "Adam", "prune.post.finetune.schedule": "Step",
         "data.name": "Digits", "model.name": "LeNet300"})
     p = cfg.prune
-    assert (p.timing, p.granularity, p.reduce, p.finetune.optimizer, p.finetune.schedule) == \
+    assert (p.timing, p.granularity, p.reduce, p.post.finetune.optimizer, p.post.finetune.schedule) == \
         ("post", "element", "l1", "adam", "step")
     assert (cfg.train.optimizer, cfg.train.schedule, cfg.data.name, cfg.model.name) == \
         ("sgd", "cosine", "digits", "lenet300")
-    # torchvision names are matched exactly: left as written (and refused as unknown)
-    assert ExperimentConfig.from_dict({}, {"model.name": "ResNet18"}, validate=False).model.name == "ResNet18"
+    # torchvision's names are all lowercase: any spelling is one config
+    assert ExperimentConfig.from_dict({}, {"model.name": "ResNet18"}).model.name == "resnet18"
 
 
 def test_imagefolder_fingerprint_survives_what_imagefolder_tolerates(tmp_path):

@@ -169,7 +169,7 @@ def test_the_worker_server_imports_with_the_collector_off_and_leaves_a_first_run
         before = set(sys.modules)
         from benchkit.config import ExperimentConfig
         from benchkit.experiment import PruningExperiment
-        cfg = ExperimentConfig.from_dict({"data": {"name": "synthetic", "num_samples": 64, "input_shape": [1, 8, 8]},
+        cfg = load_config({"data": {"name": "synthetic", "num_samples": 64, "input_shape": [1, 8, 8]},
                                           "model": {"name": "lenet300"}, "train": {"epochs": 1, "batch_size": 32},
                                           "prune": {"timing": "pre", "compression": 2}, "output_dir": sys.argv[1]})
         PruningExperiment(cfg).run()

@@ -20,6 +20,7 @@ from benchkit.models import build_model
 from benchkit.pruning.masks import get_masks, load_pruned_state_dict
 from benchkit.timing import base
 from benchkit.training import evaluate
+from benchkit.validation import load_config
 
 torch.set_num_threads(1)
 
@@ -28,7 +29,7 @@ def tiny(tmp_path, **overrides) -> ExperimentConfig:
     d = {"data": {"name": "digits"}, "model": {"name": "lenet300", "kwargs": {"hidden": [32, 16]}},
          "train": {"epochs": 2, "lr": 0.05, "batch_size": 64}, "progress": False,
          "output_dir": str(tmp_path / "runs"), "prune": {"timing": "post", "compression": 4}}
-    return ExperimentConfig.from_dict(d, overrides)
+    return load_config(d, overrides)
 
 
 def count_training(monkeypatch) -> list[str]:
@@ -63,7 +64,7 @@ def test_public_contract(tmp_path):
     assert out == tmp_path / "runs" / result.config_hash
     for name in ("config.yaml", "metrics.json", "history.csv", "levels.csv", "layers.csv", "model.pt"):
         assert (out / name).is_file(), name
-    assert ExperimentConfig.from_yaml(out / "config.yaml").config_hash() == result.config_hash
+    assert load_config(out / "config.yaml").config_hash() == result.config_hash
     assert json.loads((out / "metrics.json").read_text())["test_acc1"] == m["test_acc1"]
     assert len(pd.read_csv(out / "history.csv")) == len(result.history)
     assert list(pd.read_csv(out / "levels.csv")["round"]) == [1]
@@ -216,7 +217,7 @@ class GuardedLoader:
 
 
 @pytest.mark.parametrize("overrides", [
-    {"prune.timing": "post", "prune.rounds": 2},
+    {"prune.timing": "post", "prune.post.rounds": 2},
     {"prune.timing": "lottery", "prune.compression": None, "prune.lottery.levels": 1,
      "prune.lottery.controls": ["reinit"]},
     {"prune.timing": "during"},

@@ -285,8 +285,10 @@ def test_bad_input_shape(shape, message):
 
 
 def test_chw_and_batched_shape_agree():
-    a = bk.layer_metrics(lenet5(), (1, 28, 28))
-    b = bk.layer_metrics(lenet5(), (1, 1, 28, 28))
+    torch.manual_seed(0)  # one network for both (an unseeded init holds an exact zero ~2% of the time)
+    net = lenet5()
+    a = bk.layer_metrics(net, (1, 28, 28))
+    b = bk.layer_metrics(net, (1, 1, 28, 28))
     assert a.equals(b)
 
 

@@ -41,10 +41,10 @@ KERNEL = "benchkit-test-python"
 SYNTHETIC_28 = ["data.name=synthetic", "data.input_shape=[1,28,28]", "data.num_samples=240", "data.val_size=60",
                 "train.lr=0.01"]  # LeNet-5 needs 28×28 inputs; digits are 8×8
 STUDY_SWEEPS: dict[str, list[str]] = {
-    "granularity": [*SYNTHETIC_28, "train.epochs=1", "prune.finetune.epochs=1", "seed=0", "latency.repeats=3"],
-    "timing": ["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.finetune.epochs=1",
-               "prune.lottery.levels=2", "prune.schedule.every=5", "prune.iterations=5", "seed=0"],
-    "iterative": [*SYNTHETIC_28, "train.epochs=1", "prune.finetune.epochs=1", "seed=0"],
+    "granularity": [*SYNTHETIC_28, "train.epochs=1", "prune.post.finetune.epochs=1", "seed=0", "latency.repeats=3"],
+    "timing": ["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.post.finetune.epochs=1",
+               "prune.lottery.levels=2", "prune.during.every=5", "prune.iterations=5", "seed=0"],
+    "iterative": [*SYNTHETIC_28, "train.epochs=1", "prune.post.finetune.epochs=1", "seed=0"],
 }
 KINDS = {**FAKE_EXPERIMENTS, **{k: k for k in STUDY_SWEEPS}}
 

@@ -16,7 +16,7 @@ import benchkit as bk
 from benchkit.pruning import engine
 from benchkit.pruning.granularity import get_granularity
 from benchkit.pruning.masks import get_masks, load_pruned_state_dict
-from benchkit.pruning.scope import Groups, keep_above_streaming, prune_lowest
+from benchkit.pruning.selection import Groups, keep_above_streaming, prune_lowest
 
 torch.set_num_threads(1)
 
@@ -119,7 +119,8 @@ def group_size(granularity: str, shape) -> int:
 def test_achieved_compression_within_one_group_per_layer(granularity, scope, compression):
     model = small_convnet(3)
     names = ["0", "3", "8"]
-    report = bk.prune(model, compression=compression, granularity=granularity, scope=scope)
+    report = bk.prune(model, compression=compression, granularity=granularity, scope=scope, keep_outputs=False,
+                      normalize="none")
     s = 1 - 1 / compression
     rows = {r["name"]: r for r in report.layers}
     sizes = {n: group_size(granularity, rows[n]["shape"]) for n in names}
@@ -141,8 +142,9 @@ def test_rounds_compound(granularity, scope):
     names = ["0", "3", "8"] if granularity != "2:4" else ["3", "8"]
     exclude = ["0"] if granularity == "2:4" else []
     compression = None if granularity == "2:4" else 2
-    r1 = bk.prune(model, compression=compression, granularity=granularity, scope=scope, exclude=exclude)
-    r2 = bk.prune(model, compression=compression, granularity=granularity, scope=scope, exclude=exclude)
+    kw = dict(granularity=granularity, scope=scope, exclude=exclude, keep_outputs=False)
+    r1 = bk.prune(model, compression=compression, **kw)
+    r2 = bk.prune(model, compression=compression, **kw)
     rows = {r["name"]: r for r in r2.layers}
     total = sum(rows[n]["total"] for n in names)
     kept = sum(rows[n]["kept_after"] for n in names)
@@ -218,7 +220,9 @@ X, Y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
 ERRORS = [
     (dict(compression=2, criterion="foo"), "unknown criterion 'foo'; allowed: activation, gradient, grasp, magnitude"),
     (dict(compression=2, granularity="blocks"), "unknown granularity 'blocks'; allowed: channel, element, kernel"),
-    (dict(compression=2, scope="local"), "unknown scope 'local'; allowed: global, layer"),
+    (dict(compression=2, scope="local"), "unknown allocation 'local'; allowed: er, erk, global, lamp, uniform"),
+    (dict(compression=2, allocation="lamp", scope="layer"), "give allocation= or its old name scope=, not both"),
+    (dict(compression=2, normalize="median"), "unknown normalize 'median'; allowed: auto, none, mean, max, l2, lamp"),
     (dict(compression=0.5), "compression must be a finite ratio >= 1"),
     (dict(compression=float("inf")), "compression must be a finite ratio >= 1"),
     (dict(compression="8"), "compression must be a number"),
@@ -241,7 +245,8 @@ ERRORS = [
     (dict(compression=2, overrides={"1": 2}, exclude=["1"]), "both excluded and overridden"),
     (dict(compression=2, exclude=["*"]), "every prunable layer is excluded"),
     (dict(compression=1e6), "without pruning a layer to nothing"),
-    (dict(compression=30, granularity="channel", scope="layer"), "surviving channels of 5"),
+    (dict(compression=30, granularity="channel", scope="layer", keep_outputs=False), "surviving channels of 5"),
+    (dict(compression=2, granularity="channel", overrides={"5": 2}), "'5' is the output layer.*keep_outputs=False"),
     (dict(compression=2, batch=(X,)), r"batch must be a pair of tensors \(x, y\)"),
     (dict(compression=2, batch=(X, Y), loader=[(X, Y)]), "not both"),
     (dict(compression=2, iterations=0), "iterations must be an integer >= 1"),
@@ -268,8 +273,9 @@ def test_bad_input_is_refused_before_any_work(kwargs, message, monkeypatch):
 def test_collapse_error_suggests_the_fix_and_allow_lifts_it():
     model = err_model()
     with pytest.raises(ValueError, match="allow_layer_collapse=True"):
-        bk.prune(model, compression=30, granularity="channel", scope="layer")
-    report = bk.prune(model, compression=30, granularity="channel", scope="layer", allow_layer_collapse=True)
+        bk.prune(model, compression=30, granularity="channel", scope="layer", keep_outputs=False)
+    report = bk.prune(model, compression=30, granularity="channel", scope="layer", allow_layer_collapse=True,
+                      keep_outputs=False)
     assert int(report.masks["5.weight"].sum()) == 0
 
 

@@ -60,7 +60,7 @@ def test_nm_on_real_linear_and_conv_layers(spec):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 2 * 2, 8))
     weights = {n: model.get_submodule(n).weight.detach().clone() for n in ["0", "3"]}
-    report = bk.prune(model, granularity=spec)
+    report = bk.prune(model, granularity=spec, keep_outputs=False)
     n, m = map(int, spec.split(":"))
     assert report.requested_compression == pytest.approx(m / n)
     assert report.achieved_compression == pytest.approx(m / n)
@@ -75,8 +75,8 @@ def test_masked_weights_keep_the_dense_memory_layout(spec):
     # the conv weight would turn channels-last and time differently for a reason that is not sparsity
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 2 * 2, 8))
     strides = {n: model.get_submodule(n).weight.stride() for n in ["0", "3"]}
-    bk.prune(model, granularity=spec, compression=2)
-    bk.prune(model, granularity=spec, compression=2)  # the second round intersects the held mask
+    bk.prune(model, granularity=spec, compression=2, keep_outputs=False)
+    bk.prune(model, granularity=spec, compression=2, keep_outputs=False)  # the second round intersects the held mask
     for name, stride in strides.items():
         module = model.get_submodule(name)
         assert module.weight_orig.stride() == module.weight_mask.stride() == module.weight.stride() == stride
@@ -130,7 +130,7 @@ def conv_model(seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_structured_masks_are_whole_groups(granularity, view, scope):
     model = conv_model()
-    report = bk.prune(model, compression=3, granularity=granularity, scope=scope)
+    report = bk.prune(model, compression=3, granularity=granularity, scope=scope, keep_outputs=False, normalize="none")
     for name in ["0", "3", "8"]:
         groups = view(report.masks[f"{name}.weight"])
         assert bool((groups.all(1) | ~groups.any(1)).all()), f"{granularity} mask of {name} splits a group"
@@ -149,7 +149,8 @@ def test_channel_mask_matches_torch_ln_structured():
     for compression in [2, 4]:
         model = conv_model(1)
         ref = conv_model(1)
-        report = bk.prune(model, compression=compression, granularity="channel", scope="layer", reduce="l1")
+        report = bk.prune(model, compression=compression, granularity="channel", scope="layer", reduce="l1",
+                          keep_outputs=False)
         for name in ["0", "3", "8"]:
             tprune.ln_structured(ref.get_submodule(name), "weight", amount=1 - 1 / compression, n=1, dim=0)
             assert torch.equal(report.masks[f"{name}.weight"], ref.get_submodule(name).weight_mask.bool())
@@ -162,7 +163,7 @@ def test_group_reduction(reduce):
         layer.weight.copy_(torch.tensor([[3.0, 0, 0], [1, 1, 1], [2, 2, 0], [0.5, 0.5, 0.5]]))
     # l1: 3, 3, 4, 1.5 ; l2: 3, 1.73, 2.83, 0.87 ; mean: 1, 1, 1.33, 0.5
     expected_drop = {"l1": [0, 3], "l2": [1, 3], "mean": [0, 3]}[reduce]  # ties (l1, mean): earlier row goes
-    report = bk.prune(nn.Sequential(layer), compression=2, granularity="channel", reduce=reduce)
+    report = bk.prune(nn.Sequential(layer), compression=2, granularity="channel", reduce=reduce, keep_outputs=False)
     dead = (~report.masks["0.weight"].any(1)).nonzero().reshape(-1).tolist()
     assert dead == expected_drop
 
@@ -175,7 +176,7 @@ def test_channel_masks_bias_and_following_batchnorm_output_exactly_zero():
             bn.bias.uniform_(-1, 1)
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
-    report = bk.prune(model, compression=2, granularity="channel", scope="layer")
+    report = bk.prune(model, compression=2, granularity="channel", scope="layer", keep_outputs=False)
     assert {"0.bias", "1.weight", "1.bias", "3.bias", "4.weight", "4.bias", "8.bias"} <= set(report.masks)
     x = torch.randn(4, 3, 6, 6)
     outs = {}

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 import mlflow  # noqa: E402
 
 from benchkit.cli import main  # noqa: E402
-from benchkit.config import ExperimentConfig  # noqa: E402
+from benchkit.validation import load_config  # noqa: E402
 
 
 def free_port() -> int:
@@ -79,7 +79,7 @@ def test_ray_sweep_tracks_every_run_on_the_server(tmp_path, server_and_ray):
     client = mlflow.MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("on-ray")
     runs = client.search_runs([exp.experiment_id])
-    base = ExperimentConfig.from_yaml(p)
+    base = load_config(p)
     planned = {base.replace(prune__criterion=c, prune__compression=k).config_hash()
                for c in ("magnitude", "random") for k in (2, 4)}
     assert sorted(r.data.tags["benchkit.config_hash"] for r in runs) == sorted(planned)

@@ -14,6 +14,7 @@ from benchkit.cli import main
 from benchkit.config import ConfigError, ExperimentConfig
 from benchkit.sweep import HashState, combinations, expand, load_sweep, plan_sweep
 from benchkit.tracking import TAG_HASH, TAG_HOST, TAG_PID, TAG_PID_START, Owner, Tracker, run_is_alive
+from benchkit.validation import load_config
 
 BASE = """\
 experiment: unit
@@ -40,12 +41,12 @@ grid:
   seed: [0, 1, 2]
 zip:
   prune.compression: [2, 8]
-  prune.finetune.epochs: [1, 3]
+  prune.post.finetune.epochs: [1, 3]
 """)
     spec = load_sweep(p)
     combos = combinations(spec)
     expected = [
-        {"prune.criterion": c, "prune.scope": s, "seed": seed, "prune.compression": comp, "prune.finetune.epochs": ep}
+        {"prune.criterion": c, "prune.scope": s, "seed": seed, "prune.compression": comp, "prune.post.finetune.epochs": ep}
         for c, s, seed in itertools.product(["magnitude", "random"], ["global", "layer"], [0, 1, 2])
         for comp, ep in [(2, 1), (8, 3)]
     ]
@@ -56,7 +57,7 @@ zip:
         flat = e.config.flat()
         assert all(flat[k] == v for k, v in e.overrides.items())
         assert flat["data.name"] == "digits" and flat["train.epochs"] == 1 and flat["experiment"] == "unit"
-        assert e.config_hash == ExperimentConfig.from_dict(e.config.to_dict()).config_hash()
+        assert e.config_hash == load_config(e.config.to_dict()).config_hash()
     assert len({e.config_hash for e in entries}) == 24
 
 
@@ -177,7 +178,7 @@ exclude:
     assert main(["sweep", str(p), "--dry-run", "--tracking-uri", f"sqlite:///{store}", "train.epochs=2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "4 combinations" in out[0] and "3 new" in out[0] and "1 excluded" in out[0]
-    base = ExperimentConfig.from_yaml(p, ["train.epochs=2"])
+    base = load_config(p, ["train.epochs=2"])
     for line, (crit, comp) in zip(out[1:], itertools.product(["magnitude", "random"], [2, 4])):
         h = base.replace(prune__criterion=crit, prune__compression=comp).config_hash()
         assert h in line and f"prune.criterion={crit} prune.compression={comp}" in line
@@ -342,7 +343,7 @@ def test_threads_tag_is_the_runs_thread_count(tmp_path, monkeypatch):
         tracker = RealTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
         exp = tracker.ensure_experiment("threads")
         for threads in (before + 1, None):
-            cfg = ExperimentConfig.from_dict({"threads": threads, "seed": len(seen)})
+            cfg = load_config({"threads": threads, "seed": len(seen)})
             task = RunTask(len(seen), cfg.to_dict(), cfg.config_hash(), "r", {}, exp, tracker.uri, "threads")
             out = run_tracked(task)
             assert out.status == "finished", out.error
@@ -355,8 +356,8 @@ def test_threads_tag_is_the_runs_thread_count(tmp_path, monkeypatch):
 def test_run_names_show_an_image_folder_root_and_hide_other_roots():
     from benchkit.sweep import run_name
 
-    folder = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": "/d/dogs"}}, validate=False)
-    mnist = ExperimentConfig.from_dict({"data": {"name": "mnist", "root": "/d/mnist"}}, validate=False)
+    folder = ExperimentConfig.from_dict({"data": {"name": "imagefolder", "root": "/d/dogs"}})
+    mnist = ExperimentConfig.from_dict({"data": {"name": "mnist", "root": "/d/mnist"}})
     assert run_name(folder, {"data.root": "/d/dogs", "seed": 0}) == "root=/d/dogs seed=0"  # it names the dataset
     assert run_name(mnist, {"data.root": "/d/mnist", "seed": 0}) == "seed=0"  # only where the files are
 

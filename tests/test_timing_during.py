@@ -11,6 +11,7 @@ from benchkit.experiment import PruningExperiment
 from benchkit.pruning.masks import get_masks
 from benchkit.timing import base
 from benchkit.timing.during import AGPSchedule
+from benchkit.validation import load_config
 
 torch.set_num_threads(1)
 LAYERS = ("fc1", "fc2", "fc3")
@@ -21,7 +22,7 @@ def tiny(tmp_path, **overrides) -> ExperimentConfig:
     d = {"data": {"name": "digits"}, "model": {"name": "lenet300", "kwargs": {"hidden": [32, 16]}},
          "train": {"epochs": 3, "lr": 0.05, "batch_size": 64}, "progress": False, "output_dir": str(tmp_path),
          "prune": {"timing": "during", "sparsity": 0.9, "schedule": {"start": 0.1, "end": 0.7, "every": 4}}}
-    return ExperimentConfig.from_dict(d, overrides)
+    return load_config(d, overrides)
 
 
 def agp(t: int, s_i: float, s_f: float, t0: int, span: int) -> float:
@@ -99,8 +100,8 @@ def test_an_overridden_layer_follows_its_own_schedule_and_never_starts_above_its
     final, not at 0.5: pruning is never undone, so starting higher would over-prune it for good."""
     rec = SparsityRecorder()
     spy_train(monkeypatch, rec)
-    cfg = tiny(tmp_path, **{"prune.overrides": {"fc3": fc3_compression}, "prune.schedule.initial_sparsity": 0.5,
-                            "prune.schedule.start": 0.0})
+    cfg = tiny(tmp_path, **{"prune.overrides": {"fc3": fc3_compression}, "prune.during.initial_sparsity": 0.5,
+                            "prune.during.start": 0.0})
     result = PruningExperiment(cfg).run()
     final = 1 - 1 / fc3_compression
     fc3 = [1 - float(m["fc3.weight"].float().mean()) if "fc3.weight" in m else 0.0
@@ -148,7 +149,7 @@ def test_soft_pruning_zeroes_without_freezing(tmp_path, monkeypatch):
         return real(model, data, cfg, **kwargs)
 
     monkeypatch.setattr(base, "train", spy)
-    result = PruningExperiment(tiny(tmp_path, **{"prune.schedule.soft": True})).run()
+    result = PruningExperiment(tiny(tmp_path, **{"prune.during.soft": True})).run()
     total_steps = max(values)
     t0, end = round(0.1 * total_steps), round(0.7 * total_steps)
     updates = [r["step"] for r in result.levels]

@@ -13,6 +13,7 @@ from benchkit.pruning.masks import get_masks, plain_state_dict
 from benchkit.seeding import seed_everything
 from benchkit.timing import base
 from benchkit.timing.lottery import lottery_rate
+from benchkit.validation import load_config
 
 torch.set_num_threads(1)
 LAYERS = ("fc1", "fc2", "fc3")
@@ -22,7 +23,7 @@ def tiny(tmp_path, **overrides) -> ExperimentConfig:
     d = {"data": {"name": "digits"}, "model": {"name": "lenet300", "kwargs": {"hidden": [32, 16]}},
          "train": {"epochs": 1, "lr": 0.05, "batch_size": 64}, "progress": False, "output_dir": str(tmp_path),
          "prune": {"timing": "lottery", "scope": "layer"}}
-    return ExperimentConfig.from_dict(d, overrides)
+    return load_config(d, overrides)
 
 
 class TrainSpy:
@@ -148,9 +149,9 @@ def test_percent_remaining_follows_the_rate_per_layer(tmp_path, monkeypatch):
 
 
 def test_rate_derived_from_target_compression():
-    cfg = ExperimentConfig.from_dict({"prune": {"timing": "lottery", "compression": 8, "lottery": {"levels": 3}}})
+    cfg = load_config({"prune": {"timing": "lottery", "compression": 8, "lottery": {"levels": 3}}})
     assert lottery_rate(cfg) == pytest.approx(0.5)
-    assert lottery_rate(ExperimentConfig.from_dict({"prune": {"timing": "lottery"}})) == 0.2
+    assert lottery_rate(load_config({"prune": {"timing": "lottery"}})) == 0.2
 
 
 def test_target_compression_reached_after_the_levels(tmp_path):

@@ -15,6 +15,7 @@ from benchkit.experiment import PruningExperiment
 from benchkit.pruning.masks import get_masks, plain_state_dict
 from benchkit.timing import base
 from benchkit.timing.post import DistillationLoss
+from benchkit.validation import load_config
 
 torch.set_num_threads(1)
 
@@ -24,7 +25,7 @@ def tiny(tmp_path, **overrides) -> ExperimentConfig:
     d = {"data": {"name": "digits"}, "model": {"name": "lenet300", "kwargs": {"hidden": [32, 16]}},
          "train": {"epochs": 2, "lr": 0.05, "batch_size": 64}, "progress": False, "output_dir": str(tmp_path),
          "prune": {"timing": "post"}}
-    return ExperimentConfig.from_dict(d, overrides)
+    return load_config(d, overrides)
 
 
 class TrainSpy:
@@ -53,8 +54,8 @@ class TrainSpy:
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_rounds_reach_the_target_compression_exactly(tmp_path, monkeypatch, scope):
     spy = TrainSpy(monkeypatch)
-    result = PruningExperiment(tiny(tmp_path, **{"prune.compression": 8, "prune.rounds": 3, "prune.scope": scope,
-                                                 "prune.finetune.epochs": 1})).run()
+    result = PruningExperiment(tiny(tmp_path, **{"prune.compression": 8, "prune.post.rounds": 3, "prune.scope": scope,
+                                                 "prune.post.finetune.epochs": 1})).run()
     total = 64 * 32 + 32 * 16 + 16 * 10
     kept = sum(int(m.sum()) for k, m in result.masks.items() if k.endswith("weight"))
     assert abs(kept - total / 8) <= (1 if scope == "global" else 3)  # one weight of rounding per unit
@@ -94,8 +95,8 @@ def test_lr_rewinding_replays_the_tail_of_the_original_schedule(tmp_path, monkey
     """Renda et al. 2020: fine-tune t epochs with the original lr schedule from epoch T − t."""
     TrainSpy(monkeypatch)
     cfg = tiny(tmp_path, **{"train.epochs": 4, "train.lr": 0.08, "train.schedule": "step", "train.step_size": 1,
-                            "train.gamma": 0.5, "prune.compression": 2, "prune.lr_rewind": True,
-                            "prune.finetune.epochs": 2})
+                            "train.gamma": 0.5, "prune.compression": 2, "prune.post.lr_rewind": True,
+                            "prune.post.finetune.epochs": 2})
     result = PruningExperiment(cfg).run()
     dense = [r["lr"] for r in result.history if r["phase"] == "dense"]
     tuned = [r["lr"] for r in result.history if r["phase"] == "finetune_r1"]
@@ -131,8 +132,8 @@ def test_distillation_loss_equals_hand_computed_kd():
 
 def test_distillation_fine_tunes_against_the_dense_teacher(tmp_path, monkeypatch):
     spy = TrainSpy(monkeypatch)
-    cfg = tiny(tmp_path, **{"prune.compression": 4, "prune.distill.enabled": True, "prune.distill.alpha": 1.0,
-                            "prune.distill.temperature": 2.0})
+    cfg = tiny(tmp_path, **{"prune.compression": 4, "prune.post.distill.enabled": True, "prune.post.distill.alpha": 1.0,
+                            "prune.post.distill.temperature": 2.0})
     PruningExperiment(cfg).run()
     loss_fn = spy.phase("finetune_r1")["kwargs"]["loss_fn"]
     assert isinstance(loss_fn, DistillationLoss) and loss_fn.alpha == 1.0 and loss_fn.temperature == 2.0
@@ -163,8 +164,8 @@ def test_kd_loss_value_used_in_training(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(DistillationLoss, "__call__", recording)
-    cfg = tiny(tmp_path, **{"prune.compression": 4, "prune.distill.enabled": True, "prune.distill.alpha": 1.0,
-                            "prune.finetune.epochs": 1})
+    cfg = tiny(tmp_path, **{"prune.compression": 4, "prune.post.distill.enabled": True, "prune.post.distill.alpha": 1.0,
+                            "prune.post.finetune.epochs": 1})
     result = PruningExperiment(cfg).run()
     (record,) = [r for r in result.history if r["phase"] == "finetune_r1"]
     assert len(seen) > 10 and any(abs(kd - ce) > 1e-3 for kd, ce, _ in seen)

@@ -13,6 +13,7 @@ from benchkit.models import build_model
 from benchkit.pruning.masks import get_masks, plain_state_dict
 from benchkit.seeding import seed_everything
 from benchkit.timing import base
+from benchkit.validation import load_config
 
 torch.set_num_threads(1)
 LAYERS = ("fc1", "fc2", "fc3")
@@ -22,7 +23,7 @@ def tiny(tmp_path, **overrides) -> ExperimentConfig:
     d = {"data": {"name": "digits"}, "model": {"name": "lenet300", "kwargs": {"hidden": [32, 16]}},
          "train": {"epochs": 2, "lr": 0.05, "batch_size": 64}, "progress": False, "output_dir": str(tmp_path),
          "prune": {"timing": "pre", "compression": 5}}
-    return ExperimentConfig.from_dict(d, overrides)
+    return load_config(d, overrides)
 
 
 class StepWatch:

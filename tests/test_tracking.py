@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from benchkit.cli import main
-from benchkit.config import ExperimentConfig
 from benchkit.tracking import (
     MAX_PARAM_VAL_LENGTH,
     TAG_HASH,
@@ -25,6 +24,7 @@ from benchkit.tracking import (
     result_metric_rows,
     with_retry,
 )
+from benchkit.validation import load_config
 
 
 # --------------------------------------------------------------------------------------------- units
@@ -159,7 +159,7 @@ def test_sweep_on_digits_is_tracked_as_planned(tmp_path):
     p = sweep_file(tmp_path)
     assert main(["sweep", str(p), "--tracking-uri", uri]) == 0
     df = runs_of(uri, "e2e")
-    base = ExperimentConfig.from_yaml(p)
+    base = load_config(p)
     planned = {base.replace(prune__criterion=c, prune__compression=k).config_hash(): (c, k)
                for c, k in [("magnitude", 2), ("magnitude", 4), ("random", 2)]}
     assert sorted(df["tags.benchkit.config_hash"]) == sorted(planned)  # one run per planned config, no more
@@ -193,7 +193,7 @@ def test_sweep_on_digits_is_tracked_as_planned(tmp_path):
         assert {"dense", "finetune_r1"} <= set(hist["phase"])
         assert [x.step for x in client.get_metric_history(row["run_id"], "level_compression")] == [1]
         # artifacts: resolved config (same hash), per-layer table, plots, pruned model with masks
-        assert ExperimentConfig.from_dict(yaml.safe_load((arts / "config.yaml").read_text())).config_hash() == \
+        assert load_config(yaml.safe_load((arts / "config.yaml").read_text())).config_hash() == \
             cfg.config_hash()
         layers = pd.read_csv(arts / "layers.csv")
         assert list(layers["layer"]) == ["fc1", "fc2", "fc3"] and (layers["density"] < 1).any()
@@ -267,7 +267,7 @@ def test_lottery_levels_are_logged_against_the_level(tmp_path):
     assert [s for s, _ in curve("level_test_acc1")] == [0, 1, 2]
     assert [s for s, _ in curve("level_val_acc1")] == [0, 1, 2]
     assert [s for s, _ in curve("reinit_level_test_acc1")] == [1, 2]
-    assert run.data.tags[TAG_HASH] == ExperimentConfig.from_yaml(p).config_hash()
+    assert run.data.tags[TAG_HASH] == load_config(p).config_hash()
 
 
 def test_benchkit_stores_use_wal_and_other_sqlite_files_are_left_alone(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
-"""``bk.prune``: score, group, select, mask — the one entry point every timing strategy uses.
+"""``bk.prune``: score, group, allocate, select, mask — the one entry point every timing strategy uses.
 
-    report = bk.prune(model, compression=8, criterion="magnitude", granularity="element", scope="global",
+    report = bk.prune(model, compression=8, criterion="magnitude", granularity="element", allocation="global",
                       batch=(x, y), exclude=["classifier.*"], overrides={"conv1": 2.0})
 
 The call is split in two so that everything the user can get wrong is refused before any work:
@@ -9,8 +9,15 @@ feasibility) and ``compute_masks`` does the scoring and selection. ``prune`` run
 with ``torch.nn.utils.prune`` (via ``masks.apply_masks``) and returns a ``PruneReport``.
 
 Compression is relative to the current survivors, so rounds compound (2x then 2x = 4x), and already
-pruned weights score −inf. Iterative criteria (SynFlow) are re-scored ``iterations`` times on an
+pruned weights score −inf — unless ``regrow=True``: then every weight is a candidate again (scored on its
+stored value), compression is relative to all weights, and the new masks *replace* the old ones (entries
+that come back start at zero). Iterative criteria (SynFlow) are re-scored ``iterations`` times on an
 exponential schedule, each round pruning the same fraction of the survivors.
+
+The allocation (:mod:`benchkit.pruning.allocation`) decides how the overall sparsity splits across the
+layers of the pruned set: one joint ranking (``global``, ``lamp``) or a density per layer (``uniform``,
+``uniform+``, ``er``, ``erk``). Structured granularities never remove the output layer's units (its rows
+are the classes) unless ``keep_outputs=False``.
 """
 
 from __future__ import annotations
@@ -24,17 +31,26 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
+from benchkit.pruning.allocation import (
+    ALLOCATIONS,
+    Allocation,
+    AllocationError,
+    LayerBudget,
+    normalized,
+    resolve_normalize,
+)
 from benchkit.pruning.criteria import CRITERIA, Criterion, Magnitude, ScoringData
 from benchkit.pruning.granularity import (
     NM,
     Element,
     Granularity,
+    GranularityError,
     check_reduce,
     get_granularity,
     signed_reduce_problem,
 )
 from benchkit.pruning.graph import following_batchnorm
-from benchkit.pruning.layers import prunable_layers, resolve_patterns
+from benchkit.pruning.layers import prunable_layers, resolve_patterns, tied_layers
 from benchkit.pruning.masks import (
     apply_masks,
     current_mask,
@@ -43,13 +59,12 @@ from benchkit.pruning.masks import (
     make_permanent,
     param_value,
     resolve,
+    set_masks,
 )
-from benchkit.pruning.scope import (
-    SCOPES,
+from benchkit.pruning.selection import (
     CompressionError,
     Groups,
     LayerCount,
-    Scope,
     check_feasible,
     keep_above_streaming,
     n_to_prune,
@@ -85,8 +100,9 @@ class PrunePlan:
     criterion: Criterion
     criterion_name: str
     granularity: Granularity
-    scope: Scope
-    scope_name: str
+    allocation: Allocation
+    allocation_name: str
+    normalize: str  # resolved: none | mean | max | l2 | lamp
     reduce: str
     iterations: int
     allow_layer_collapse: bool
@@ -96,6 +112,13 @@ class PrunePlan:
     layers: dict[str, nn.Module]  # every prunable layer, definition order
     excluded: list[str]
     followers: dict[str, str] = field(default_factory=dict)  # layer -> following BatchNorm (channel)
+    regrow: bool = False  # every weight a candidate again; masks replaced
+    kept_outputs: list[str] = field(default_factory=list)  # output layers spared by a structured granularity
+    tied: dict[str, list[str]] = field(default_factory=dict)  # layer -> other modules sharing its weight
+
+    @property
+    def scope_name(self) -> str:  # the old name of the allocation axis
+        return self.allocation_name
 
     @property
     def scored(self) -> list[str]:
@@ -111,7 +134,7 @@ class PruneReport:
 
     criterion: str
     granularity: str
-    scope: str
+    allocation: str
     requested_compression: float
     achieved_compression: float
     layers: list[dict]
@@ -119,10 +142,24 @@ class PruneReport:
     seconds: float
     overall_compression: float = float("nan")
     iterations: int = 1
+    normalize: str = "none"
+    notes: list[str] = field(default_factory=list)  # what the call decided on its own (outputs kept, ...)
+
+    @property
+    def scope(self) -> str:  # the old name of the allocation axis
+        return self.allocation
+
+    def collapsed(self, min_units: int = 1, min_relative_density: float = 0.05) -> list[dict]:
+        """Rows of pruned layers left (nearly) collapsed: fewer than ``min_units`` output units with a
+        surviving weight, or a density under ``min_relative_density`` × the pruned set's overall density."""
+        pruned = [r for r in self.layers if r["role"] != "excluded"]
+        kept, total = sum(r["kept_after"] for r in pruned), sum(r["total"] for r in pruned)
+        overall = kept / total if total else 0.0
+        return [r for r in pruned if r["units_alive"] < min_units or r["density"] < min_relative_density * overall]
 
     def __str__(self) -> str:
         lines = [
-            f"pruned {self.criterion}/{self.granularity}/{self.scope}: requested {self.requested_compression:.4g}x, "
+            f"pruned {self.criterion}/{self.granularity}/{self.allocation}: requested {self.requested_compression:.4g}x, "
             f"achieved {self.achieved_compression:.4g}x (overall {self.overall_compression:.4g}x) in {self.seconds:.3f}s"
         ]
         for r in self.layers:
@@ -226,6 +263,29 @@ def _counts(name: str, module: nn.Module, gran: Granularity) -> LayerCount:
     return LayerCount(name, sizes.numel(), int(sizes.sum()), int(sizes.min()), int(sizes.max()))
 
 
+def _allocation(allocation: str | Allocation | None, scope: str | None) -> tuple[Allocation, str]:
+    """The allocation object and its name; ``scope`` is the old name of the axis (``layer`` = ``uniform``)."""
+    if scope is not None:
+        if allocation not in (None, "global"):
+            raise PruneError(f"give allocation= or its old name scope=, not both (got allocation={allocation!r}, "
+                             f"scope={scope!r})")
+        allocation = {"layer": "uniform"}.get(str(scope).lower(), str(scope).lower())
+    allocation = "global" if allocation is None else allocation
+    if isinstance(allocation, Allocation):
+        return allocation, allocation.name or type(allocation).__name__.lower()
+    return ALLOCATIONS.get(allocation)(), str(allocation).lower()
+
+
+def _budgets(names: list[str], layers: dict[str, nn.Module], order: list[str], regrow: bool) -> list[LayerBudget]:
+    out = []
+    for n in names:
+        w = param_value(layers[n], "weight")
+        alive = None if regrow else _alive(layers[n])
+        position = "first" if n == order[0] else "last" if n == order[-1] else "middle"
+        out.append(LayerBudget(n, tuple(w.shape), count(alive) if alive is not None else w.numel(), position))
+    return out
+
+
 def plan_pruning(
     model: nn.Module,
     compression: float | None = None,
@@ -233,7 +293,9 @@ def plan_pruning(
     sparsity: float | None = None,
     criterion: str | Criterion | type[Criterion] = "magnitude",
     granularity: str | Granularity = "element",
-    scope: str = "global",
+    allocation: str | Allocation | None = None,
+    scope: str | None = None,
+    normalize: str = "auto",
     batch: tuple[Tensor, Tensor] | None = None,
     loader: Iterable | None = None,
     exclude: Iterable[str] | str = (),
@@ -245,6 +307,8 @@ def plan_pruning(
     allow_layer_collapse: bool = False,
     score_batches: int = 1,
     input_shape: tuple[int, ...] | None = None,
+    keep_outputs: bool = True,
+    regrow: bool = False,
 ) -> PrunePlan:
     """Check every argument against ``model`` and return the plan; raises before any scoring."""
     if not isinstance(model, nn.Module):
@@ -257,18 +321,29 @@ def plan_pruning(
     comp = target_compression(compression, sparsity)
     crit, crit_name = _criterion(criterion)
     gran = get_granularity(granularity)
-    scope_obj = SCOPES.get(scope)()
+    alloc, alloc_name = _allocation(allocation, scope)
+    single = gran.within_group or all(gran.group_size(param_value(m, "weight").shape) == 1 for m in layers.values())
+    try:
+        normalize = resolve_normalize(str(normalize).lower(), alloc, single)
+    except ValueError as e:
+        raise PruneError(str(e)) from None
     check_reduce(reduce)
     problem = signed_reduce_problem(crit_name, crit.signed, gran, reduce)
     if problem:
         raise PruneError(problem)
-    if not isinstance(allow_layer_collapse, bool):
-        raise PruneError(f"allow_layer_collapse must be True or False, got {allow_layer_collapse!r}")
+    for flag, value in (("allow_layer_collapse", allow_layer_collapse), ("keep_outputs", keep_outputs),
+                        ("regrow", regrow)):
+        if not isinstance(value, bool):
+            raise PruneError(f"{flag} must be True or False, got {value!r}")
 
     # exclusions and overrides (patterns matching nothing are errors, raised by resolve_patterns)
     if isinstance(exclude, str):
         exclude = [exclude]
     excluded = resolve_patterns(list(exclude or ()), names, "exclusion")
+    kept_outputs: list[str] = []
+    if gran.removes_outputs and keep_outputs and names[-1] not in excluded:
+        # the output layer's rows are the classes (tokens): removing one silently deletes an output
+        kept_outputs = [names[-1]]
     if overrides is not None and not isinstance(overrides, Mapping):
         raise PruneError(f"overrides must map layer names/globs to compressions, e.g. {{'conv1': 2.0}}; got {overrides!r}")
     override_of: dict[str, float] = {}
@@ -279,7 +354,11 @@ def plan_pruning(
                 raise PruneError(f"layer {n!r} is both excluded and overridden (override {pattern!r}); choose one")
             if n in override_of and override_of[n] != c:
                 raise PruneError(f"layer {n!r} gets two different override compressions: {override_of[n]} and {c}")
+            if n in kept_outputs:  # an explicit override of the output layer asks for its units
+                raise PruneError(f"layer {n!r} is the output layer, whose {gran.name} units are the model's "
+                                 f"outputs; pass keep_outputs=False to prune them (override {pattern!r})")
             override_of[n] = c
+    excluded_all = excluded + [n for n in kept_outputs if n not in excluded]
 
     # N:M fixes the compression of every layer at M/N
     if isinstance(gran, NM):
@@ -297,9 +376,16 @@ def plan_pruning(
         comp = gran.compression
     if comp is None:
         raise PruneError("give compression= (a ratio >= 1, e.g. 8) or sparsity= (a fraction in [0, 1))")
+    problems = []
     for n in names:
-        if n not in excluded:
-            gran.check_layer(n, param_value(layers[n], "weight").shape)
+        if n not in excluded_all:
+            try:
+                gran.check_layer(n, param_value(layers[n], "weight").shape)
+            except GranularityError as e:
+                problems.append(str(e))
+    if problems:  # every layer that does not fit, at once
+        raise GranularityError(problems[0] if len(problems) == 1 else
+                               f"{len(problems)} layers do not fit granularity {gran.name}:\n  - " + "\n  - ".join(problems))
 
     # iterations and data
     iters = crit.default_iterations if iterations is None else iterations
@@ -318,15 +404,16 @@ def plan_pruning(
             "or batch=(x, y) / loader=... to take it from"
         )
 
-    # selection units
-    main = [n for n in names if n not in excluded and n not in override_of]
-    parts = [Part(p, comp, "pruned") for p in scope_obj.partition(main)]
+    # selection units: the allocation splits the pruned set; overridden layers keep their own compression
+    main = [n for n in names if n not in excluded_all and n not in override_of]
+    if not main and not override_of:
+        why = " (the output layer is kept: keep_outputs)" if kept_outputs else ""
+        raise PruneError(f"every prunable layer is excluded{why}: nothing to prune")
+    parts = _allocate(alloc, alloc_name, main, layers, names, comp, regrow, isinstance(gran, NM))
     parts += [Part([n], c, "override") for n, c in override_of.items()]
-    if not parts:
-        raise PruneError("every prunable layer is excluded: nothing to prune")
 
     # feasibility (from shapes and current masks only)
-    if not gran.within_group:
+    if not gran.within_group and not regrow:
         for part in parts:
             counts = [_counts(n, layers[n], gran) for n in part.names]
             check_feasible(counts, part.sparsity, allow_layer_collapse, unit=gran.name or "group")
@@ -335,8 +422,9 @@ def plan_pruning(
         criterion=crit if isinstance(crit, Criterion) else crit(seed=seed),
         criterion_name=crit_name,
         granularity=gran,
-        scope=scope_obj,
-        scope_name=str(scope).lower(),
+        allocation=alloc,
+        allocation_name=alloc_name,
+        normalize=normalize,
         reduce=reduce,
         iterations=iters,
         allow_layer_collapse=allow_layer_collapse,
@@ -344,13 +432,41 @@ def plan_pruning(
         requested_compression=comp,
         parts=parts,
         layers=layers,
-        excluded=excluded,
+        excluded=excluded_all,
+        regrow=regrow,
+        kept_outputs=kept_outputs,
+        tied=tied_layers(model),
     )
     if gran.masks_following:  # only affine BatchNorms have entries to mask
         plan.followers = {
             n: bn for n, bn in following_batchnorm(model, plan.scored).items() if model.get_submodule(bn).affine
         }
     return plan
+
+
+def _allocate(alloc: Allocation, name: str, main: list[str], layers: dict[str, nn.Module], order: list[str],
+              comp: float, regrow: bool, n_m: bool) -> list[Part]:
+    """The allocation's selection units for the pruned set ``main`` at ``comp`` (relative to its survivors):
+    one joint part, or one part per layer with the compression that takes it to its allocated density."""
+    if not main:
+        return []
+    if alloc.joint or n_m:  # N:M fixes every layer at M/N whatever the allocation
+        return [Part(list(main), comp, "pruned")]
+    budgets = _budgets(main, layers, order, regrow)
+    kept, total = sum(b.kept for b in budgets), sum(b.total for b in budgets)
+    target = kept / total / comp  # overall density of the pruned set after this call
+    try:
+        densities = alloc.densities(budgets, target)
+    except AllocationError as e:
+        raise PruneError(str(e)) from None
+    parts = []
+    for b in budgets:
+        d = densities[b.name]
+        if not 0.0 <= d <= 1.0 + 1e-9:
+            raise PruneError(f"allocation {name!r} gave layer {b.name!r} density {d:.4g}; a density is in [0, 1]")
+        c = (b.kept / b.total) / d if d > 0 else math.inf
+        parts.append(Part([b.name], max(1.0, c), "pruned"))
+    return parts
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -419,13 +535,26 @@ def _select_groups(
     plan: PrunePlan, names: list[str], scores: dict[str, Tensor], alive: dict[str, Tensor], fraction: float
 ) -> dict[str, Tensor]:
     gran = plan.granularity
+    joint = len(names) > 1
     groups = []
     for n in names:
         gs = gran.group_scores(scores[n], alive[n], plan.reduce)
         sizes = gran.alive_sizes(alive[n])
+        if joint:  # one ranking across layers: each layer's group scores as the allocation compares them
+            gs = _comparable(plan, gs, sizes > 0)
         groups.append(Groups(n, gs, sizes > 0, sizes))
     keep = prune_lowest(groups, fraction, plan.allow_layer_collapse)
     return {n: gran.expand(keep[n], alive[n].shape) & alive[n] for n in names}
+
+
+def _comparable(plan: PrunePlan, scores: Tensor, alive: Tensor) -> Tensor:
+    """One layer's (group) scores as a joint ranking compares them: the allocation's transform (LAMP) or
+    the normalisation of ``plan.normalize``."""
+    if plan.allocation.joint and type(plan.allocation).transform is not Allocation.transform:
+        return plan.allocation.transform(scores, alive)
+    if plan.normalize != "none":
+        return normalized(scores, alive, plan.normalize)
+    return scores
 
 
 def _following_masks(plan: PrunePlan, names: list[str], alive: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -443,27 +572,32 @@ def _following_masks(plan: PrunePlan, names: list[str], alive: dict[str, Tensor]
 
 
 def compute_masks(model: nn.Module, plan: PrunePlan) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Masks (True = keep) for every scored layer's weight — plus bias/BatchNorm for channel — and the
-    surviving weights per layer before the call. Does not modify ``model``."""
+    """Masks (True = keep) for every scored layer's weight — plus bias/BatchNorm for channel, and the same
+    mask for every module tied to a layer's weight — and the surviving weights per layer before the call.
+    Does not modify ``model``."""
     gran = plan.granularity
     weights = {n: param_value(plan.layers[n], "weight") for n in plan.scored}
     existing = {n: _alive(plan.layers[n]) for n in plan.scored}  # None: nothing pruned yet
     before = {n: count(m) if m is not None else weights[n].numel() for n, m in existing.items()}
-    parts = [p for p in plan.parts if p.sparsity > 0]
+    if plan.regrow:  # every weight is a candidate again
+        existing = {n: None for n in plan.scored}
+    parts = [p for p in plan.parts if p.sparsity > 0 or plan.regrow]
     if not parts:
         return {}, before
-    if type(plan.criterion) is Magnitude and isinstance(gran, Element) and plan.iterations == 1:
+    plain_ranking = not (plan.allocation.joint and type(plan.allocation).transform is not Allocation.transform) \
+        and plan.normalize == "none"
+    if type(plan.criterion) is Magnitude and isinstance(gran, Element) and plan.iterations == 1 and plain_ranking:
         # fast path: |w| is taken chunk by chunk inside the selection, never for the whole model
         masks = {}
         for p in parts:
             values, alive_p = [weights[n] for n in p.names], [existing[n] for n in p.names]
             keep = _select_elements(p.names, values, alive_p, p.sparsity, plan.allow_layer_collapse, absolute=True)
             masks.update({f"{n}.weight": keep[n] for n in p.names})
-        return masks, before
+        return _with_tied(plan, masks), before
     alive = {
         n: m.clone() if m is not None else torch.ones_like(weights[n], dtype=torch.bool) for n, m in existing.items()
     }
-    start = {id(p): sum(before[n] for n in p.names) for p in parts}
+    start = {id(p): sum(count(alive[n]) for n in p.names) for p in parts}
     extras: dict[str, Tensor] = {}
     names = [n for n in plan.scored if any(n in p.names for p in parts)]
     n_iter = plan.iterations
@@ -483,9 +617,11 @@ def compute_masks(model: nn.Module, plan: PrunePlan) -> tuple[dict[str, Tensor],
                     cur = sum(count(alive[n]) for n in p.names)
                     fraction = max(0.0, 1.0 - target / cur) if cur else 0.0
                 if isinstance(gran, Element):
+                    values = [scores[n] for n in p.names]
+                    if len(p.names) > 1 and not plain_ranking:
+                        values = [_comparable(plan, v, alive[n]) for v, n in zip(values, p.names)]
                     keep = _select_elements(
-                        p.names, [scores[n] for n in p.names], [alive[n] for n in p.names], fraction,
-                        plan.allow_layer_collapse,
+                        p.names, values, [alive[n] for n in p.names], fraction, plan.allow_layer_collapse,
                     )
                 else:
                     keep = _select_groups(plan, p.names, scores, alive, fraction)
@@ -494,7 +630,16 @@ def compute_masks(model: nn.Module, plan: PrunePlan) -> tuple[dict[str, Tensor],
             extras = _following_masks(plan, names, alive)
     masks = {f"{n}.weight": alive[n] for n in names}
     masks.update(extras)
-    return masks, before
+    return _with_tied(plan, masks), before
+
+
+def _with_tied(plan: PrunePlan, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The masks plus the same weight mask for every other module that shares a layer's weight tensor."""
+    for n, others in plan.tied.items():
+        mask = masks.get(f"{n}.weight")
+        if mask is not None:
+            masks.update({f"{o}.weight": mask for o in others})
+    return masks
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -505,7 +650,9 @@ def prune(
     sparsity: float | None = None,
     criterion: str | Criterion | type[Criterion] = "magnitude",
     granularity: str | Granularity = "element",
-    scope: str = "global",
+    allocation: str | Allocation | None = None,
+    scope: str | None = None,
+    normalize: str = "auto",
     batch: tuple[Tensor, Tensor] | None = None,
     loader: Iterable | None = None,
     exclude: Iterable[str] | str = (),
@@ -517,13 +664,20 @@ def prune(
     allow_layer_collapse: bool = False,
     score_batches: int = 1,
     input_shape: tuple[int, ...] | None = None,
+    keep_outputs: bool = True,
+    regrow: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place (masks held by ``torch.nn.utils.prune``) and report what was done.
 
     ``compression`` (ratio >= 1) or ``sparsity`` (in [0, 1)) is relative to the current survivors of the
-    pruned set; ``overrides`` maps layer names/globs to their own compression; ``exclude`` leaves layers
-    untouched. ``loss_fn(logits, y)`` defaults to cross-entropy. ``score_batches`` batches of ``loader``
-    are scored (``batch`` is one batch). ``input_shape`` (one example) serves data-free SynFlow."""
+    pruned set (to all its weights with ``regrow=True``, which also replaces the masks instead of
+    intersecting them); ``allocation`` splits it across layers (``global`` default; ``scope`` is its old
+    name: ``layer`` = ``uniform``); ``normalize`` says how a joint ranking compares groups of different layers
+    (``auto``: ``mean`` for groups of several weights under ``global``, else ``none``); ``overrides`` maps
+    layer names/globs to their own compression; ``exclude`` leaves layers untouched; ``keep_outputs`` spares
+    the output layer's units under structured granularities. ``loss_fn(logits, y)`` defaults to
+    cross-entropy. ``score_batches`` batches of ``loader`` are scored (``batch`` is one batch).
+    ``input_shape`` (one example) serves data-free SynFlow."""
     t0 = time.perf_counter()
     plan = plan_pruning(
         model,
@@ -531,7 +685,9 @@ def prune(
         sparsity=sparsity,
         criterion=criterion,
         granularity=granularity,
+        allocation=allocation,
         scope=scope,
+        normalize=normalize,
         batch=batch,
         loader=loader,
         exclude=exclude,
@@ -543,10 +699,21 @@ def prune(
         allow_layer_collapse=allow_layer_collapse,
         score_batches=score_batches,
         input_shape=input_shape,
+        keep_outputs=keep_outputs,
+        regrow=regrow,
     )
     masks, before = compute_masks(model, plan)
-    apply_masks(model, masks)
+    if plan.regrow:
+        set_masks(model, masks)
+    else:
+        apply_masks(model, masks)
     return build_report(plan, masks, before, time.perf_counter() - t0)
+
+
+def _units_alive(module: nn.Module, mask: Tensor | None) -> int:
+    """Output units (rows) of a layer with at least one surviving weight."""
+    rows = param_value(module, "weight").shape[0]
+    return rows if mask is None else int(mask.reshape(rows, -1).any(1).sum())
 
 
 def build_report(plan: PrunePlan, masks: Mapping[str, Tensor], before: Mapping[str, int], seconds: float) -> PruneReport:
@@ -555,11 +722,10 @@ def build_report(plan: PrunePlan, masks: Mapping[str, Tensor], before: Mapping[s
     for n, module in plan.layers.items():
         w = param_value(module, "weight")
         total = w.numel()
-        if f"{n}.weight" in masks:
-            kept_after = count(masks[f"{n}.weight"])
-        else:
-            m = _alive(module)
-            kept_after = count(m) if m is not None else total
+        mask = masks.get(f"{n}.weight")
+        if mask is None:
+            mask = _alive(module)
+        kept_after = count(mask) if mask is not None else total
         kept_before = before.get(n, kept_after)
         rows.append(
             {
@@ -570,23 +736,30 @@ def build_report(plan: PrunePlan, masks: Mapping[str, Tensor], before: Mapping[s
                 "kept_after": kept_after,
                 "density": kept_after / total,
                 "compression": total / kept_after if kept_after else math.inf,
-                "role": role.get(n, "excluded"),
+                "units": int(w.shape[0]),
+                "units_alive": _units_alive(module, mask),
+                "role": role.get(n, "kept output" if n in plan.kept_outputs else "excluded"),
             }
         )
-    main = [r for r in rows if r["role"] == "pruned"] or [r for r in rows if r["role"] != "excluded"]
+    main = [r for r in rows if r["role"] == "pruned"] or [r for r in rows if r["role"] == "override"]
     k_before, k_after = sum(r["kept_before"] for r in main), sum(r["kept_after"] for r in main)
     total = sum(r["total"] for r in main)
+    reference = total if plan.regrow else k_before
+    notes = [f"output layer {n!r} kept whole: its {plan.granularity.name} units are the model's outputs "
+             "(keep_outputs=False prunes them)" for n in plan.kept_outputs]
     return PruneReport(
         criterion=plan.criterion_name,
         granularity=plan.granularity.name,
-        scope=plan.scope_name,
+        allocation=plan.allocation_name,
         requested_compression=plan.requested_compression,
-        achieved_compression=k_before / k_after if k_after else math.inf,
+        achieved_compression=reference / k_after if k_after else math.inf,
         layers=rows,
         masks=dict(masks),
         seconds=seconds,
         overall_compression=total / k_after if k_after else math.inf,
         iterations=plan.iterations,
+        normalize=plan.normalize,
+        notes=notes,
     )
 
 

@@ -72,6 +72,13 @@ class Granularity:
     within_group: bool = False
     #: True when a dead group is a whole output channel, so the bias and following BatchNorm die with it.
     masks_following: bool = False
+    #: True when a group is a whole output unit: on the output layer that is a class (a token), so the
+    #: engine spares the output layer unless asked (``keep_outputs=False``).
+    removes_outputs: bool = False
+
+    def group_size(self, shape: tuple[int, ...] | torch.Size) -> int:
+        """Weights per group of a layer of this shape (1: the groups are single weights)."""
+        return int(self.group(torch.empty(tuple(shape), device="meta")).shape[1])
 
     def group(self, t: Tensor) -> Tensor:  # [out, in, *k] -> [groups, size]
         raise NotImplementedError
@@ -150,6 +157,7 @@ class Channel(Granularity):
 
     name = "channel"
     masks_following = True
+    removes_outputs = True
 
     def group(self, t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], -1)

@@ -15,9 +15,43 @@ class LayerSelectionError(ValueError):
     """An exclusion or override pattern that matches no prunable module."""
 
 
+def _weight_param(module: nn.Module) -> object:
+    """The tensor behind ``weight`` (``weight_orig`` once torch.nn.utils.prune holds a mask)."""
+    return module._parameters.get("weight_orig", module._parameters.get("weight"))
+
+
 def prunable_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES) -> dict[str, nn.Module]:
-    """Prunable modules by qualified name, in definition order (the order every table uses)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, types) and name}
+    """Prunable modules by qualified name, in definition order (the order every table uses). A weight
+    shared by several modules (tied embeddings and output layers) is one layer, under its first name: it is
+    counted and scored once and gets one mask (see :func:`tied_layers` for the other names)."""
+    out: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for name, m in model.named_modules(remove_duplicate=False):
+        if not name or not isinstance(m, types):
+            continue
+        w = _weight_param(m)
+        if w is None or id(w) in seen:
+            continue
+        seen.add(id(w))
+        out[name] = m
+    return out
+
+
+def tied_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES) -> dict[str, list[str]]:
+    """``{layer: [other module names sharing its weight]}`` for the prunable layers whose weight is tied."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if not name or not isinstance(m, types):
+            continue
+        w = _weight_param(m)
+        if w is None:
+            continue
+        if id(w) in first:
+            out.setdefault(first[id(w)], []).append(name)
+        else:
+            first[id(w)] = name
+    return out
 
 
 def match_layers(pattern: str, names: Iterable[str]) -> list[str]:

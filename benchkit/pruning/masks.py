@@ -74,6 +74,46 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         setattr(module, pname, orig * buf)  # keep the attribute current before the next forward
 
 
+@torch.no_grad()
+def set_masks(model: nn.Module, masks: Mapping[str, Tensor], regrow_value: float = 0.0) -> dict[str, Tensor]:
+    """Replace masks (True = keep) instead of intersecting them: entries pruned until now and kept by the new
+    mask come back, with ``weight_orig`` set to ``regrow_value`` (0 by default, as RigL and SET regrow);
+    newly pruned entries are zeroed. Returns, per path, the entries that came back (for
+    :func:`reset_optimizer_state`). Pruned entries stay exactly zero between updates as before."""
+    regrown: dict[str, Tensor] = {}
+    for path, mask in masks.items():
+        module, pname = resolve(model, path)
+        orig = param_value(module, pname)
+        mask = mask.to(device=orig.device, dtype=torch.bool)
+        if mask.shape != orig.shape:
+            raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, parameter has {tuple(orig.shape)}")
+        if not is_masked(module, pname):
+            apply_masks(model, {path: mask})
+            regrown[path] = torch.zeros_like(mask)
+            continue
+        buf = getattr(module, f"{pname}_mask")
+        back = mask & ~buf.bool()
+        orig.masked_fill_(back, regrow_value)
+        buf.copy_(mask)
+        orig.mul_(buf)
+        setattr(module, pname, orig * buf)
+        regrown[path] = back
+    return regrown
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, entries: Mapping[str, Tensor]) -> None:
+    """Zero the optimiser's per-weight state (momentum, Adam moments, ...) at ``entries`` (True = reset) of
+    the parameters named by their paths, so regrown weights start fresh as in RigL. Scalar state (Adam's step
+    count) is per tensor and left alone."""
+    for path, where in entries.items():
+        module, pname = resolve(model, path)
+        param = param_value(module, pname)
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.masked_fill_(where.to(value.device), 0)
+
+
 def get_masks(model: nn.Module) -> dict[str, Tensor]:
     """All masks of the model as boolean tensors, keyed by parameter path."""
     out = {}

@@ -1,17 +1,16 @@
 """When pruning happens relative to training. ``TIMINGS`` maps a name to a :class:`Timing` class;
-register your own with ``@TIMINGS.register("name")`` and select it with ``prune.timing: name``."""
+add your own with ``@register_timing("name", config=Settings)`` (see :mod:`benchkit.timing.base`) and
+select it with ``prune.timing: name``. Importing this package registers the built-in timings and their
+config sections."""
 
 from __future__ import annotations
 
-from benchkit.registry import Registry
+from benchkit.timing.base import TIMINGS, RunContext, Timing, register_timing
+from benchkit.timing.during import AGPSchedule, DuringConfig, GradualPruning
+from benchkit.timing.lottery import LotteryConfig, LotteryTicket
+from benchkit.timing.post import DistillationLoss, DistillConfig, FinetuneConfig, PostConfig, PostTraining
+from benchkit.timing.pre import PruneAtInit
 
-TIMINGS: Registry = Registry("timing")
-
-from benchkit.timing.base import RunContext, Timing  # noqa: E402
-from benchkit.timing.during import AGPSchedule, GradualPruning  # noqa: E402
-from benchkit.timing.lottery import LotteryTicket  # noqa: E402
-from benchkit.timing.post import DistillationLoss, PostTraining  # noqa: E402
-from benchkit.timing.pre import PruneAtInit  # noqa: E402
-
-__all__ = ["TIMINGS", "Timing", "RunContext", "PruneAtInit", "GradualPruning", "AGPSchedule", "PostTraining",
-           "DistillationLoss", "LotteryTicket"]
+__all__ = ["TIMINGS", "Timing", "RunContext", "register_timing", "PruneAtInit", "GradualPruning", "AGPSchedule",
+           "DuringConfig", "PostTraining", "PostConfig", "FinetuneConfig", "DistillConfig", "DistillationLoss",
+           "LotteryTicket", "LotteryConfig"]

@@ -3,11 +3,20 @@ model (trained once, then cached), scoring batches for data-driven criteria, and
 "reach overall compression C" into the *incremental* compression that :func:`benchkit.prune`
 expects (it compounds on the current survivors).
 
-A timing is a class registered in :data:`benchkit.timing.TIMINGS` with ``run(ctx) -> nn.Module``
-returning the final pruned model (weights selected on the validation split), an optional
-``check(cfg)`` yielding ``(dotted key, problem)`` pairs that
-:func:`benchkit.validation.validate_config` reports before any work starts, and an optional
-``preflight(ctx)`` for checks that need the loaded data (run before any training).
+A timing is one file and one registration: a class registered with :func:`register_timing` (in
+:data:`TIMINGS`) with ``run(ctx) -> nn.Module`` returning the final pruned model (weights selected on the
+validation split), the dataclass of its own settings (``config=``, which becomes the config section
+``prune.<name>``, read as ``ctx.cfg.prune.<name>``), an optional ``check(cfg)`` yielding ``(dotted key,
+problem)`` pairs that :func:`benchkit.validation.validate_config` reports before any work starts, and an
+optional ``preflight(ctx)`` for checks that need the loaded data (run before any training)::
+
+    @dataclass
+    class MySettings:
+        warmup: int = 100
+
+    @register_timing("mine", config=MySettings)
+    class Mine(Timing):
+        def run(self, ctx): ...
 
 Reproducibility: the model is built right after seeding (:meth:`RunContext.build_model`), and every
 training phase reseeds from (seed, phase name), so a phase never depends on whether an earlier
@@ -20,6 +29,7 @@ import copy
 import dataclasses
 import itertools
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -31,19 +41,47 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchkit.cache import DenseCache, DenseEntry, dense_key_material
-from benchkit.config import ExperimentConfig, PruneConfig, stable_hash
+from benchkit.config import ExperimentConfig, PruneConfig, register_section, stable_hash
 from benchkit.models import build_model
 from benchkit.pruning.engine import PruneReport, prune
+from benchkit.pruning.granularity import get_granularity
 from benchkit.pruning.layers import prunable_layers, resolve_patterns
 from benchkit.pruning.masks import get_masks, plain_state_dict
+from benchkit.registry import Registry
 from benchkit.seeding import make_generator, seed_everything
 from benchkit.training import History, evaluate, train
+
+TIMINGS: Registry[type[Timing]] = Registry("timing")
+
+
+def register_timing(name: str, config: type | None = None):
+    """Class decorator: register a :class:`Timing` under ``name``; ``config`` (a dataclass) is its settings
+    section ``prune.<name>``, so a new timing needs no edit anywhere else."""
+
+    def add(cls: type[Timing]) -> type[Timing]:
+        TIMINGS.register(name, cls)
+        cls.name = name.lower()
+        if config is not None:
+            register_section(name, config)
+            cls.Config = config
+        return cls
+
+    return add
+
+
+class CollapseError(RuntimeError):
+    """A pruned layer collapsed under ``prune.collapse.strict``."""
+
+
+class CollapseWarning(UserWarning):
+    """A pruned layer kept fewer units or weights than ``prune.collapse`` allows (reported, not refused)."""
 
 
 class Timing:
     """When pruning happens relative to training. Subclasses implement :meth:`run`."""
 
     name = "timing"
+    Config: type | None = None  # the dataclass of the settings section prune.<name>, if any
 
     def run(self, ctx: RunContext) -> nn.Module:  # pragma: no cover - interface
         raise NotImplementedError
@@ -69,6 +107,9 @@ class RunContext:
     levels: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     metrics: dict[str, float] = field(default_factory=dict)  # extra run metrics (dense_*, cache hit)
+    notes: set[str] = field(default_factory=set)  # decisions the engine took on its own (logged as a tag)
+    collapsed: dict[str, str] = field(default_factory=dict)  # layer -> why it counts as collapsed (last call)
+    resolved: dict[str, Any] = field(default_factory=dict)  # settings resolved at run time (logged as params)
     _clock_stack: list[float] = field(default_factory=list, repr=False)
 
     # ---------------------------------------------------------------------------- building blocks
@@ -146,8 +187,10 @@ class RunContext:
         return [(x.to(self.device), y.to(self.device)) for x, y in itertools.islice(loader, p.score_batches)]
 
     def prune(self, model: nn.Module, compression: float | None, overrides: dict[str, float] | None = None,
-              *, criterion: str | None = None, scope: str | None = None, seed: int | None = None) -> PruneReport:
-        """One call of the engine with the run's criterion/granularity/scope/exclusions."""
+              *, criterion: str | None = None, allocation: str | None = None, seed: int | None = None,
+              regrow: bool = False) -> PruneReport:
+        """One call of the engine with the run's criterion/granularity/allocation/exclusions. Layers the
+        call leaves (nearly) collapsed are reported (``prune.collapse``), or refused when it is strict."""
         p = self.cfg.prune
         criterion = criterion or p.criterion
         batches = self.scoring_batches() if criterion == p.criterion else None
@@ -159,11 +202,30 @@ class RunContext:
         was_training = model.training
         with self.clock("prune"):
             report = prune(model, compression=compression, criterion=criterion, granularity=p.granularity,
-                           scope=scope or p.scope, exclude=list(p.exclude),
+                           allocation=allocation or p.allocation, normalize=p.normalize, exclude=list(p.exclude),
                            overrides=dict(p.overrides if overrides is None else overrides), reduce=p.reduce,
-                           iterations=p.iterations, seed=self.cfg.seed if seed is None else seed, **data_kw)
+                           iterations=p.iterations, seed=self.cfg.seed if seed is None else seed,
+                           keep_outputs=p.keep_outputs, regrow=regrow, **data_kw)
         model.train(was_training)
+        self.note_report(report)
         return report
+
+    def note_report(self, report: PruneReport) -> None:
+        """Record what a pruning call decided on its own (outputs kept, normalisation) and the layers it left
+        (nearly) collapsed; with ``prune.collapse.strict`` a collapsed layer stops the run."""
+        c = self.cfg.prune.collapse
+        self.notes.update(report.notes)
+        self.resolved["prune.normalize"] = report.normalize
+        collapsed = report.collapsed(c.min_units, c.min_relative_density)
+        for row in collapsed:
+            what = (f"layer {row['name']!r} is nearly collapsed: {row['kept_after']} of {row['total']} weights, "
+                    f"{row['units_alive']} of {row['units']} output units alive")
+            if c.strict:
+                raise CollapseError(f"{what} (prune.collapse.strict). Lower the compression, exclude the layer, "
+                                    "use another allocation, or set prune.collapse.strict: false to only report it")
+            if row["name"] not in self.collapsed:
+                warnings.warn(what, CollapseWarning, stacklevel=2)
+            self.collapsed[row["name"]] = what
 
     def prune_to(self, model: nn.Module, target: float, override_targets: dict[str, float] | None = None,
                  **kwargs: Any) -> PruneReport | None:
@@ -267,6 +329,8 @@ def pruned_groups(model: nn.Module, p: PruneConfig) -> tuple[list[str], dict[str
     """Layer names of the jointly-pruned set, and each overridden layer with its compression."""
     names = list(prunable_layers(model))
     excluded = set(resolve_patterns(p.exclude, names, "prune.exclude"))
+    if p.keep_outputs and get_granularity(p.granularity).removes_outputs:
+        excluded.add(names[-1])  # as the engine does: the output layer's units are the outputs
     overrides = per_layer_values(p.overrides, names, excluded, "prune.overrides")
     main = [n for n in names if n not in excluded and n not in overrides]
     return main, overrides
@@ -299,10 +363,11 @@ def weight_density(model: nn.Module, names: Iterable[str]) -> tuple[int, int]:
 
 def catch_up(model: nn.Module, p: PruneConfig, target: float,
              override_targets: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
-    """Incremental compressions that take the current model to overall ``target`` (jointly over
-    the pruned set in ``global`` scope, per layer in ``layer`` scope) and each layer of
-    ``override_targets`` (default: the config's overrides) to its own overall target. Because the engine prunes ``round(s · survivors)``, asking for
-    ``c = target · kept / total`` removes exactly ``kept − total/target`` weights: no drift over rounds."""
+    """Incremental compressions that take the current model to overall ``target`` over the pruned set
+    (the allocation then splits it: per-layer allocations aim every layer at its share of ``1/target``) and
+    each layer of ``override_targets`` (default: the config's overrides) to its own overall target. Because
+    the engine prunes ``round(s · survivors)``, asking for ``c = target · kept / total`` removes exactly
+    ``kept − total/target`` weights: no drift over rounds."""
     main, overridden = pruned_groups(model, p)
     targets = dict(overridden if override_targets is None else override_targets)
     main = [n for n in main if n not in targets]
@@ -310,11 +375,6 @@ def catch_up(model: nn.Module, p: PruneConfig, target: float,
     for name, layer_target in targets.items():
         kept, total = weight_density(model, [name])
         overrides[name] = max(1.0, layer_target * kept / total)
-    if p.scope == "layer":  # same target per layer: pass each layer its own catch-up as an override
-        for name in main:
-            kept, total = weight_density(model, [name])
-            overrides[name] = max(1.0, target * kept / total)
-        return 1.0, overrides
     kept, total = weight_density(model, main)
     return (max(1.0, target * kept / total) if total else 1.0), overrides
 

@@ -2,9 +2,9 @@
 
     s_t = s_f + (s_i − s_f) · (1 − (t − t0) / (nΔt))³   for t ∈ {t0, t0+Δt, …, t0+nΔt},
 
-progress clamped to [0, 1]; ``t0 = schedule.start × total steps``, ``t0 + nΔt = schedule.end ×
-total steps`` (the last update lands exactly there even when Δt does not divide the span), masks
-updated every ``Δt = schedule.every`` steps from a training callback. Each update prunes the pruned
+progress clamped to [0, 1]; ``t0 = start × total steps``, ``t0 + nΔt = end × total steps`` (the last
+update lands exactly there even when Δt does not divide the span), masks updated every ``Δt = every``
+steps from a training callback. Settings: :class:`DuringConfig` (``prune.during``). Each update prunes the pruned
 set to ``s_t`` overall; since the engine compounds on survivors, the target is converted to the
 incremental compression relative to the current survivors (:func:`benchkit.timing.base.catch_up`).
 
@@ -18,7 +18,7 @@ reported model is the hard-masked end-of-training model.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,16 +26,27 @@ from torch import nn
 
 from benchkit.config import ExperimentConfig
 from benchkit.pruning.masks import make_permanent
-from benchkit.timing import TIMINGS
 from benchkit.timing.base import (
     BestAfter,
     RunContext,
     Timing,
     is_n_m,
     pruned_groups,
+    register_timing,
     weight_density,
     zero_pruned_optimizer_state,
 )
+
+
+@dataclass
+class DuringConfig:
+    """``prune.during``: the AGP schedule (Zhu & Gupta 2017) and soft pruning (He et al. 2018)."""
+
+    start: float = 0.0  # fraction of training where pruning starts (t0)
+    end: float = 0.75  # fraction of training where the final sparsity is reached (t0 + n·Δt)
+    every: int = 50  # Δt: masks are updated every this many iterations
+    initial_sparsity: float = 0.0  # s_i
+    soft: bool = field(default=False, metadata={"exclusive": True})  # pruned weights keep training
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,7 @@ class AGPSchedule:
 
     @classmethod
     def from_config(cls, ctx_cfg: ExperimentConfig, total_steps: int, final: float) -> AGPSchedule:
-        s = ctx_cfg.prune.schedule
+        s = ctx_cfg.prune.during
         return cls(initial=s.initial_sparsity, final=final, start=round(s.start * total_steps),
                    end=round(s.end * total_steps), every=s.every)
 
@@ -106,10 +117,8 @@ def _compression(sparsity: float) -> float:
     return 1.0 / (1.0 - sparsity)
 
 
-@TIMINGS.register("during")
+@register_timing("during", config=DuringConfig)
 class GradualPruning(Timing):
-    name = "during"
-
     def run(self, ctx: RunContext) -> nn.Module:
         p = ctx.cfg.prune
         model = ctx.build_model()
@@ -118,7 +127,7 @@ class GradualPruning(Timing):
         schedule = AGPSchedule.from_config(ctx.cfg, total, final)
         _, overridden = pruned_groups(model, p)
         override_finals = {n: 1.0 - 1.0 / c for n, c in overridden.items()}
-        soft = p.schedule.soft
+        soft = p.during.soft
         steps = schedule.update_steps(total if soft else None)
         pruner = _ScheduledPruning(ctx, model, schedule, steps, override_finals, soft)
         if 0 in pruner.steps:  # t0 = 0: the initial sparsity applies before the first step
@@ -135,14 +144,14 @@ class GradualPruning(Timing):
         return model
 
     def check(self, cfg: ExperimentConfig):
-        s = cfg.prune.schedule
+        s = cfg.prune.during
         if not 0.0 <= s.start < s.end <= 1.0:
-            yield "prune.schedule.start", f"start={s.start} and end={s.end} must satisfy 0 <= start < end <= 1"
+            yield "prune.during.start", f"start={s.start} and end={s.end} must satisfy 0 <= start < end <= 1"
         if s.every < 1:
-            yield "prune.schedule.every", f"must be >= 1 training steps, got {s.every}"
+            yield "prune.during.every", f"must be >= 1 training steps, got {s.every}"
         final = 1.0 - 1.0 / (cfg.prune.target_compression() or 1.0)
         if not 0.0 <= s.initial_sparsity < 1.0 or s.initial_sparsity > final:
-            yield ("prune.schedule.initial_sparsity",
+            yield ("prune.during.initial_sparsity",
                    f"must be in [0, final sparsity {final:.4g}], got {s.initial_sparsity}")
         if is_n_m(cfg.prune.granularity):
             yield ("prune.granularity", f"{cfg.prune.granularity!r} fixes the sparsity at M/N, so it cannot be "

@@ -2,7 +2,7 @@
 al. 2020), with the two controls of the paper.
 
 Level 0 trains the dense network (from the cache when possible). At level L = 1…levels the current
-ticket's trained weights lose ``rate`` of their survivors (per layer with ``scope: layer``, as in the
+ticket's trained weights lose ``rate`` of their survivors (per layer with ``allocation: uniform``, as in the
 paper; ``lottery.layer_rates`` globs give layers their own rate, e.g. the output layer at half the
 rate), the survivors are rewound to their values at initialisation (``rewind_iteration: 0``) or
 after iteration k of the dense training (captured by a training callback), and the ticket retrains
@@ -24,6 +24,7 @@ validation (use ``timing: post`` with ``rounds`` for iterative pruning with othe
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -31,12 +32,35 @@ from torch import nn
 from benchkit.config import ConfigError, ExperimentConfig, stable_hash
 from benchkit.pruning.layers import prunable_layers, resolve_patterns
 from benchkit.pruning.masks import apply_masks, get_masks, load_weights, plain_state_dict
-from benchkit.timing import TIMINGS
-from benchkit.timing.base import RunContext, Timing, compression_summary, is_n_m, per_layer_values
+from benchkit.timing.base import (
+    RunContext,
+    Timing,
+    compression_summary,
+    is_n_m,
+    per_layer_values,
+    register_timing,
+)
 
 CRITERIA = ("magnitude", "random")
 CONTROLS = ("reinit", "random")
 DEFAULT_RATE = 0.2
+
+
+def _exclusive(default: Any = None, factory: Any = None) -> Any:
+    meta = {"exclusive": True}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
+@dataclass
+class LotteryConfig:
+    """``prune.lottery``: iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al.
+    2020). ``levels`` is a plain setting; the others are refused with other timings."""
+
+    levels: int = 5
+    rate: float | None = _exclusive()  # fraction of survivors pruned per level; default 0.2, or from compression
+    layer_rates: dict[str, float] = _exclusive(factory=dict)  # per-layer (glob) rates, e.g. {fc3: 0.1}
+    rewind_iteration: int = _exclusive(0)  # 0 = rewind to initialisation; k = to the weights after iteration k
+    controls: list[str] = _exclusive(factory=list)  # reinit | random: controls trained at every level
 
 
 def lottery_rate(cfg: ExperimentConfig) -> float:
@@ -54,10 +78,8 @@ def control_seed(seed: int, control: str, level: int) -> int:
     return int(stable_hash([seed, control, level], length=8), 16)
 
 
-@TIMINGS.register("lottery")
+@register_timing("lottery", config=LotteryConfig)
 class LotteryTicket(Timing):
-    name = "lottery"
-
     def preflight(self, ctx: RunContext) -> None:
         k, total = ctx.cfg.prune.lottery.rewind_iteration, ctx.total_steps()
         if k >= total:
@@ -151,7 +173,7 @@ def random_control(ctx: RunContext, masks: dict, rewind: dict, level: int) -> nn
         if mask is not None and int(mask.sum()) < mask.numel():
             per_layer[name] = mask.numel() / max(int(mask.sum()), 1)
     if per_layer:
-        ctx.prune(model, 1.0, per_layer, criterion="random", scope="layer",
+        ctx.prune(model, 1.0, per_layer, criterion="random", allocation="uniform",
                   seed=control_seed(ctx.cfg.seed, "random", level))
     return model
 

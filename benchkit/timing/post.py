@@ -1,5 +1,5 @@
-"""``post``: train dense (or take it from the cache), prune one-shot or in ``rounds``, fine-tune
-after each round.
+"""``post``: train dense (or take it from the cache), prune one-shot or in ``prune.post.rounds``,
+fine-tune after each round. Settings: :class:`PostConfig` (``prune.post``).
 
 Round r of n prunes to the cumulative compression ``C^(r/n)`` of the target C (per-round
 compression ``C^(1/n)``, i.e. per-round fraction ``1 − (1 − s)^(1/n)``), converted to the
@@ -18,6 +18,7 @@ Han et al. 2015) with a constant schedule, unless
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchkit.config import ExperimentConfig
-from benchkit.timing import TIMINGS
 from benchkit.timing.base import (
     RunContext,
     Timing,
@@ -33,7 +33,43 @@ from benchkit.timing.base import (
     is_n_m,
     pruned_groups,
     prunes_anything,
+    register_timing,
 )
+
+
+@dataclass
+class FinetuneConfig:
+    """Training after each pruning round."""
+
+    epochs: int = 3
+    iterations: int | None = None
+    lr: float | None = None  # default: train.lr / 10 (Han et al. 2015)
+    optimizer: str | None = None  # default: train.optimizer
+    schedule: str | None = None  # default: constant (or the rewound original schedule with lr_rewind)
+
+    def __post_init__(self) -> None:
+        self.optimizer = self.optimizer.lower() if isinstance(self.optimizer, str) else self.optimizer
+        self.schedule = self.schedule.lower() if isinstance(self.schedule, str) else self.schedule
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from the dense teacher during fine-tuning (Hinton et al. 2015)."""
+
+    enabled: bool = field(default=False, metadata={"exclusive": True})
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the soft-target term; 1 - alpha on the hard labels
+
+
+@dataclass
+class PostConfig:
+    """``prune.post``: rounds of pruning, each followed by fine-tuning. ``finetune`` is a plain setting of the
+    procedure (a sweep base may set it for a zip over timings); the others are refused with other timings."""
+
+    rounds: int = field(default=1, metadata={"exclusive": True})
+    lr_rewind: bool = field(default=False, metadata={"exclusive": True})  # Renda et al. 2020
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 class DistillationLoss:
@@ -59,23 +95,21 @@ class DistillationLoss:
         return loss
 
 
-@TIMINGS.register("post")
+@register_timing("post", config=PostConfig)
 class PostTraining(Timing):
-    name = "post"
-
     def run(self, ctx: RunContext) -> nn.Module:
-        p = ctx.cfg.prune
+        p, post = ctx.cfg.prune, ctx.cfg.prune.post
         model, _ = ctx.dense()
         if not prunes_anything(p):
             return model  # the dense baseline of a sweep (compression 1)
-        teacher = copy.deepcopy(model) if p.distill.enabled else None
+        teacher = copy.deepcopy(model) if post.distill.enabled else None
         target = p.target_compression()
         _, overridden = pruned_groups(model, p)
-        for r in range(1, p.rounds + 1):
+        for r in range(1, post.rounds + 1):
             if is_n_m(p.granularity):  # N:M fixes its own compression; one round only (validated)
                 ctx.prune(model, target)
             else:
-                fraction = r / p.rounds
+                fraction = r / post.rounds
                 ctx.prune_to(model, (target or 1.0) ** fraction, {n: c ** fraction for n, c in overridden.items()})
             row: dict[str, Any] = {"round": r, **compression_summary(model, p)}
             history = self.finetune(ctx, model, f"finetune_r{r}", teacher)
@@ -86,7 +120,7 @@ class PostTraining(Timing):
 
     def finetune(self, ctx: RunContext, model: nn.Module, phase: str, teacher: nn.Module | None):
         """Fine-tune after a round (None when ``finetune`` asks for no training at all)."""
-        cfg, p = ctx.cfg, ctx.cfg.prune
+        cfg, p = ctx.cfg, ctx.cfg.prune.post
         ft = p.finetune
         if not ft.iterations and not ft.epochs:
             return None
@@ -104,34 +138,39 @@ class PostTraining(Timing):
         return ctx.fit(model, phase, kind="finetune", **kwargs)
 
     def check(self, cfg: ExperimentConfig):
-        p = cfg.prune
+        p = cfg.prune.post
         if p.rounds < 1:
-            yield "prune.rounds", f"must be >= 1, got {p.rounds}"
-        if p.rounds > 1 and is_n_m(p.granularity):
-            yield "prune.rounds", (f"granularity {p.granularity!r} fixes the compression at M/N in one step; "
-                                   "use rounds: 1")
-        ft = p.finetune  # its length (epochs >= 0, iterations >= 1) is checked for every timing in validation
+            yield "prune.post.rounds", f"must be >= 1, got {p.rounds}"
+        if p.rounds > 1 and is_n_m(cfg.prune.granularity):
+            yield "prune.post.rounds", (f"granularity {cfg.prune.granularity!r} fixes the compression at M/N in one "
+                                        "step; use rounds: 1")
+        ft = p.finetune
+        if ft.iterations is not None and ft.iterations < 1:
+            yield "prune.post.finetune.iterations", (f"must be >= 1, got {ft.iterations}; for no fine-tuning leave "
+                                                     "it unset and set prune.post.finetune.epochs: 0")
+        if ft.epochs < 0:
+            yield "prune.post.finetune.epochs", f"must be >= 0 (0 = no fine-tuning), got {ft.epochs}"
         if ft.lr is not None and ft.lr <= 0:
-            yield "prune.finetune.lr", f"must be > 0, got {ft.lr}"
+            yield "prune.post.finetune.lr", f"must be > 0, got {ft.lr}"
         if p.lr_rewind:
             by_iter_train, by_iter_ft = cfg.train.iterations is not None, ft.iterations is not None
             if by_iter_train != by_iter_ft:
-                yield ("prune.finetune.iterations" if by_iter_ft else "prune.finetune.epochs",
+                yield ("prune.post.finetune.iterations" if by_iter_ft else "prune.post.finetune.epochs",
                        "lr_rewind replays the original schedule, so fine-tuning must use the same unit as "
                        "training (both epochs or both iterations)")
             else:
                 length, total = (ft.iterations, cfg.train.iterations) if by_iter_ft else (ft.epochs, cfg.train.epochs)
                 if length > total:
-                    yield ("prune.finetune.iterations" if by_iter_ft else "prune.finetune.epochs",
+                    yield ("prune.post.finetune.iterations" if by_iter_ft else "prune.post.finetune.epochs",
                            f"lr_rewind replays the last {length} of {total} training steps/epochs; "
                            f"it can be at most {total}")
             for key in ("lr", "optimizer", "schedule"):
                 if getattr(ft, key) is not None:
-                    yield (f"prune.finetune.{key}", "lr_rewind uses the original training "
-                           f"{key}; remove prune.finetune.{key} or set lr_rewind: false")
+                    yield (f"prune.post.finetune.{key}", "lr_rewind uses the original training "
+                           f"{key}; remove prune.post.finetune.{key} or set prune.post.lr_rewind: false")
         d = p.distill
         if d.enabled:
             if d.temperature <= 0:
-                yield "prune.distill.temperature", f"must be > 0, got {d.temperature}"
+                yield "prune.post.distill.temperature", f"must be > 0, got {d.temperature}"
             if not 0.0 <= d.alpha <= 1.0:
-                yield "prune.distill.alpha", f"must be in [0, 1], got {d.alpha}"
+                yield "prune.post.distill.alpha", f"must be in [0, 1], got {d.alpha}"

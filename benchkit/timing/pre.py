@@ -6,14 +6,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from benchkit.timing import TIMINGS
-from benchkit.timing.base import RunContext, Timing, prunes_anything
+from benchkit.timing.base import RunContext, Timing, prunes_anything, register_timing
 
 
-@TIMINGS.register("pre")
+@register_timing("pre")
 class PruneAtInit(Timing):
-    name = "pre"
-
     def run(self, ctx: RunContext) -> nn.Module:
         model = ctx.build_model()
         if prunes_anything(ctx.cfg.prune):

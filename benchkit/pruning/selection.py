@@ -1,8 +1,6 @@
-"""Where the threshold is drawn: one ranking over every layer (``global``) or one per layer (``layer``).
-
-A scope only *partitions* the layers into selection units; within a unit the lowest-scoring groups are
-pruned until the requested fraction of the unit's surviving weights is gone. Two interchangeable
-selection routines do that:
+"""Selection within a unit of layers that share one threshold (the units come from the allocation,
+:mod:`benchkit.pruning.allocation`): the lowest-scoring groups are pruned until the requested fraction of the
+unit's surviving weights is gone. Two interchangeable selection routines do that:
 
 * ``prune_lowest`` — the reference: concatenate, stable-sort, cut. Handles groups of any size.
 * ``keep_above_streaming`` — for single-weight groups (``element``) on big models: a strided sample
@@ -18,49 +16,15 @@ Shared rules: the number of groups pruned is ``round(fraction * surviving groups
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from benchkit.registry import Registry
-
-SCOPES: Registry[Callable[[], Scope]] = Registry("scope")
-
 
 class CompressionError(ValueError):
     """The requested compression cannot be reached (e.g. it would remove whole layers)."""
-
-
-class Scope:
-    """Partition prunable layers (definition order) into units that share one threshold."""
-
-    name: str = ""
-
-    def partition(self, names: list[str]) -> list[list[str]]:
-        raise NotImplementedError
-
-
-@SCOPES.register("global")
-class GlobalScope(Scope):
-    """One threshold across every layer of the pruned set (ShrinkBench GlobalMagWeight)."""
-
-    name = "global"
-
-    def partition(self, names):
-        return [list(names)] if names else []
-
-
-@SCOPES.register("layer")
-class LayerScope(Scope):
-    """The same fraction pruned in each layer (ShrinkBench LayerMagWeight)."""
-
-    name = "layer"
-
-    def partition(self, names):
-        return [[n] for n in names]
 
 
 @dataclass
