@@ -108,10 +108,15 @@ def dead_channels(model: nn.Module) -> dict[str, int]:
 
 
 def _all_params(model: nn.Module) -> tuple[int, int]:
-    """(elements, non-zeros) of every parameter, masked ones counted by their effective value."""
+    """(elements, non-zeros) of every parameter, masked ones counted by their effective value; a parameter
+    shared by several modules (tied weights) counts once."""
     total = nonzero = 0
+    seen: set[int] = set()
     for module in model.modules():
-        for pname, _ in module.named_parameters(recurse=False):
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             base = pname.removesuffix("_orig") if is_masked(module, pname.removesuffix("_orig")) else pname
             value = effective(module, base)
             total += value.numel()

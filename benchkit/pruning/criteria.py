@@ -183,16 +183,17 @@ class Taylor(Criterion):
 
 @CRITERIA.register("snip")
 class SNIP(Criterion):
-    """Connection sensitivity |g ⊙ w| on a single batch, normalised to sum to 1 (Lee et al. 2019).
+    """Connection sensitivity |g ⊙ w|, normalised to sum to 1 (Lee et al. 2019).
 
     With mask variables c = 1, dL/dc = g ⊙ w; the normalisation is one global constant, so it changes
-    no ranking but keeps the published numbers."""
+    no ranking but keeps the published numbers. The paper scores one batch (``score_batches: 1``, the
+    default); with more, g is the gradient of the mean loss over all of them, as for the other criteria."""
 
     name = "snip"
     needs_data = True
 
     def scores(self, model, layers, data):
-        grads = loss_gradients(model, layers, data, limit=1)
+        grads = loss_gradients(model, layers, data)
         sal = {n: (m.weight.detach() * grads[n]).abs() for n, m in layers.items()}
         total = sum(float(s.sum()) for s in sal.values())
         return {n: s / total for n, s in sal.items()} if total > 0 else sal
@@ -204,8 +205,10 @@ class GraSP(Criterion):
 
     The paper scores S = −θ ⊙ Hg and removes the *highest* S; we return −S, so the usual "keep the
     highest" rule removes the same weights. As in the authors' code the logits are divided by a
-    temperature of 200, g is the gradient summed over the scoring batches and Hg = Σ_b ∇(gᵀ∇L_b)
-    (their Σ over two half-batches differs from ours by a positive factor only). Scores are signed:
+    temperature of 200, g is the gradient summed over the scoring batches and Hg = Σ_b ∇(gᵀ∇L_b).
+    The authors split one batch into two halves and sum over them; with BatchNorm in train mode the
+    halves are normalised by their own statistics, so that is *not* the same as one batch up to a factor
+    (it is only in eval mode or without BatchNorm). Scores are signed:
     for structured granularities use ``reduce="mean"`` to keep the sign. The authors' optional
     re-initialisation of Linear layers before scoring is not reproduced (it scores different weights
     than the ones that are pruned)."""
@@ -245,8 +248,10 @@ class SynFlow(Criterion):
     """Iterative Synaptic Flow (Tanaka et al. 2020): data-free, |θ ⊙ dR/dθ| with R = Σ f(1; |θ|).
 
     As in the authors' code: every floating tensor of the state (parameters *and* BatchNorm buffers) is
-    replaced by its absolute value, BatchNorm runs in eval mode, the input is all ones (one example) and
-    everything is in float64 so deep products do not underflow. The engine iterates it (default 100
+    replaced by its absolute value, BatchNorm runs in eval mode and the input is all ones (one example).
+    Unlike the authors' code (float32), everything is in float64 here, so products over deep networks do not
+    underflow to zero; rankings can differ from theirs where float32 would have tied or underflowed. The
+    engine iterates it (default 100
     rounds, exponential compression schedule), re-scoring the masked network each round. Needs only the
     input shape: from ``batch``/``loader`` or ``input_shape=``."""
 
