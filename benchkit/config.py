@@ -47,6 +47,11 @@ class DataConfig:
     train_subset: int | None = None  # use only the first N training examples (after the split)
     augment: bool = True  # standard augmentation where the dataset has one (CIFAR crop+flip)
     num_workers: int = 0  # DataLoader workers for datasets read from files (in-memory tensors need none)
+    # imagefolder only: images are resized to image_size (shorter side to image_size·8/7, then a center crop;
+    # training: a random resized crop) and normalised with mean/std per channel (default: ImageNet's)
+    image_size: int = 224
+    mean: list[float] | None = None
+    std: list[float] | None = None
     # synthetic only
     num_samples: int = 512
     num_classes: int = 10

@@ -204,6 +204,14 @@ def training(cfg: ExperimentConfig) -> Iterator[Problem]:
         yield "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"
     if d.val_size is not None and d.val_size < 0:
         yield "data.val_size", f"must be >= 0, got {d.val_size}"
+    if d.image_size < 1:
+        yield "data.image_size", f"must be >= 1 pixels, got {d.image_size}"
+    for key in ("mean", "std"):
+        value = getattr(d, key)
+        if value is not None and len(value) != 3:
+            yield f"data.{key}", f"needs one value per RGB channel (3), got {value}"
+    if d.std is not None and any(v <= 0 for v in d.std):
+        yield "data.std", f"must be > 0 per channel, got {d.std}"
     if d.train_subset is not None and d.train_subset < 1:
         yield "data.train_subset", f"must be >= 1 examples, got {d.train_subset}"
     if cfg.threads is not None and cfg.threads < 1:

@@ -153,6 +153,17 @@ def test_imagefolder_train_val_layout(tmp_path):
     assert data.sizes == {"train": 10, "val": 2, "test": 4}
     x, y = next(iter(data.train))
     assert x.shape == (4, 3, 224, 224)
+    # a folder of small images at its own size and statistics (issue 16.4)
+    small = load_data(DataConfig(name="imagefolder", root=str(tmp_path), val_size=2, image_size=32,
+                                 mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], augment=False), 4, eval_batch_size=4)
+    assert small.input_shape == (3, 32, 32)
+    x, _ = next(iter(small.test))
+    assert x.shape == (4, 3, 32, 32)
+    from torchvision import transforms as T
+
+    img = Image.open(sorted((tmp_path / "val" / "cat").iterdir())[0]).convert("RGB")
+    ref = T.Normalize([0.5] * 3, [0.25] * 3)(T.ToTensor()(T.CenterCrop(32)(T.Resize(37)(img))))
+    assert torch.allclose(x[0], ref)
 
 
 class FakeCIFAR10:
