@@ -35,8 +35,8 @@ CACHE_FORMAT = 1
 # Modules whose source determines a dense model (the dense path: experiment → RunContext.dense →
 # build_model / fit / train / evaluate, the data pipeline, seeding, plain_state_dict), plus every
 # module of these packages.
-DENSE_SOURCE_MODULES = ("benchkit.training", "benchkit.data", "benchkit.seeding", "benchkit.timing.base",
-                        "benchkit.pruning.masks")
+DENSE_SOURCE_MODULES = ("benchkit.training", "benchkit.tasks", "benchkit.data", "benchkit.textdata",
+                        "benchkit.seeding", "benchkit.timing.base", "benchkit.pruning.masks")
 DENSE_SOURCE_PACKAGES = ("benchkit.models",)
 
 

@@ -294,7 +294,7 @@ def _layer_rows(layers: dict[str, nn.Module], flops: FlopCount) -> list[dict]:
 def example_inputs_for(model: nn.Module, input_shape: Sequence[int] | None = None,
                        example_inputs: Inputs | None = None) -> tuple[Tensor, ...]:
     """The one-sample inputs metrics run the model on: ``example_inputs`` as given (a tensor or a tuple,
-    batch size 1, e.g. token ids), or zeros of ``input_shape`` (with its batch dimension added, see
+    batch size 1 in the first dimension, or the second for sequence-first inputs; e.g. token ids), or zeros of ``input_shape`` (with its batch dimension added, see
     :func:`batched_shape`) in the model's ``input_dtype`` (float unless the model declares, as a language
     model does, ``input_dtype = torch.long``). Exactly one of the two."""
     if (input_shape is None) == (example_inputs is None):
@@ -302,7 +302,7 @@ def example_inputs_for(model: nn.Module, input_shape: Sequence[int] | None = Non
                          "example_inputs= (a batch-1 tensor or tuple of tensors, e.g. token ids of shape (1, T))")
     if example_inputs is not None:
         xs = as_tuple(example_inputs)
-        if xs[0].dim() == 0 or xs[0].shape[0] != 1:
+        if 1 not in tuple(xs[0].shape[:2]):  # batch first, or (sequence-first attention) second
             raise ValueError(f"example_inputs must hold one sample (batch size 1): metrics are per input sample; "
                              f"got a first tensor of shape {tuple(xs[0].shape)}, pass x[:1]")
         return xs

@@ -462,7 +462,9 @@ def plan_stages(model: nn.Module, layers: Mapping[str, nn.Module], blocks: list[
 class CalibratedReport:
     """What one :func:`prune_calibrated` call did. ``layers``: one dict per pruned layer (``name, stage,
     sparsity`` requested, ``total, kept_before, kept_after, achieved`` sparsity, ``error`` SparseGPT's
-    reconstruction loss). ``masks``: the keep masks applied (True = kept), by parameter path."""
+    reconstruction loss, ``seconds`` spent choosing the mask and updating the weights, without the
+    forward passes). ``masks``: the keep masks applied (True = kept), by parameter path. ``seconds``:
+    the whole call."""
 
     method: str
     granularity: str
@@ -628,8 +630,9 @@ def prune_calibrated(model: nn.Module, method: str, *, sparsity: float | None = 
     ``sparsity``: the fraction of each layer's weights pruned (element granularity), or
     ``per_layer_sparsities`` ``{layer: fraction}`` (with ``sparsity`` as the default for the others),
     e.g. from :func:`owl_allocation`; N:M (``granularity="2:4"``) fixes it. ``calibration``: the inputs,
-    a tensor or a list of batches (not needed for magnitude). ``blocks``: None finds the model's blocks,
-    False prunes layer by layer, or names/modules/a glob. ``exclude``: layer names or globs kept dense
+    a tensor or a list of batches (not needed for magnitude). ``blocks``: None finds the model's blocks
+    (:func:`find_blocks`), False prunes layer by layer; or the name of the container whose children are
+    the blocks (``"blocks"``, ``"encoder.layers"``), or a list of module names or modules. ``exclude``: layer names or globs kept dense
     (the papers keep ``lm_head`` and embeddings dense). ``comparison``: ``row`` (per output) or ``layer``
     (magnitude, Wanda). ``blocksize``, ``percdamp``: SparseGPT's."""
     start = time.perf_counter()
@@ -665,6 +668,7 @@ def prune_calibrated(model: nn.Module, method: str, *, sparsity: float | None = 
             before = _effective_weight(module)
             kept_before = int(torch.count_nonzero(before))
             decision = None
+            tick = time.perf_counter()
             if s > 0 or nm is not None:
                 already = current_mask(module, "weight")
                 decision = meth.prune(before.float(), stats.get(name), s, nm, comparison, blocksize=blocksize,
@@ -680,7 +684,8 @@ def prune_calibrated(model: nn.Module, method: str, *, sparsity: float | None = 
             kept = int(torch.count_nonzero(after))
             rows.append({"name": name, "stage": stage.name, "sparsity": s, "total": total, "kept_before": kept_before,
                          "kept_after": kept, "achieved": 1 - kept / total,
-                         "error": decision.error if decision is not None else None})
+                         "error": decision.error if decision is not None else None,
+                         "seconds": time.perf_counter() - tick})
         stage_names.append(stage.name)
 
     try:
@@ -702,8 +707,9 @@ def prune_calibrated(model: nn.Module, method: str, *, sparsity: float | None = 
                     continue
                 if cached is None:
                     cached = _capture_block_inputs(model, batches, stage.block)
-                _run_block(stage.block, cached, layers, stage.layers, stats)
-                prune_stage(stage, stats)
+                if stage.layers:  # a block whose layers are all excluded only passes its outputs on
+                    _run_block(stage.block, cached, layers, stage.layers, stats)
+                    prune_stage(stage, stats)
                 cached = _run_block(stage.block, cached)
     finally:
         model.train(was_training)
