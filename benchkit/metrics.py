@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from benchkit.attention_flops import count_attention
+from benchkit.attention_flops import AttentionCount, count_attention
 from benchkit.pruning.layers import PRUNABLE_TYPES, prunable_layers
 from benchkit.pruning.masks import current_mask, deepcopy_model, is_masked, param_value
 
@@ -187,7 +187,8 @@ def count_flops(model: nn.Module, inputs: Inputs) -> FlopCount:
     (its train mode, BatchNorm statistics, device) is untouched. fvcore traces straight through the
     ``torch.nn.utils.prune`` pre-hooks; their elementwise ``mul`` is not a counted operator.
     Attention, which fvcore misses, is counted from a second, eager pass
-    (:func:`benchkit.attention_flops.count_attention`) and merged in: scaled-dot-product calls on the
+    (:func:`benchkit.attention_flops.count_attention`, run only when the trace holds an
+    ``nn.MultiheadAttention`` or an uncounted ``scaled_dot_product_attention``) and merged in: scaled-dot-product calls on the
     module that makes them; each ``nn.MultiheadAttention`` replaced by its analytic count (whatever
     fvcore saw of it), its ``out_proj`` row included."""
     net = deepcopy_model(model).cpu().float().eval()
@@ -208,9 +209,11 @@ def count_flops(model: nn.Module, inputs: Inputs) -> FlopCount:
             total = int(analysis.total())
             fv_mha = {name: dict(analysis.by_module_and_operator().get(name, {}))
                       for name, m in net.named_modules() if isinstance(m, nn.MultiheadAttention)}
+            sdpa_seen = any("scaled_dot_product" in op for op in analysis.unsupported_ops())
         finally:
             logger.setLevel(level)
-    extra = count_attention(net, xs)
+    # the eager pass only where the trace met attention: a CNN's metrics cost what they did
+    extra = count_attention(net, xs) if fv_mha or sdpa_seen else AttentionCount()
 
     def add(name: str, delta: int, operator: str) -> None:
         nonlocal total
