@@ -35,8 +35,8 @@ CACHE_FORMAT = 1
 # Modules whose source determines a dense model (the dense path: experiment → RunContext.dense →
 # build_model / fit / train / evaluate, the data pipeline, seeding, plain_state_dict), plus every
 # module of these packages.
-DENSE_SOURCE_MODULES = ("benchkit.training", "benchkit.data", "benchkit.seeding", "benchkit.timing.base",
-                        "benchkit.pruning.masks")
+DENSE_SOURCE_MODULES = ("benchkit.training", "benchkit.tasks", "benchkit.data", "benchkit.textdata",
+                        "benchkit.seeding", "benchkit.timing.base", "benchkit.pruning.masks")
 DENSE_SOURCE_PACKAGES = ("benchkit.models",)
 
 
@@ -60,11 +60,9 @@ def dense_key_material(cfg: ExperimentConfig, device_type: str) -> dict[str, Any
         # The folder is the dataset: with data.root unset it comes from $BENCHKIT_DATA or the user cache,
         # so the written root alone would let a model trained on one folder be served for another; and
         # files changed inside it make another dataset under the same path.
-        from benchkit.data import folder_fingerprint, imagefolder_root
+        from benchkit.data import folder_identity
 
-        folder = imagefolder_root(cfg.data)
-        data["folder"] = str(folder.resolve()) if folder is not None else None
-        data["folder_contents"] = folder_fingerprint(folder) if folder is not None else None
+        data.update(folder_identity(cfg.data))
     return {
         "data": data,
         "model": section("model"),

@@ -38,13 +38,13 @@ def _lower(value: Any) -> Any:
 class DataConfig:
     """Which dataset and how it is split. The validation split is carved from the training set."""
 
-    name: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic
-    root: str | None = None  # data root; else $BENCHKIT_DATA, else the user cache directory
+    name: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic | text
+    root: str | None = None  # data root; else $BENCHKIT_DATA, else the user cache directory (text: the folder)
     download: bool = True  # download when missing and online (never for digits/synthetic)
     val_fraction: float = 0.1  # share of the training set held out for validation (selection)
     val_size: int | None = None  # absolute validation size; overrides val_fraction (LTH: 5000)
     split_seed: int = 0  # fixed seed of the train/validation split, independent of the run seed
-    train_subset: int | None = None  # use only the first N training examples (after the split)
+    train_subset: int | None = None  # use only the first N training examples (after the split); text: characters
     augment: bool = True  # standard augmentation where the dataset has one (CIFAR crop+flip)
     num_workers: int = 0  # DataLoader workers for datasets read from files (in-memory tensors need none)
     # imagefolder only: images are resized to image_size (shorter side to image_size·8/7, then a center crop;
@@ -56,9 +56,16 @@ class DataConfig:
     num_samples: int = 512
     num_classes: int = 10
     input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    # text only (benchkit.textdata): held-out whole works, tokenizer, window length, evaluation stride
+    tokenizer: str = "char"  # char (training works' characters + an unknown symbol) | byte (256 UTF-8 bytes)
+    context: int = 128  # tokens per training window, per evaluation window, and the model's context
+    stride: int | None = None  # evaluation windows start every `stride` tokens; default context // 2
+    val_works: list[str] = field(default_factory=lambda: ["Julius Caesar"])  # titles or file names
+    test_works: list[str] = field(default_factory=lambda: ["Macbeth"])
+    eval_subset: int | None = None  # only the first N characters of each held-out split (tests)
 
     def __post_init__(self) -> None:
-        self.name = _lower(self.name)
+        self.name, self.tokenizer = _lower(self.name), _lower(self.tokenizer)
 
 
 @dataclass
@@ -372,9 +379,14 @@ NON_SEMANTIC_KEYS = frozenset(
 )
 
 
-#: Datasets whose ``data.root`` *is* the dataset (an image folder), not just where a torchvision
-#: dataset is stored: for them the root is part of the hash, the dense-cache key and the run's label.
-ROOT_IS_DATASET = frozenset({"imagefolder"})
+#: Datasets whose ``data.root`` *is* the dataset (an image folder, a folder of texts), not just where a
+#: torchvision dataset is stored: for them the root is part of the hash, the dense-cache key and the run's label.
+ROOT_IS_DATASET = frozenset({"imagefolder", "text"})
+
+#: Keys only the ``text`` dataset reads: for every other dataset they are left out of the hash, so
+#: configs written before they existed keep their hashes (and their finished runs and cached models).
+TEXT_KEYS = frozenset({"data.tokenizer", "data.context", "data.stride", "data.val_works", "data.test_works",
+                       "data.eval_subset"})
 
 
 def root_is_dataset(name: Any) -> bool:
@@ -382,10 +394,12 @@ def root_is_dataset(name: Any) -> bool:
 
 
 def non_semantic_keys(cfg: ExperimentConfig) -> frozenset[str]:
-    """:data:`NON_SEMANTIC_KEYS` for this config (less ``data.root`` where :data:`ROOT_IS_DATASET`)."""
+    """:data:`NON_SEMANTIC_KEYS` for this config (less ``data.root`` where :data:`ROOT_IS_DATASET`, plus
+    :data:`TEXT_KEYS` for data that is not text)."""
+    keys = NON_SEMANTIC_KEYS if cfg.data.name == "text" else NON_SEMANTIC_KEYS | TEXT_KEYS
     if root_is_dataset(cfg.data.name):
-        return NON_SEMANTIC_KEYS - {"data.root"}
-    return NON_SEMANTIC_KEYS
+        return keys - {"data.root"}
+    return keys
 
 
 # Free-form dicts: their keys are user names (layer globs such as ``features.0``, model kwargs), not

@@ -21,6 +21,12 @@ the loader's generator and hands it to the dataset with every index, and :class:
 seeds each example's random transforms from (that epoch seed, the example's row). The generator is
 seeded from the run seed, and reseeded per training phase, so the same seed gives the same pixels
 with 0 or N workers, in the main process or in forked or spawned workers.
+
+``text`` (a language-model corpus, :mod:`benchkit.textdata`) differs: its validation and test
+splits are held-out whole works named in the config (``data.val_works``, ``data.test_works``), its
+training batches are random windows of ``data.context`` tokens, and its evaluation loaders slide
+over each held-out split with ``data.stride``. Its bundle has ``task="language_model"``,
+``input_shape=(context,)`` and ``num_classes`` = the vocabulary size.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
+from benchkit import textdata
 from benchkit.config import ConfigError, DataConfig
 from benchkit.registry import Registry
 from benchkit.seeding import make_generator
@@ -79,13 +87,16 @@ class DataBundle:
     train: Loader
     val: Loader | None  # None: no validation split (selection and early stopping are off)
     test: Loader
-    num_classes: int
-    in_channels: int
-    input_shape: tuple[int, int, int]  # (C, H, W) of one example
+    num_classes: int  # language models: the vocabulary size
+    in_channels: int  # text: 1 (token ids have no channels)
+    input_shape: tuple[int, ...]  # (C, H, W) of one example; text: (context,)
     name: str
-    sizes: dict[str, int] = field(default_factory=dict)  # examples per split: train, val, test
+    sizes: dict[str, int] = field(default_factory=dict)  # examples per split (text: tokens)
     indices: dict[str, Tensor] = field(default_factory=dict)  # train/val rows of the official training set
     batch_size: int = 0
+    task: str = "classification"  # benchkit.tasks: how a batch's loss and an evaluation are computed
+    tokenizer: textdata.Tokenizer | None = None  # text only
+    meta: dict[str, Any] = field(default_factory=dict)  # text: works per split, tokenizer, context, stride
 
 
 DATASETS: Registry[Callable[[DataConfig], Source]] = Registry("dataset")
@@ -365,6 +376,112 @@ def synthetic(cfg: DataConfig) -> Source:
     return Source(train, train, TensorDataset(x[cfg.num_samples:], y[cfg.num_samples:]), cfg.num_classes, shape)
 
 
+# --------------------------------------------------------------------------------------------- text
+SHAKESPEARE = Path("shakespeare") / "texts"  # under a data root: the default corpus (../shared/data README)
+
+
+@dataclass
+class TextSource:
+    """A corpus split into works: training text and the held-out validation and test works."""
+
+    folder: Path
+    train: str
+    val: str
+    test: str
+    works: dict[str, list[str]]  # split -> titles
+    tokenizer: textdata.Tokenizer
+
+
+def text_candidates(cfg: DataConfig) -> list[Path]:
+    """Where ``text`` looks: ``data.root`` itself (a folder of .txt files) when set, else
+    ``<BENCHKIT_DATA or cache>/shakespeare/texts``."""
+    if cfg.root:
+        return [Path(cfg.root).expanduser()]
+    return [r / SHAKESPEARE for r in data_roots(cfg)]
+
+
+def text_folder(cfg: DataConfig) -> Path | None:
+    """The corpus folder (the first candidate holding .txt files), or None."""
+    return next((c for c in text_candidates(cfg) if c.is_dir() and any(c.glob("*.txt"))), None)
+
+
+@DATASETS.register("text")
+def text(cfg: DataConfig) -> TextSource:
+    """A folder of ``.txt`` files, one work each (default: Shakespeare's 42 works, see the data README).
+    ``data.val_works`` / ``data.test_works`` are held out whole; the rest is training text, of which
+    ``data.train_subset`` keeps the first N characters (``data.eval_subset`` likewise for each held-out
+    split). The ``char`` vocabulary comes from all training works, whatever the subsets."""
+    candidates = text_candidates(cfg)
+    folder = text_folder(cfg)
+    if folder is None:
+        raise DataNotFoundError(
+            "dataset 'text' not found. Looked in:\n" + "\n".join(f"  - {c}" for c in candidates)
+            + "\nExpected: a folder of .txt files, one work each (Shakespeare: <data root>/shakespeare/texts)."
+            "\nFix: set BENCHKIT_DATA to the folder holding shakespeare/, or data.root to your folder of .txt files. "
+            "It is never downloaded.")
+    works = textdata.list_works(folder)
+    try:
+        val = textdata.select_works(works, cfg.val_works, "data.val_works")
+        test = textdata.select_works(works, cfg.test_works, "data.test_works")
+    except textdata.TextError as e:
+        raise ConfigError(str(e)) from None
+    overlap = [w.title for w in val if w in test]
+    if overlap:
+        raise ConfigError(f"data.val_works and data.test_works share {overlap}; a work belongs to one split")
+    train = [w for w in works if w not in val and w not in test]
+    if not train or not val or not test:
+        raise ConfigError(f"text at {folder}: every split needs at least one work (train {len(train)}, "
+                          f"val {len(val)}, test {len(test)}); name val_works and test_works and leave the rest")
+    train_text = textdata.read_text(train)
+    tokenizer = textdata.TOKENIZERS.get(cfg.tokenizer)(train_text)
+    if cfg.train_subset is not None:
+        train_text = train_text[: cfg.train_subset]
+    val_text, test_text = textdata.read_text(val), textdata.read_text(test)
+    if cfg.eval_subset is not None:
+        val_text, test_text = val_text[: cfg.eval_subset], test_text[: cfg.eval_subset]
+    titles = {"train": [w.title for w in train], "val": [w.title for w in val], "test": [w.title for w in test]}
+    return TextSource(folder, train_text, val_text, test_text, titles, tokenizer)
+
+
+def text_bundle(source: TextSource, cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int) -> DataBundle:
+    """Loaders of a :class:`TextSource`: random training windows drawn with a generator seeded from
+    ``seed``, and the sliding-window evaluation of each held-out split."""
+    context = cfg.context
+    stride = cfg.stride if cfg.stride is not None else max(1, context // 2)
+    tok = source.tokenizer
+    ids = {split: tok.encode(getattr(source, split)) for split in ("train", "val", "test")}
+    try:
+        train = textdata.RandomWindows(ids["train"], context, batch_size, make_generator(seed))
+        evals = {split: textdata.SlidingWindows(
+            ids[split], context, stride, eval_batch_size, characters=tok.characters(ids[split][1:]), split=split,
+            works=source.works[split], tokenizer=tok.name) for split in ("val", "test")}
+    except textdata.TextError as e:
+        raise ConfigError(f"data (text): {e}") from None
+    meta = {"folder": str(source.folder), "works": source.works, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
+            "context": context, "stride": stride}
+    return DataBundle(
+        train=train, val=evals["val"], test=evals["test"], num_classes=tok.vocab_size, in_channels=1,
+        input_shape=(context,), name="text", sizes={k: len(v) for k, v in ids.items()}, batch_size=batch_size,
+        task="language_model", tokenizer=tok, meta=meta,
+    )
+
+
+# dataset -> (where its folder is, fingerprint of the folder's contents)
+FOLDER_DATASETS: dict[str, tuple[Callable[[DataConfig], Path | None], Callable[[Path], str]]] = {
+    "imagefolder": (imagefolder_root, folder_fingerprint),
+    "text": (text_folder, textdata.folder_digest),
+}
+
+
+def folder_identity(cfg: DataConfig) -> dict[str, str | None]:
+    """What a dataset whose folder *is* the data (``config.ROOT_IS_DATASET``) is made of: the folder
+    found and a fingerprint of its contents, for the dense-model cache key."""
+    find, fingerprint = FOLDER_DATASETS[cfg.name]
+    folder = find(cfg)
+    return {"folder": str(folder.resolve()) if folder is not None else None,
+            "folder_contents": fingerprint(folder) if folder is not None else None}
+
+
 # --------------------------------------------------------------------------------------------- splits and loaders
 def split_train_val(n: int, cfg: DataConfig) -> tuple[Tensor, Tensor]:
     """Disjoint (train, val) row indices of an n-example training set, from ``data.split_seed`` only."""
@@ -402,9 +519,11 @@ KNOWN_SHAPES: dict[str, tuple[tuple[int, int, int], int | None]] = {
 }
 
 
-def known_shape(data: DataConfig) -> tuple[tuple[int, int, int], int | None] | None:
+def known_shape(data: DataConfig) -> tuple[tuple[int, ...], int | None] | None:
     """``(input_shape, num_classes)`` of the data without loading it; None when only loading tells."""
     name = data.name.lower()
+    if name == "text":  # the vocabulary size is known before loading only for bytes
+        return (int(data.context),), (256 if data.tokenizer == "byte" else None)
     if name == "synthetic":
         shape = tuple(int(s) for s in data.input_shape)
         ok = len(shape) == 3 and min(shape) >= 1 and data.num_classes >= 2
@@ -550,6 +669,8 @@ def load_data(data_cfg: DataConfig, batch_size: int, eval_batch_size: int = 1000
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
     source = DATASETS.get(data_cfg.name)(data_cfg)
+    if isinstance(source, TextSource):
+        return text_bundle(source, data_cfg, batch_size, eval_batch_size, seed)
     train_idx, val_idx = split_train_val(len(source.train_eval), data_cfg)
     if len(train_idx) == 0:
         raise ConfigError(f"no training examples left for {data_cfg.name!r} after the validation split; "

@@ -8,6 +8,13 @@ Definitions (DESIGN.md, ShrinkBench's conventions with the true output sizes):
 * *dense FLOPs* are fvcore's multiply-add count for **one input sample**, so padding, stride,
   groups and dilation are exactly those of the real convolution; *non-zero FLOPs* = dense × density
   (every surviving weight is used once per output position; for Conv/Linear this is an integer);
+  a Linear layer on a sequence counts its work for every token of the sample;
+* attention (:mod:`benchkit.attention_flops`, which fvcore misses): QKᵀ and AV of every
+  ``scaled_dot_product_attention`` and ``nn.MultiheadAttention`` are ``flops_attention``; they and an
+  unsplit ``nn.MultiheadAttention``'s ``in_proj`` (a weight that is no prunable layer) are
+  ``flops_nonprunable``: work weight sparsity does not remove, so ``theoretical_speedup`` =
+  (dense + non-prunable) / (non-zero + non-prunable), which is ShrinkBench's ratio over the prunable
+  layers for a network with no attention. ``nn.MultiheadAttention.out_proj`` gets its true count;
 * ``compression_ratio`` = prunable weights / non-zero prunable weights, ``sparsity`` = 1 − 1/ratio,
   ``model_compression_ratio`` = all parameters / non-zero parameters (ShrinkBench's reported
   figure: biases and BatchNorm included).
@@ -28,6 +35,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from benchkit.attention_flops import AttentionCount, count_attention
 from benchkit.pruning.layers import PRUNABLE_TYPES, prunable_layers
 from benchkit.pruning.masks import current_mask, deepcopy_model, is_masked, param_value
 
@@ -164,11 +172,15 @@ def sparse_size_bytes(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class FlopCount:
-    """fvcore multiply-adds of one forward pass: per module (qualified name) and per operator."""
+    """Multiply-adds of one forward pass: per module (qualified name) and per operator; fvcore's,
+    with attention added (``attention``: QKᵀ and AV; ``nonprunable``: those plus the ``in_proj`` of
+    unsplit ``nn.MultiheadAttention`` modules)."""
 
     by_module: dict[str, int]
     by_operator: dict[str, int]
     total: int
+    attention: int = 0
+    nonprunable: int = 0
 
     def of(self, names: Sequence[str]) -> int:
         return sum(self.by_module.get(n, 0) for n in names)
@@ -178,7 +190,12 @@ class FlopCount:
 def count_flops(model: nn.Module, inputs: Inputs) -> FlopCount:
     """fvcore counts of ``model(*inputs)`` on a deep copy in eval mode on CPU, so the caller's model
     (its train mode, BatchNorm statistics, device) is untouched. fvcore traces straight through the
-    ``torch.nn.utils.prune`` pre-hooks; their elementwise ``mul`` is not a counted operator."""
+    ``torch.nn.utils.prune`` pre-hooks; their elementwise ``mul`` is not a counted operator.
+    Attention, which fvcore misses, is counted from a second, eager pass
+    (:func:`benchkit.attention_flops.count_attention`, run only when the trace holds an
+    ``nn.MultiheadAttention`` or an uncounted ``scaled_dot_product_attention``) and merged in: scaled-dot-product calls on the
+    module that makes them; each ``nn.MultiheadAttention`` replaced by its analytic count (whatever
+    fvcore saw of it), its ``out_proj`` row included."""
     net = deepcopy_model(model).cpu().float().eval()
     xs = tuple(t.detach().cpu() for t in as_tuple(inputs))
     xs = tuple(t.float() if t.is_floating_point() else t for t in xs)
@@ -195,9 +212,34 @@ def count_flops(model: nn.Module, inputs: Inputs) -> FlopCount:
             by_module = {k: int(v) for k, v in analysis.by_module().items()}
             by_operator = {k: int(v) for k, v in analysis.by_operator().items()}
             total = int(analysis.total())
+            fv_mha = {name: dict(analysis.by_module_and_operator().get(name, {}))
+                      for name, m in net.named_modules() if isinstance(m, nn.MultiheadAttention)}
+            sdpa_seen = any("scaled_dot_product" in op for op in analysis.unsupported_ops())
         finally:
             logger.setLevel(level)
-    return FlopCount(by_module=by_module, by_operator=by_operator, total=total)
+    # the eager pass only where the trace met attention: a CNN's metrics cost what they did
+    extra = count_attention(net, xs) if fv_mha or sdpa_seen else AttentionCount()
+
+    def add(name: str, delta: int, operator: str) -> None:
+        nonlocal total
+        parts = name.split(".") if name else []
+        for i in range(len(parts) + 1):  # the module and every ancestor, "" (the model) included
+            key = ".".join(parts[:i])
+            by_module[key] = by_module.get(key, 0) + delta
+        by_operator[operator] = by_operator.get(operator, 0) + delta
+        total += delta
+
+    if not any("scaled_dot_product" in op for op in by_operator):  # fvcore counts none today: never twice
+        for name, macs in extra.sdpa.items():
+            add(name, macs, "scaled_dot_product_attention")
+    for name, c in extra.mha.items():
+        for op, macs in fv_mha.get(name, {}).items():  # what fvcore saw of it (slow path: F.linear) goes
+            add(name, -int(macs), op)
+        add(name, c.in_proj + c.out_proj, "linear")
+        add(name, c.attention, "multi_head_attention")
+        by_module[f"{name}.out_proj"] = c.out_proj  # a prunable layer; its module never runs
+    return FlopCount(by_module=by_module, by_operator=by_operator, total=total, attention=extra.attention,
+                     nonprunable=extra.attention + extra.in_proj)
 
 
 def batched_shape(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -257,19 +299,41 @@ def _layer_rows(layers: dict[str, nn.Module], flops: FlopCount) -> list[dict]:
     return rows
 
 
-def _flops_for_shape(model: nn.Module, shape: tuple[int, ...]) -> FlopCount:
+def example_inputs_for(model: nn.Module, input_shape: Sequence[int] | None = None,
+                       example_inputs: Inputs | None = None) -> tuple[Tensor, ...]:
+    """The one-sample inputs metrics run the model on: ``example_inputs`` as given (a tensor or a tuple,
+    batch size 1 in the first dimension, or the second for sequence-first inputs; e.g. token ids), or zeros of ``input_shape`` (with its batch dimension added, see
+    :func:`batched_shape`) in the model's ``input_dtype`` (float unless the model declares, as a language
+    model does, ``input_dtype = torch.long``). Exactly one of the two."""
+    if (input_shape is None) == (example_inputs is None):
+        raise ValueError("give exactly one of input_shape= (one sample's shape, e.g. (1, 28, 28)) or "
+                         "example_inputs= (a batch-1 tensor or tuple of tensors, e.g. token ids of shape (1, T))")
+    if example_inputs is not None:
+        xs = as_tuple(example_inputs)
+        if 1 not in tuple(xs[0].shape[:2]):  # batch first, or (sequence-first attention) second
+            raise ValueError(f"example_inputs must hold one sample (batch size 1): metrics are per input sample; "
+                             f"got a first tensor of shape {tuple(xs[0].shape)}, pass x[:1]")
+        return xs
+    dtype = getattr(model, "input_dtype", torch.float32)
+    return (torch.zeros(batched_shape(model, input_shape), dtype=dtype),)
+
+
+def _flops_for(model: nn.Module, xs: tuple[Tensor, ...]) -> FlopCount:
     try:
-        return count_flops(model, torch.zeros(shape))
+        return count_flops(model, xs)
     except Exception as err:
-        raise ValueError(f"{type(model).__name__} cannot run on an input of shape {shape} ({err}); "
-                         "pass the shape of one sample, e.g. data.input_shape") from err
+        shapes = ", ".join(str(tuple(x.shape)) for x in xs)
+        raise ValueError(f"{type(model).__name__} cannot run on an input of shape {shapes} ({err}); "
+                         "pass the shape of one sample, e.g. data.input_shape, or example_inputs=") from err
 
 
-def layer_metrics(model: nn.Module, input_shape: Sequence[int]) -> pd.DataFrame:
+def layer_metrics(model: nn.Module, input_shape: Sequence[int] | None = None, *,
+                  example_inputs: Inputs | None = None) -> pd.DataFrame:
     """One row per prunable layer, in definition order: ``layer, type, shape, params, nonzero,
-    density, flops, flops_nonzero, speedup`` (FLOPs for one input sample; speedup = dense/non-zero)."""
+    density, flops, flops_nonzero, speedup`` (FLOPs for one input sample, given by its shape or as
+    ``example_inputs``; speedup = dense/non-zero)."""
     layers = _require_prunable(model)
-    flops = _flops_for_shape(model, batched_shape(model, input_shape))
+    flops = _flops_for(model, example_inputs_for(model, input_shape, example_inputs))
     return pd.DataFrame(_layer_rows(layers, flops), columns=LAYER_COLUMNS)
 
 
@@ -278,15 +342,18 @@ def _ratio(a: float, b: float) -> float:
 
 
 def model_metrics(
-    model: nn.Module, input_shape: Sequence[int], *, compacted: bool | None = None
+    model: nn.Module, input_shape: Sequence[int] | None = None, *, example_inputs: Inputs | None = None,
+    compacted: bool | None = None,
 ) -> dict[str, int | float]:
-    """Whole-model figures (see the module docstring), in this order:
+    """Whole-model figures (see the module docstring) for one input sample (its shape, or
+    ``example_inputs``), in this order:
 
     ``params_prunable, nonzero_prunable, compression_ratio, sparsity, params_total, nonzero_total,
     model_compression_ratio, flops_dense, flops_nonzero, theoretical_speedup, flops_total_model,
-    size_bytes_dense, size_bytes_sparse``; FLOP figures are over the prunable layers except
-    ``flops_total_model`` (fvcore's whole-model count, for information). Storage formats: see
-    :func:`dense_size_bytes` and :func:`sparse_size_bytes`.
+    flops_attention, flops_nonprunable, size_bytes_dense, size_bytes_sparse``; ``flops_dense`` and
+    ``flops_nonzero`` are over the prunable layers, ``theoretical_speedup`` adds the non-prunable work
+    to both, ``flops_total_model`` is fvcore's whole-model count with attention added (for
+    information). Storage formats: see :func:`dense_size_bytes` and :func:`sparse_size_bytes`.
 
     With ``compacted=True`` a copy is physically compacted (:func:`benchkit.pruning.compact.compact`)
     and ``compacted_params`` (all parameters), ``compacted_params_prunable``, ``compacted_flops``
@@ -296,8 +363,8 @@ def model_metrics(
     leaves those keys out (they are absent, never NaN, whenever not computed).
     """
     layers = _require_prunable(model)
-    shape = batched_shape(model, input_shape)
-    flops = _flops_for_shape(model, shape)
+    xs = example_inputs_for(model, input_shape, example_inputs)
+    flops = _flops_for(model, xs)
     rows = _layer_rows(layers, flops)
 
     params_prunable = sum(r["params"] for r in rows)
@@ -316,8 +383,10 @@ def model_metrics(
         "model_compression_ratio": _ratio(params_total, nonzero_total),
         "flops_dense": flops_dense,
         "flops_nonzero": flops_nonzero,
-        "theoretical_speedup": _ratio(flops_dense, flops_nonzero),
+        "theoretical_speedup": _ratio(flops_dense + flops.nonprunable, flops_nonzero + flops.nonprunable),
         "flops_total_model": flops.total,
+        "flops_attention": flops.attention,
+        "flops_nonprunable": flops.nonprunable,
         "size_bytes_dense": dense_size_bytes(model),
         "size_bytes_sparse": sparse_size_bytes(model),
     }
@@ -328,7 +397,8 @@ def model_metrics(
     if compacted:
         from benchkit.pruning.compact import compact  # compact builds on this module's counters
 
-        example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        example = xs if example_inputs is not None or not xs[0].is_floating_point() else \
+            torch.randn(xs[0].shape, generator=torch.Generator().manual_seed(0))
         try:
             result = compact(model, example, measure_latency=False)
         except Exception as err:  # noqa: BLE001 - asked for implicitly: report without compacted_*

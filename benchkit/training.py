@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from benchkit.config import ConfigError, TrainConfig
 from benchkit.registry import Registry
 from benchkit.seeding import resolve_device
+from benchkit.tasks import task_of
 
 # Train masked parameters by masking their gradients instead of re-multiplying weight_orig by the mask
 # in every forward (see _GradientMasking). Results are identical; set False to use the prune hooks as they are.
@@ -125,31 +126,13 @@ def default_loss(logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "auto") -> dict[str, float]:
-    """Mean cross-entropy and top-1/top-5 accuracy (fractions in [0, 1]) over a loader, in eval mode.
-
-    top-5 becomes top-k with k = number of classes when there are fewer than 5.
-    """
-    dev = resolve_device(device)
-    was_training = model.training
-    model.eval()
-    loss_sum, correct1, correct5, n = 0.0, 0, 0, 0
-    try:
-        for x, y in loader:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top == y.unsqueeze(1)
-            correct1 += hits[:, 0].sum().item()
-            correct5 += hits.any(dim=1).sum().item()
-            n += y.shape[0]
-    finally:
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluate() got an empty loader")
-    return {"loss": loss_sum / n, "acc1": correct1 / n, "acc5": correct5 / n}
+    """The loader's task's evaluation (:mod:`benchkit.tasks`), in eval mode without gradients. For
+    classification: mean cross-entropy and top-1/top-5 accuracy (fractions in [0, 1]; top-5 becomes top-k
+    with k = number of classes when there are fewer than 5); for language models see
+    :class:`benchkit.tasks.LanguageModel` (``loss``, ``perplexity``, ``bpc``, ``acc1``, ``acc5`` and the
+    protocol)."""
+    return task_of(loader).evaluate(model, loader, device)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -204,7 +187,7 @@ def train(
     model.to(dev)
     opt = OPTIMIZERS.get(optimizer or cfg.optimizer)(model.parameters(), cfg, base_lr)
     multiplier = SCHEDULES.get(schedule or cfg.schedule)(cfg, schedule_offset + length)
-    loss_fn = loss_fn or default_loss
+    loss_fn = loss_fn or task_of(data).loss  # classification: default_loss
     val_loader = data.val
     on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
     on_eval = [cb.on_eval for cb in callbacks if hasattr(cb, "on_eval")]

@@ -223,6 +223,32 @@ def training(cfg: ExperimentConfig) -> Iterator[Problem]:
             yield f"latency.{key}", f"must be >= {low}, got {value}"
 
 
+@check
+def text_data(cfg: ExperimentConfig) -> Iterator[Problem]:
+    """The ``text`` dataset's keys; set on other data they would be silently ignored, so they are refused."""
+    from benchkit.config import DataConfig
+    from benchkit.textdata import TOKENIZERS
+
+    d, default = cfg.data, DataConfig()
+    if d.name != "text":
+        for key in ("tokenizer", "context", "stride", "val_works", "test_works", "eval_subset"):
+            if getattr(d, key) != getattr(default, key):
+                yield f"data.{key}", (f"only applies to data.name 'text', but data.name is {d.name!r}; "
+                                      "remove it or use text data")
+        return
+    if d.tokenizer not in TOKENIZERS:
+        yield "data.tokenizer", _unknown("tokenizer", d.tokenizer, TOKENIZERS.names())
+    if d.context < 1:
+        yield "data.context", f"must be a positive number of tokens, got {d.context}"
+    elif d.stride is not None and not 1 <= d.stride <= d.context:
+        yield "data.stride", f"must be in [1, data.context={d.context}] tokens, got {d.stride}"
+    if d.eval_subset is not None and d.eval_subset < 2:
+        yield "data.eval_subset", f"must be >= 2 characters (one token scored needs two), got {d.eval_subset}"
+    for key in ("val_works", "test_works"):
+        if not getattr(d, key):
+            yield f"data.{key}", "must name at least one work (a title or file name) to hold out"
+
+
 # Built-in optimizers without a Nesterov variant (registered ones may read train.nesterov).
 IGNORE_NESTEROV = frozenset({"adam", "adamw"})
 

@@ -19,3 +19,13 @@ def test_masked_training_benchmark_runs_every_variant_and_gives_a_verdict():
     assert len(rows) == 6  # plain, masked by hand, train dense, train masked, prune hooks, plain again
     assert "2 steps/epoch" in r.stdout
     assert "benchkit.train masked / plain loop dense:" in r.stdout and "noise floor" in r.stdout
+
+
+def test_oneshot_benchmark_times_every_method_and_prints_the_ratio():
+    r = subprocess.run([sys.executable, "benchmarks/bench_oneshot.py", "--n-layer", "1", "--n-embd", "16",
+                        "--context", "8", "--samples", "4", "--batch", "2", "--repeats", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert [line.split("|")[1].strip() for line in r.stdout.splitlines() if line.startswith("| ") and "method" not in
+            line] == ["magnitude", "wanda", "sparsegpt"]
+    assert "sparsegpt / wanda: whole call" in r.stdout

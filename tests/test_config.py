@@ -195,10 +195,10 @@ def test_training_settings_that_apply_pass():
 
 # --------------------------------------------------------------------------------------------- review fixes
 def _old_hash(cfg: ExperimentConfig) -> str:
-    """The config hash as computed before imagefolder roots counted: every other config keeps it."""
-    from benchkit.config import NON_SEMANTIC_KEYS, stable_hash
+    """The config hash as computed before imagefolder roots and text keys counted: every other config keeps it."""
+    from benchkit.config import NON_SEMANTIC_KEYS, TEXT_KEYS, stable_hash
 
-    return stable_hash({k: v for k, v in cfg.flat().items() if k not in NON_SEMANTIC_KEYS})
+    return stable_hash({k: v for k, v in cfg.flat().items() if k not in NON_SEMANTIC_KEYS | TEXT_KEYS})
 
 
 def _image_folder(path: Path) -> Path:

@@ -212,10 +212,11 @@ def test_model_metrics_keys_order_and_types():
     assert list(m) == [
         "params_prunable", "nonzero_prunable", "compression_ratio", "sparsity", "params_total",
         "nonzero_total", "model_compression_ratio", "flops_dense", "flops_nonzero",
-        "theoretical_speedup", "flops_total_model", "size_bytes_dense", "size_bytes_sparse",
+        "theoretical_speedup", "flops_total_model", "flops_attention", "flops_nonprunable", "size_bytes_dense",
+        "size_bytes_sparse",
     ]  # unstructured mask: no dead channel, so no compacted_* figures
     ints = {"params_prunable", "nonzero_prunable", "params_total", "nonzero_total", "flops_dense",
-            "flops_total_model", "size_bytes_dense", "size_bytes_sparse"}
+            "flops_total_model", "flops_attention", "flops_nonprunable", "size_bytes_dense", "size_bytes_sparse"}
     for k, v in m.items():
         assert type(v) is (int if k in ints else float), k
 

@@ -6,6 +6,12 @@ channel count (e.g. ``resnet18`` on 1-channel Fashion-MNIST).
 loss takes one logits tensor (and the unused heads would be pruned and counted for nothing). They
 also get ``init_weights=True`` (torchvision's current default, passed so it does not warn) and
 ``transform_input=False`` (it rescales ImageNet-normalised RGB and would break other channel counts).
+
+Models with ``nn.MultiheadAttention`` (the ``vit_*`` family) have it replaced by
+:class:`benchkit.models.attention.SplitMultiheadAttention` — same weights and outputs, with ``q_proj``,
+``k_proj``, ``v_proj`` and ``out_proj`` Linear layers — so their attention is prunable by name
+(``encoder.layers.encoder_layer_0.self_attention.q_proj``). Their state dicts use those names, not
+torchvision's ``in_proj_weight`` (benchkit builds them untrained, ``weights=None``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+
+from benchkit.models.attention import split_attention
 
 # name -> constructor kwargs benchkit sets unless model.kwargs gives them (aux_logits must stay False)
 AUX_LOGITS_MODELS: dict[str, dict[str, Any]] = {
@@ -39,7 +47,7 @@ def build_torchvision(name: str, input_shape: tuple[int, int, int], num_classes:
         kwargs = {**AUX_LOGITS_MODELS[name], **kwargs}
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     adapt_first_conv(model, input_shape[0])
-    return model
+    return split_attention(model)
 
 
 def adapt_first_conv(model: nn.Module, in_channels: int) -> nn.Module:

@@ -75,3 +75,22 @@ def resolve_patterns(patterns: Iterable[str], names: Iterable[str], what: str) -
             )
         out.extend(h for h in hit if h not in out)
     return out
+
+
+def fused_attention(model: nn.Module) -> list[str]:
+    """Names of ``nn.MultiheadAttention`` modules: their q/k/v projections live in one ``in_proj_weight``
+    parameter that is no prunable layer, so pruning "every layer" would silently skip them."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+def refuse_fused_attention(model: nn.Module) -> None:
+    """Raise if the model holds ``nn.MultiheadAttention`` (see :func:`fused_attention`), naming the fix."""
+    names = fused_attention(model)
+    if names:
+        raise LayerSelectionError(
+            f"{type(model).__name__} has nn.MultiheadAttention at {', '.join(repr(n) or 'the root' for n in names)}: "
+            "its q, k and v projections are one in_proj_weight parameter, not prunable layers, and would be "
+            "silently left dense. Convert it first: benchkit.models.split_attention(model) gives the same outputs "
+            "with separate q_proj/k_proj/v_proj/out_proj Linear layers (torchvision models built by benchkit by "
+            "name are converted already)"
+        )
