@@ -126,6 +126,18 @@ class CollapseConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """The calibration inputs of one-shot methods that read activations (criteria ``wanda``, ``sparsegpt``;
+    allocation ``owl``): ``samples`` examples drawn with the run's seed from ``source`` — ``train`` (the
+    training split) or, for text, a folder of .txt files read with the run's tokenizer. Text examples are
+    windows of ``length`` tokens (default ``data.context``). Logged and hashed: the protocol is part of the result."""
+
+    samples: int = 128
+    length: int | None = None
+    source: str = "train"
+
+
+@dataclass
 class PruneConfig:
     """What is pruned, how, how much and when. The settings of one timing live in its own section
     ``prune.<timing>`` (``prune.post``, ``prune.during``, ``prune.lottery``, ...), declared beside the timing's
@@ -139,6 +151,7 @@ class PruneConfig:
     granularity: str = "element"  # element | N:M | vector | kernel | channel
     allocation: str = "global"  # global | uniform | uniform+ | er | erk | lamp | owl
     normalize: str = "auto"  # global ranking of groups: none | mean | max | l2 | lamp; auto = mean for groups
+    comparison: str = "auto"  # element scores compared per layer or per output row; auto = row for wanda
     compression: float | None = None  # ratio >= 1; None with no sparsity = 1 (dense) except lottery
     sparsity: float | None = None  # alternative to compression, in [0, 1)
     reduce: str = "l1"  # group score reduction: l1 | l2 | mean
@@ -148,10 +161,11 @@ class PruneConfig:
     score_batch_size: int = 100  # examples per batch for data-driven criteria (SNIP: one batch of 100)
     score_batches: int = 1
     iterations: int | None = None  # scoring iterations (SynFlow default 100, others 1)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
 
     def __post_init__(self) -> None:
-        for name in ("timing", "criterion", "granularity", "allocation", "normalize", "reduce"):
+        for name in ("timing", "criterion", "granularity", "allocation", "normalize", "comparison", "reduce"):
             setattr(self, name, _lower(getattr(self, name)))
         for name, cls in self.SECTIONS.items():
             if name not in self.__dict__:

@@ -29,6 +29,7 @@ from benchkit.data import known_shape, load_data
 from benchkit.latency import run_latency
 from benchkit.metrics import layer_metrics, model_metrics
 from benchkit.models import build_model
+from benchkit.pruning.criteria import CRITERIA
 from benchkit.pruning.granularity import GranularityError, get_granularity
 from benchkit.pruning.layers import LayerSelectionError, prunable_layers, resolve_patterns
 from benchkit.pruning.masks import get_masks
@@ -151,6 +152,11 @@ def check_layers(cfg: ExperimentConfig, shapes: dict[str, torch.Size]) -> None:
         raise ConfigError(f"prune.exclude: {p.exclude} excludes every prunable layer ({', '.join(names)}), so the "
                           "run would prune nothing and report compression 1; exclude fewer layers, or run the dense "
                           "baseline with prune.compression: 1")
+    if p.criterion in CRITERIA and (CRITERIA.get(p.criterion).calibrated or p.comparison == "row"):
+        conv = [n for n, shape in shapes.items() if n not in excluded and len(shape) != 2]
+        if conv:
+            raise ConfigError(f"prune.exclude: {p.criterion} prunes Linear layers (as the papers' code); exclude "
+                              f"the others: {conv}")
     granularity = get_granularity(p.granularity)
     problems = []
     for name, shape in shapes.items():  # e.g. N:M needs M to divide every pruned layer's input dim
@@ -198,7 +204,7 @@ def plan_preflight(cfg: ExperimentConfig, memo: dict[str, Any] | None = None) ->
         raise ConfigError(shapes)
     p = cfg.prune
     key = json.dumps([model_key, p.exclude, sorted(p.overrides), _section_patterns(cfg), p.granularity,
-                      prunes_anything(p)], default=str)
+                      prunes_anything(p), p.criterion, p.comparison], default=str)
     if key not in memo:
         try:
             check_layers(cfg, shapes)

@@ -294,3 +294,17 @@ class SlidingWindows:
             for row, w in enumerate(batch):
                 y[row, :length - w.scored] = IGNORE_INDEX
             yield x, y
+
+
+def external_tokens(folder: str | Path, bundle: object) -> Tensor:
+    """The .txt files of ``folder`` as one token stream in the run's tokenizer (``bundle.tokenizer``): a
+    calibration source other than the training text (Wanda and SparseGPT calibrate on C4, not on the text
+    they are evaluated on)."""
+    path = Path(folder).expanduser()
+    works = list_works(path) if path.is_dir() else []
+    if not works:
+        raise TextError(f"prune.calibration.source: {str(path)!r} is not a folder of .txt files; give one, or 'train'")
+    tokenizer = getattr(bundle, "tokenizer", None)
+    if tokenizer is None:
+        raise TextError("prune.calibration.source: a folder of text needs text data (data.name: text)")
+    return tokenizer.encode(read_text(works))

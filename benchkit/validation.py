@@ -106,6 +106,7 @@ def names(cfg: ExperimentConfig) -> Iterator[Problem]:
                                            " (prune.scope: layer is allocation: uniform)")
     if cfg.prune.normalize not in NORMALIZERS:
         yield "prune.normalize", _unknown("normalization", cfg.prune.normalize, list(NORMALIZERS))
+    yield from _comparison(cfg)
     if cfg.prune.reduce not in REDUCTIONS:
         yield "prune.reduce", _unknown("reduction", cfg.prune.reduce, list(REDUCTIONS))
     elif cfg.prune.criterion in CRITERIA:
@@ -120,6 +121,32 @@ def names(cfg: ExperimentConfig) -> Iterator[Problem]:
     if not DEVICE.match(str(cfg.device).lower()):
         yield "device", f"invalid device {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps"
     yield from _granularity(cfg)
+
+
+def _comparison(cfg: ExperimentConfig) -> Iterator[Problem]:
+    """Per-row comparison and the calibrated one-shot methods (wanda, sparsegpt) prune within each layer."""
+    p = cfg.prune
+    if p.comparison not in ("auto", "layer", "row"):
+        yield "prune.comparison", _unknown("comparison", p.comparison, ["auto", "layer", "row"])
+        return
+    if p.criterion not in CRITERIA:
+        return
+    crit = CRITERIA.get(p.criterion)
+    if not (crit.calibrated or p.comparison == "row"):
+        return
+    if p.comparison == "row" and p.criterion not in ("magnitude", "wanda", "sparsegpt"):
+        yield "prune.comparison", f"'row' is defined for magnitude, wanda and sparsegpt, not {p.criterion!r}"
+    if p.allocation in ALLOCATIONS and ALLOCATIONS.get(p.allocation).joint:
+        yield "prune.allocation", (f"{p.criterion} compares weights within each layer (row by row), so "
+                                   f"{p.allocation!r} (one ranking across layers) does not apply; use uniform (the "
+                                   "papers) or owl, or another per-layer allocation")
+    if p.granularity not in ("element",) and ":" not in str(p.granularity):
+        yield "prune.granularity", f"{p.criterion} prunes single weights or N:M groups, not {p.granularity!r}"
+    c = p.calibration
+    if c.samples < 1:
+        yield "prune.calibration.samples", f"must be >= 1, got {c.samples}"
+    if c.length is not None and c.length < 1:
+        yield "prune.calibration.length", f"must be >= 1 tokens, got {c.length}"
 
 
 def _granularity(cfg: ExperimentConfig) -> Iterator[Problem]:

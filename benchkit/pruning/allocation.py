@@ -8,7 +8,8 @@ An allocation is one of two kinds:
 * **per layer** — a density is chosen for each layer from the shapes (and, for ``owl``, calibration data),
   and each layer keeps its best groups up to that density: ``uniform`` (the same density everywhere),
   ``uniform+`` (first layer dense, output layer at most 80% sparse: Gale et al. 2019), ``er`` and ``erk``
-  (Erdős–Rényi(-Kernel): Mocanu et al. 2018, Evci et al. 2020).
+  (Erdős–Rényi(-Kernel): Mocanu et al. 2018, Evci et al. 2020), ``owl`` (outlier-weighted from calibration
+  activations: Yin et al. 2024).
 
 Densities are absolute (kept / total weights of the layer) and are solved for the *pruned set* — the layers
 neither excluded nor overridden (overrides keep their own compression on top, as in RigL's
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from benchkit.pruning.calibrated import owl_allocation
+from benchkit.pruning.layers import prunable_layers
 from benchkit.registry import Registry
 
 ALLOCATIONS: Registry[Callable[[], Allocation]] = Registry("allocation")
@@ -55,12 +58,21 @@ class LayerBudget:
         return self.kept / self.total
 
 
+@dataclass(frozen=True)
+class AllocationContext:
+    """What a data-driven allocation may read: the model and the calibration inputs."""
+
+    model: object = None  # nn.Module
+    calibration: object = None  # a tensor or a list of batches (see benchkit.pruning.calibrated)
+
+
 class Allocation:
     """Base class. Joint allocations rank all layers together (optionally transforming the group scores
     with :meth:`transform`); the others return per-layer densities from :meth:`densities`."""
 
     name: str = ""
     joint: bool = False
+    needs_data: bool = False  # densities read calibration activations (context.calibration)
 
     def densities(self, layers: list[LayerBudget], density: float, context: object = None) -> dict[str, float]:
         """Per-layer target density with ``Σ d_l · n_l = density · Σ n_l`` (none above a layer's current one)."""
@@ -156,6 +168,28 @@ class ErdosRenyiKernel(ErdosRenyi):
 
     name = "erk"
     include_kernel = True
+
+
+@ALLOCATIONS.register("owl")
+class OWL(Allocation):
+    """Outlier-weighted layer-wise sparsity (Yin et al. 2024; luuyin/OWL): blocks whose ``|W|·||X||`` has more
+    outliers (entries above ``threshold`` × the block's mean) keep more weights, within ±``lam`` of the target
+    density and with the target as the mean over blocks (:func:`benchkit.pruning.calibrated.owl_allocation`)."""
+
+    name = "owl"
+    needs_data = True
+    threshold = 5.0
+    lam = 0.08
+
+    def densities(self, layers, density, context=None):
+        if context is None or context.calibration is None:
+            raise AllocationError("allocation 'owl' weighs layers by their calibration activations: pass "
+                                  "batch= or loader= (calibration inputs) to prune()")
+        names = [x.name for x in layers]
+        excluded = [n for n in prunable_layers(context.model) if n not in names]
+        sparsity = owl_allocation(context.model, context.calibration, 1.0 - density, exclude=excluded,
+                                  threshold=self.threshold, lam=self.lam)
+        return {x.name: min(1.0 - sparsity[x.name], x.density) for x in layers}
 
 
 def erdos_renyi_scale(shape: tuple[int, ...], include_kernel: bool) -> float:

@@ -89,6 +89,11 @@ class Criterion:
     runs_model: bool = True
     signed: bool = False  # scores can be negative (GraSP): group them with a sign-keeping reduction
     default_iterations: int = 1
+    #: True for one-shot methods that prune layer by layer in sequence from calibration activations and may
+    #: update the surviving weights (Wanda, SparseGPT): the engine hands them to benchkit.pruning.calibrated
+    #: instead of asking for scores. ``comparison`` is their default comparison group (row or layer).
+    calibrated: bool = False
+    comparison: str = "layer"
 
     def __init__(self, seed: int | None = None):
         self.seed = seed
@@ -320,3 +325,33 @@ class Activation(Criterion):
             act = mean_act.reshape(groups, in_per_group).repeat_interleave(out_ch // groups, dim=0)
             out[n] = w.abs() * act.reshape(out_ch, in_per_group, *([1] * (w.dim() - 2)))
         return out
+
+
+class _Calibrated(Criterion):
+    """A one-shot method of :mod:`benchkit.pruning.calibrated`: it is not a score, so the engine hands it the
+    layers, their sparsities and the calibration inputs instead of calling :meth:`scores`."""
+
+    needs_data = True
+    calibrated = True
+
+    def scores(self, model, layers, data):
+        raise NotImplementedError(f"{self.name} prunes layer by layer from calibration activations: use "
+                                  "benchkit.prune (it calls benchkit.pruning.calibrated.prune_calibrated)")
+
+
+@CRITERIA.register("wanda")
+class Wanda(_Calibrated):
+    """|W_ij| · ||X_j||_2 over the calibration tokens, compared within each output row; no weight update
+    (Sun et al. 2024)."""
+
+    name = "wanda"
+    comparison = "row"
+
+
+@CRITERIA.register("sparsegpt")
+class SparseGPT(_Calibrated):
+    """Row-wise OBS reconstruction from each layer's calibration Hessian, which also updates the surviving
+    weights (Frantar & Alistarh 2023)."""
+
+    name = "sparsegpt"
+    comparison = "row"

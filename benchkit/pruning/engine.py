@@ -34,11 +34,13 @@ from torch import Tensor, nn
 from benchkit.pruning.allocation import (
     ALLOCATIONS,
     Allocation,
+    AllocationContext,
     AllocationError,
     LayerBudget,
     normalized,
     resolve_normalize,
 )
+from benchkit.pruning.calibrated import CalibrationError, prune_calibrated
 from benchkit.pruning.criteria import CRITERIA, Criterion, Magnitude, ScoringData
 from benchkit.pruning.granularity import (
     NM,
@@ -113,12 +115,18 @@ class PrunePlan:
     excluded: list[str]
     followers: dict[str, str] = field(default_factory=dict)  # layer -> following BatchNorm (channel)
     regrow: bool = False  # every weight a candidate again; masks replaced
+    comparison: str = "layer"  # element scores compared per layer (or per allocation unit) or per output row
     kept_outputs: list[str] = field(default_factory=list)  # output layers spared by a structured granularity
     tied: dict[str, list[str]] = field(default_factory=dict)  # layer -> other modules sharing its weight
 
     @property
     def scope_name(self) -> str:  # the old name of the allocation axis
         return self.allocation_name
+
+    @property
+    def calibrated(self) -> bool:
+        """Pruned by :mod:`benchkit.pruning.calibrated` (Wanda, SparseGPT, per-row magnitude), layer by layer."""
+        return self.criterion.calibrated or self.comparison == "row"
 
     @property
     def scored(self) -> list[str]:
@@ -218,9 +226,13 @@ def _criterion(criterion: str | Criterion | type[Criterion]) -> tuple[Criterion 
 def _scoring_data(batch, loader, loss_fn, score_batches, input_shape) -> ScoringData | None:
     if batch is not None and loader is not None:
         raise PruneError("give batch=(x, y) or loader=..., not both")
+    if torch.is_tensor(batch):  # inputs only (calibration windows of token ids, images): no labels
+        if batch.dim() == 0:
+            raise PruneError("batch must hold examples along its first dimension, got a scalar")
+        return ScoringData(batch=(batch, None), loss_fn=loss_fn, max_batches=score_batches, input_shape=input_shape)
     if batch is not None:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch)):
-            raise PruneError(f"batch must be a pair of tensors (x, y), got {type(batch).__name__}")
+            raise PruneError(f"batch must be a pair of tensors (x, y) or a tensor of inputs, got {type(batch).__name__}")
         batch = (batch[0], batch[1])
         if batch[0].dim() == 0 or batch[1].dim() == 0 or len(batch[0]) != len(batch[1]):
             raise PruneError(f"batch=(x, y) needs one label per example: x has shape {tuple(batch[0].shape)}, "
@@ -309,6 +321,7 @@ def plan_pruning(
     input_shape: tuple[int, ...] | None = None,
     keep_outputs: bool = True,
     regrow: bool = False,
+    comparison: str = "auto",
 ) -> PrunePlan:
     """Check every argument against ``model`` and return the plan; raises before any scoring."""
     if not isinstance(model, nn.Module):
@@ -327,6 +340,24 @@ def plan_pruning(
         normalize = resolve_normalize(str(normalize).lower(), alloc, single)
     except ValueError as e:
         raise PruneError(str(e)) from None
+    comparison = crit.comparison if str(comparison).lower() == "auto" else str(comparison).lower()
+    if comparison not in ("layer", "row"):
+        raise PruneError(f"unknown comparison {comparison!r}; allowed: auto, layer, row")
+    calibrated = crit.calibrated or comparison == "row"
+    if calibrated:
+        what = crit_name if crit.calibrated else f"{crit_name} with comparison='row'"
+        if crit_name not in ("magnitude", "wanda", "sparsegpt"):
+            raise PruneError(f"comparison='row' (per output row) is defined for magnitude, wanda and sparsegpt, not "
+                             f"{crit_name!r}")
+        if alloc.joint:
+            raise PruneError(f"{what} compares weights within each layer (row by row), so allocation "
+                             f"{alloc_name!r}, one ranking across layers, does not apply: use allocation 'uniform' "
+                             "(the papers) or 'owl' (or another per-layer allocation)")
+        if not isinstance(gran, (Element, NM)):
+            raise PruneError(f"{what} prunes single weights or N:M groups; granularity {gran.name!r} is not "
+                             "supported (use 'element' or e.g. '2:4')")
+        if regrow:
+            raise PruneError(f"{what} prunes once from calibration data; regrow=True does not apply")
     check_reduce(reduce)
     problem = signed_reduce_problem(crit_name, crit.signed, gran, reduce)
     if problem:
@@ -392,7 +423,12 @@ def plan_pruning(
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise PruneError(f"iterations must be an integer >= 1, got {iterations!r}")
     data = _scoring_data(batch, loader, loss_fn, score_batches, input_shape)
-    if crit.needs_data and (data is None or not data.has_examples):
+    if data is not None and data.batch is not None and data.batch[1] is None and crit.needs_data and not calibrated:
+        raise PruneError(f"criterion {crit_name!r} computes a loss and needs labels: pass batch=(x, y) or loader=...")
+    if (crit.needs_data or alloc.needs_data) and (data is None or not data.has_examples):
+        if not crit.needs_data:
+            raise PruneError(f"allocation {alloc_name!r} weighs layers by their activations: pass batch= or loader= "
+                             "(calibration inputs)")
         no_data = ", ".join(n for n in CRITERIA.names() if not CRITERIA.get(n).needs_data)
         raise PruneError(
             f"criterion {crit_name!r} needs data: pass batch=(x, y) or loader=... "
@@ -409,7 +445,8 @@ def plan_pruning(
     if not main and not override_of:
         why = " (the output layer is kept: keep_outputs)" if kept_outputs else ""
         raise PruneError(f"every prunable layer is excluded{why}: nothing to prune")
-    parts = _allocate(alloc, alloc_name, main, layers, names, comp, regrow, isinstance(gran, NM))
+    context = AllocationContext(model, _calibration(data) if alloc.needs_data else None)
+    parts = _allocate(alloc, alloc_name, main, layers, names, comp, regrow, isinstance(gran, NM), context)
     parts += [Part([n], c, "override") for n, c in override_of.items()]
 
     # feasibility (from shapes and current masks only)
@@ -436,6 +473,7 @@ def plan_pruning(
         regrow=regrow,
         kept_outputs=kept_outputs,
         tied=tied_layers(model),
+        comparison=comparison,
     )
     if gran.masks_following:  # only affine BatchNorms have entries to mask
         plan.followers = {
@@ -444,8 +482,22 @@ def plan_pruning(
     return plan
 
 
+def _calibration(data: ScoringData | None) -> list | None:
+    """The inputs of the scoring/calibration batches (what calibrated methods and OWL read), or None."""
+    if data is None or not data.has_examples:
+        return None
+    if data.batch is not None:
+        return [data.batch[0]]
+    out = []
+    for item in data.loader:  # batches of inputs, or (inputs, targets, ...) as loaders yield
+        if len(out) >= data.max_batches:
+            break
+        out.append(item if torch.is_tensor(item) else item[0])
+    return out
+
+
 def _allocate(alloc: Allocation, name: str, main: list[str], layers: dict[str, nn.Module], order: list[str],
-              comp: float, regrow: bool, n_m: bool) -> list[Part]:
+              comp: float, regrow: bool, n_m: bool, context: AllocationContext | None = None) -> list[Part]:
     """The allocation's selection units for the pruned set ``main`` at ``comp`` (relative to its survivors):
     one joint part, or one part per layer with the compression that takes it to its allocated density."""
     if not main:
@@ -456,8 +508,8 @@ def _allocate(alloc: Allocation, name: str, main: list[str], layers: dict[str, n
     kept, total = sum(b.kept for b in budgets), sum(b.total for b in budgets)
     target = kept / total / comp  # overall density of the pruned set after this call
     try:
-        densities = alloc.densities(budgets, target)
-    except AllocationError as e:
+        densities = alloc.densities(budgets, target, context)
+    except (AllocationError, CalibrationError) as e:
         raise PruneError(str(e)) from None
     parts = []
     for b in budgets:
@@ -666,6 +718,7 @@ def prune(
     input_shape: tuple[int, ...] | None = None,
     keep_outputs: bool = True,
     regrow: bool = False,
+    comparison: str = "auto",
 ) -> PruneReport:
     """Prune ``model`` in place (masks held by ``torch.nn.utils.prune``) and report what was done.
 
@@ -676,8 +729,14 @@ def prune(
     (``auto``: ``mean`` for groups of several weights under ``global``, else ``none``); ``overrides`` maps
     layer names/globs to their own compression; ``exclude`` leaves layers untouched; ``keep_outputs`` spares
     the output layer's units under structured granularities. ``loss_fn(logits, y)`` defaults to
-    cross-entropy. ``score_batches`` batches of ``loader`` are scored (``batch`` is one batch).
-    ``input_shape`` (one example) serves data-free SynFlow."""
+    cross-entropy. ``score_batches`` batches of ``loader`` are scored (``batch`` is one batch; a tensor of
+    inputs without labels serves the methods that need no loss). ``input_shape`` (one example) serves data-free
+    SynFlow.
+
+    ``criterion="wanda" | "sparsegpt"`` (and ``comparison="row"``, magnitude per output row) prune one shot
+    from calibration inputs (``batch``/``loader``), layer by layer in sequence — each layer's inputs come from
+    the model whose earlier layers are already pruned — with a per-layer allocation (``uniform`` as in the
+    papers, or ``owl``); SparseGPT also updates the surviving weights (:mod:`benchkit.pruning.calibrated`)."""
     t0 = time.perf_counter()
     plan = plan_pruning(
         model,
@@ -701,13 +760,42 @@ def prune(
         input_shape=input_shape,
         keep_outputs=keep_outputs,
         regrow=regrow,
+        comparison=comparison,
     )
+    if plan.calibrated:
+        return _prune_calibrated(model, plan, t0)
     masks, before = compute_masks(model, plan)
     if plan.regrow:
         set_masks(model, masks)
     else:
         apply_masks(model, masks)
     return build_report(plan, masks, before, time.perf_counter() - t0)
+
+
+def _prune_calibrated(model: nn.Module, plan: PrunePlan, t0: float) -> PruneReport:
+    """Hand the plan's layers and their absolute sparsities to :func:`prune_calibrated`."""
+    before = {n: count(m) if (m := _alive(plan.layers[n])) is not None else param_value(plan.layers[n], "weight").numel()
+              for n in plan.scored}
+    nm = isinstance(plan.granularity, NM)
+    per_layer = {}
+    for part in plan.parts:
+        for n in part.names:
+            total = param_value(plan.layers[n], "weight").numel()
+            per_layer[n] = 0.0 if nm else max(0.0, 1.0 - before[n] / total / part.compression)
+    exclude = [n for n in plan.layers if n not in per_layer]
+    method = plan.criterion_name if plan.criterion.calibrated else "magnitude"
+    calibration = _calibration(plan.data) if plan.criterion.needs_data else None
+    try:
+        report = prune_calibrated(model, method, per_layer_sparsities=None if nm else per_layer,
+                                  granularity=plan.granularity.name, calibration=calibration, exclude=exclude,
+                                  comparison=plan.comparison, sparsity=None if nm else 0.0)
+    except CalibrationError as e:
+        raise PruneError(str(e)) from None
+    masks = dict(report.masks)
+    out = build_report(plan, masks, before, time.perf_counter() - t0)
+    out.notes.append(f"{method}: {'block by block' if report.blockwise else 'layer by layer'} on "
+                     f"{report.calibration.get('samples', 0)} calibration samples")
+    return out
 
 
 def _units_alive(module: nn.Module, mask: Tensor | None) -> int:

@@ -41,14 +41,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchkit.cache import DenseCache, DenseEntry, dense_key_material
-from benchkit.config import ExperimentConfig, PruneConfig, register_section, stable_hash
+from benchkit.config import ConfigError, ExperimentConfig, PruneConfig, register_section, stable_hash
 from benchkit.models import build_model
+from benchkit.pruning.allocation import ALLOCATIONS
+from benchkit.pruning.criteria import CRITERIA
 from benchkit.pruning.engine import PruneReport, prune
 from benchkit.pruning.granularity import get_granularity
 from benchkit.pruning.layers import prunable_layers, resolve_patterns
 from benchkit.pruning.masks import get_masks, plain_state_dict
 from benchkit.registry import Registry
 from benchkit.seeding import make_generator, seed_everything
+from benchkit.textdata import external_tokens, random_windows
 from benchkit.training import History, evaluate, train
 
 TIMINGS: Registry[type[Timing]] = Registry("timing")
@@ -177,14 +180,34 @@ class RunContext:
     def scoring_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """``score_batches`` training batches of ``score_batch_size`` for data-driven criteria, drawn
         with a generator seeded from the run seed (same seed → same batches → same masks)."""
-        from benchkit.pruning.criteria import CRITERIA
-
         p = self.cfg.prune
         if not _needs_data(CRITERIA.get(p.criterion)):
             return None
         loader = DataLoader(self.data.train.dataset, batch_size=p.score_batch_size, shuffle=True,
                             generator=make_generator(self.cfg.seed))
         return [(x.to(self.device), y.to(self.device)) for x, y in itertools.islice(loader, p.score_batches)]
+
+    def calibration_inputs(self) -> list[torch.Tensor]:
+        """``prune.calibration.samples`` inputs for the one-shot methods that read activations (Wanda,
+        SparseGPT, OWL), drawn with a generator seeded from the run seed: for text, windows of
+        ``calibration.length`` tokens (default ``data.context``) at random starts of the training text (or of
+        the .txt files of ``calibration.source``), as both papers sample their calibration set; for images,
+        random training examples. In batches of at most 32."""
+        c = self.cfg.prune.calibration
+        generator = make_generator(phase_seed(self.cfg.seed, "calibration"))
+        if self.data.task == "language_model":
+            length = c.length or self.cfg.data.context
+            tokens = self.data.train.tokens if c.source == "train" else external_tokens(c.source, self.data)
+            x = random_windows(tokens, c.samples, length, generator)
+            self.resolved.update({"prune.calibration.length": length})
+        else:
+            if c.source != "train":
+                raise ConfigError(f"prune.calibration.source: {c.source!r} — image data calibrates on 'train' only")
+            dataset = self.data.train.dataset
+            rows = torch.randperm(len(dataset), generator=generator)[: c.samples]
+            x = torch.stack([dataset[int(i)][0] for i in rows])
+        self.resolved.update({"prune.calibration.samples": int(x.shape[0])})
+        return [chunk.to(self.device) for chunk in x.split(32)]
 
     def prune(self, model: nn.Module, compression: float | None, overrides: dict[str, float] | None = None,
               *, criterion: str | None = None, allocation: str | None = None, seed: int | None = None,
@@ -193,8 +216,14 @@ class RunContext:
         call leaves (nearly) collapsed are reported (``prune.collapse``), or refused when it is strict."""
         p = self.cfg.prune
         criterion = criterion or p.criterion
-        batches = self.scoring_batches() if criterion == p.criterion else None
+        crit, alloc = CRITERIA.get(criterion), ALLOCATIONS.get(allocation or p.allocation)
         data_kw: dict[str, Any] = {"input_shape": tuple(self.data.input_shape)}  # data-free SynFlow
+        if criterion == p.criterion and _needs_data(crit) and not crit.calibrated:
+            batches = self.scoring_batches()  # (x, y) pairs: a loss is computed (OWL reads their inputs)
+        elif crit.calibrated or alloc.needs_data:
+            batches = self.calibration_inputs()
+        else:
+            batches = None
         if batches:
             data_kw.update(loader=batches, score_batches=len(batches))
         if compression is None and not is_n_m(p.granularity):
@@ -205,7 +234,7 @@ class RunContext:
                            allocation=allocation or p.allocation, normalize=p.normalize, exclude=list(p.exclude),
                            overrides=dict(p.overrides if overrides is None else overrides), reduce=p.reduce,
                            iterations=p.iterations, seed=self.cfg.seed if seed is None else seed,
-                           keep_outputs=p.keep_outputs, regrow=regrow, **data_kw)
+                           keep_outputs=p.keep_outputs, regrow=regrow, comparison=p.comparison, **data_kw)
         model.train(was_training)
         self.note_report(report)
         return report
