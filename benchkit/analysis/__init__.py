@@ -20,6 +20,9 @@ from benchkit.analysis.figures import (
 )
 from benchkit.analysis.references import HAN2015_LENET5, HAN2015_LENET300, lth_lenet300_percent_remaining
 from benchkit.analysis.runs import (
+    RENAMED_PARAMS,
+    RENAMED_VALUES,
+    current_param,
     load_artifact_table,
     load_history,
     load_layers,
@@ -34,10 +37,13 @@ from benchkit.analysis.tables import save_table, summary_table, to_markdown
 
 __all__ = [
     "HAN2015_LENET300",
+    "RENAMED_PARAMS",
+    "RENAMED_VALUES",
     "HAN2015_LENET5",
     "STRATEGY_COLUMNS",
     "aggregate",
     "axis_label",
+    "current_param",
     "describe_strategy",
     "load_artifact_table",
     "load_history",
