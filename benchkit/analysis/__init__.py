@@ -5,6 +5,8 @@
 >>> agg = ba.aggregate(runs)                             # mean / std / n over seeds per strategy
 >>> fig = ba.plot_tradeoffs(runs, y="test_acc1")        # vs compression ratio and speedup
 >>> ba.save_table(ba.summary_table(agg, ["test_acc1"], scale={"test_acc1": 100}), "results/q.md")
+
+The study notebooks (notebooks/NN_name.py) write their tables, figures and findings through :class:`Study`.
 """
 
 from benchkit.analysis.aggregate import STRATEGY_COLUMNS, aggregate, strategy_columns
@@ -33,6 +35,7 @@ from benchkit.analysis.runs import (
     parse_param,
     runs_frame,
 )
+from benchkit.analysis.studies import Study
 from benchkit.analysis.tables import save_table, summary_table, to_markdown
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "RENAMED_VALUES",
     "HAN2015_LENET5",
     "STRATEGY_COLUMNS",
+    "Study",
     "aggregate",
     "axis_label",
     "current_param",
