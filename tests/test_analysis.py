@@ -474,3 +474,59 @@ def test_summary_table_prints_mean_pm_std(runs):
     assert row["top-1 (%)"] == f"{mean:.2f} ± {std:.2f}" and row["n"] == 2
     with pytest.raises(KeyError, match="aggregate"):
         ba.summary_table(agg, ["val_acc5"])
+
+
+# --------------------------------------------------------------------------------------------- study helpers
+def test_study_provenance_counts_statuses_and_turns_partial_and_failed_runs_into_findings(store, tmp_path, capsys):
+    study = ba.Study(SWEEP, store.uri, tmp_path / "out", notebook="01_strategies.py")
+    row = study.provenance().iloc[0]
+    # build_store: 18 finished, one FAILED (seed 7) and one still RUNNING (seed 8)
+    assert (row["finished"], row["failed"], row["unfinished"]) == (18, 1, 1)
+    assert row["seeds"] == " ".join(map(str, SEEDS)) and row["span (min)"] >= 0
+    partial, failed = study.findings
+    assert partial.startswith("PARTIAL: 1 run(s) of 'fake-strategies' were not finished")
+    # the failed run's values where they are not the finished runs' (3 criteria × scopes × compressions);
+    # seed left out, names as today's config spells them
+    assert failed == ("1 FAILED run(s) of 'fake-strategies' are in the store and left out of every table (tracebacks: "
+                      "their traceback.txt artifact); their settings: prune.allocation = global; prune.compression = "
+                      "2.0; prune.criterion = magnitude.")
+    assert partial in capsys.readouterr().out  # a finding is printed where it is made
+    empty = ba.Study(SWEEP, store.uri, tmp_path / "x")
+    empty.runs = lambda status=None: ba.load_runs(SWEEP, tracking_uri=store.uri, status="FAILED")
+    with pytest.raises(RuntimeError, match=r"no FINISHED runs of 'fake-strategies'.*run the sweep first"):
+        empty.provenance()
+
+
+def test_study_writes_tables_figures_and_findings_into_its_output(store, runs, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    uri = f"sqlite:///{repo / 'results' / 'mlflow.db'}"
+    study = ba.Study("strategies", uri, repo / "results" / "strategies", notebook="01_strategies.py", repo=repo)
+    assert study.output.is_dir()  # made on creation
+    table = pd.DataFrame({"strategy": ["a", "b"], "acc": [0.123456789, 0.5]})
+    study.publish(table, "accuracy", floatfmt=".3f")
+    assert_frame_equal(pd.read_csv(study.output / "accuracy.csv"), table)  # full precision
+    assert [r.split() for r in (study.output / "accuracy.md").read_text().splitlines()[2:]] == [
+        ["|", "a", "|", "0.123", "|"], ["|", "b", "|", "0.500", "|"]]
+    study.show(ba.plot_tradeoff(runs), "tradeoff")
+    assert (study.output / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    study.finding("First sentence.")
+    study.finding("Second sentence.")
+    text = study.write_findings().read_text().splitlines()
+    assert text == ["# Findings: strategies", "",
+                    "Computed by `notebooks/01_strategies.py` from `sqlite:///results/mlflow.db` (experiment "
+                    "`strategies`; store path relative to the repository root).", "",
+                    "- First sentence.", "- Second sentence."]
+    elsewhere = ba.Study("strategies", store.uri, tmp_path / "o", notebook="n.py", repo=repo)
+    assert elsewhere.store_label() == store.uri  # a store outside the repository keeps its full URI
+
+
+def test_study_layer_tables_names_runs_without_artifacts(store, runs, tmp_path, capsys):
+    study = ba.Study(SWEEP, store.uri, tmp_path / "out")
+    chosen = runs[(runs.compression == 8.0) & (runs.seed == 0)]
+    failed = ba.load_runs(SWEEP, tracking_uri=store.uri, status="FAILED")  # logged no layers.csv
+    tables = study.layer_tables(pd.concat([chosen, failed]), lambda r: f"{r['criterion']} {r['allocation']}")
+    assert set(tables) == {f"{c} {ALLOCATION[s]}" for c, s in STRATEGIES}
+    for t in tables.values():
+        assert list(t["layer"]) == [n for n, _ in LAYERS] and t["run_id"].nunique() == 1
+    assert f"no layers.csv for run {store.failed_id}" in capsys.readouterr().out
