@@ -295,8 +295,23 @@ def test_masked_model_stays_masked_through_momentum_and_weight_decay(optimizer):
     assert type(model.fc1._forward_pre_hooks[next(iter(model.fc1._forward_pre_hooks))]) is prune.CustomFromMask
 
 
+class Drifting(torch.optim.Optimizer):
+    """An optimiser of the user's own that moves every entry, zero gradient or not (a stand-in for update
+    rules that are not elementwise in the gradient): only re-masking after its step keeps pruned weights at 0."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad + 0.01 * p.grad.norm(), alpha=-group["lr"])
+
+
 # Optimisers under test, with settings that would move a zero weight if anything could: weight decay and
-# momentum everywhere they exist. RMSprop and Adagrad are not in benchkit's registry.
+# momentum everywhere they exist. RMSprop, Adagrad and Drifting are not in benchkit's registry.
 EXACT_OPTIMISERS = {  # name: (lr, factory); train sets the group's lr, the reference loop keeps it
     "sgd momentum": (0.05, lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)),
     "sgd nesterov, weight decay": (0.05, lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True,
@@ -305,6 +320,7 @@ EXACT_OPTIMISERS = {  # name: (lr, factory); train sets the group's lr, the refe
     "adamw": (1e-2, lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1)),
     "rmsprop": (1e-3, lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, momentum=0.5, weight_decay=1e-3)),
     "adagrad": (0.05, lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, weight_decay=1e-3)),
+    "a custom optimiser that moves every entry": (0.05, lambda ps, lr: Drifting(ps, lr)),
 }
 PRUNE_AT, REGROW_AT = 4, 7  # steps after which the events below happen
 
