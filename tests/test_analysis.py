@@ -119,37 +119,45 @@ def test_current_param_translates_old_names_and_scope_values(old, value, new, ne
     assert ba.current_param(old, value) == (new, new_value)
 
 
-def test_old_and_new_param_names_read_back_under_the_new_names(store, tmp_path):
+# Params as the committed results store logged them, before the config rework renamed them.
+OLD_PARAMS = {"prune.scope": "layer", "prune.rounds": "3", "prune.lr_rewind": "True", "prune.finetune.epochs": "2",
+              "prune.finetune.lr": "0.01", "prune.distill.temperature": "4.0", "prune.schedule.every": "5",
+              "prune.schedule.soft": "False", "prune.criterion": "magnitude", "prune.granularity": "element",
+              "prune.timing": "post", "prune.compression": "4.0", "model.name": "lenet300", "data.name": "digits",
+              "seed": "0"}
+NEW_NAMES = {"prune.scope": "prune.allocation", "prune.rounds": "prune.post.rounds",
+             "prune.lr_rewind": "prune.post.lr_rewind", "prune.finetune.epochs": "prune.post.finetune.epochs",
+             "prune.finetune.lr": "prune.post.finetune.lr", "prune.distill.temperature": "prune.post.distill.temperature",
+             "prune.schedule.every": "prune.during.every", "prune.schedule.soft": "prune.during.soft"}
+
+
+def test_old_and_new_param_names_read_back_under_the_new_names(tmp_path):
     """The committed results store logged `prune.scope`, `prune.finetune.*`, ...; stores written after the
     config rework log `prune.allocation`, `prune.post.finetune.*`, ... One experiment holding a run of
     each reads back as one frame with the new names only, values as logged (scope's mapped)."""
-    logged = MlflowClient(store.uri).get_run(store.run_ids[("magnitude", "layer", 4.0, 0)]).data.params
-    old_names = {k for k in logged if ba.current_param(k, None)[0] != k}
-    assert {"prune.scope", "prune.rounds", "prune.lr_rewind", "prune.finetune.epochs", "prune.schedule.every"} <= old_names
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("mixed")
-    new = {ba.current_param(k, ba.parse_param(v))[0]: str(ba.current_param(k, ba.parse_param(v))[1])
-           for k, v in logged.items()}
-    for params in (logged, new):
+    new = {NEW_NAMES.get(k, k): v for k, v in OLD_PARAMS.items()} | {"prune.allocation": "uniform"}
+    for params in (OLD_PARAMS, new):
         run_id = client.create_run(exp).info.run_id
         for k, v in params.items():
             client.log_param(run_id, k, v)
         client.log_metric(run_id, "test_acc1", 0.5)
         client.set_terminated(run_id)
     runs = ba.load_runs("mixed", tracking_uri=uri)
-    assert len(runs) == 2 and not old_names & set(runs.columns)
+    assert len(runs) == 2 and not set(NEW_NAMES) & set(runs.columns)
     assert runs["allocation"].tolist() == runs["prune.allocation"].tolist() == ["uniform", "uniform"]
-    for key in ("prune.post.rounds", "prune.post.lr_rewind", "prune.post.finetune.epochs", "prune.during.every"):
-        old = next(k for k in old_names if ba.current_param(k, None)[0] == key)
-        assert runs[key].tolist() == [ba.parse_param(logged[old])] * 2, key
+    for old, key in NEW_NAMES.items():
+        if old != "prune.scope":
+            assert runs[key].tolist() == [ba.parse_param(OLD_PARAMS[old])] * 2, key
     assert ba.strategy_columns(runs) == ["model", "data", "timing", "criterion", "granularity", "allocation",
                                          "compression"]  # the two runs are one strategy
 
 
 def test_load_runs_filter_and_several_experiments(store):
-    layer = ba.load_runs(SWEEP, tracking_uri=store.uri, filter_string="params.`prune.scope` = 'layer'")
-    assert len(layer) == len(COMPRESSIONS) * len(SEEDS) and set(layer["allocation"]) == {"uniform"}
+    rnd = ba.load_runs(SWEEP, tracking_uri=store.uri, filter_string="params.`prune.criterion` = 'random'")
+    assert len(rnd) == len(COMPRESSIONS) * len(SEEDS) and set(rnd["criterion"]) == {"random"}
     both = ba.load_runs([SWEEP, LOTTERY], tracking_uri=store.uri)
     assert both.groupby("experiment").size().to_dict() == {SWEEP: 18, LOTTERY: len(SEEDS)}
     assert "experiment" in ba.strategy_columns(both)  # two sweeps are never averaged together
