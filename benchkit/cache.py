@@ -2,8 +2,8 @@
 one dense network.
 
 An entry is keyed by a hash of everything that determines the trained weights (data, model and
-training configs, seed, determinism, device type, torch threads, a hash of the source files that
-train a dense model (:func:`dense_source_hash`) and :data:`TRAINER_VERSION`). The key material
+training configs, seed, determinism, device type, torch threads, a hash of the source the dense path
+runs (:data:`DENSE_SOURCE`, :func:`dense_source_hash`) and :data:`TRAINER_VERSION`). The key material
 is stored inside the entry and compared on load, so a hash collision or a stale entry is retrained,
 never served. Writers hold a per-key file lock (a second run with the same key waits, then hits)
 and write to a temporary file that :func:`os.replace` moves into place atomically.
@@ -11,10 +11,10 @@ and write to a temporary file that :func:`os.replace` moves into place atomicall
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
-import importlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,17 +27,26 @@ from filelock import FileLock
 
 from benchkit.config import ExperimentConfig, non_semantic_keys, root_is_dataset, stable_hash
 
-# Code changes in the files of DENSE_SOURCE_MODULES invalidate entries by themselves (their source is
-# hashed into the key). Bump this for changes elsewhere that alter a dense model's numbers.
+# Code changes in DENSE_SOURCE invalidate entries by themselves (their source is hashed into the key).
+# Bump this for changes elsewhere that alter a dense model's numbers.
 TRAINER_VERSION = 1
 CACHE_FORMAT = 1
 
-# Modules whose source determines a dense model (the dense path: experiment → RunContext.dense →
-# build_model / fit / train / evaluate, the data pipeline, seeding, plain_state_dict), plus every
-# module of these packages.
-DENSE_SOURCE_MODULES = ("benchkit.training", "benchkit.tasks", "benchkit.data", "benchkit.textdata",
-                        "benchkit.seeding", "benchkit.timing.base", "benchkit.pruning.masks")
-DENSE_SOURCE_PACKAGES = ("benchkit.models",)
+# The source the dense path runs (experiment -> RunContext.dense -> build_model / fit / train / evaluate, the
+# data pipeline, seeding, plain_state_dict), as paths relative to the package: a module or package folder is
+# hashed whole, ``file:Qual.name`` hashes one function or class of a module that holds more. Left out on
+# purpose: code that acts only on masks (benchkit/masked_training.py, get_masks), which the dense path calls
+# but which does nothing without masks (tests/test_training.py checks it), so editing masked training or
+# pruning never retrains cached dense models. tests/test_cache.py traces a dense training and fails on any
+# benchkit function it runs that is neither listed here nor exempt.
+DENSE_SOURCE = (
+    "training.py", "tasks.py", "data.py", "textdata.py", "seeding.py", "models/",
+    "timing/base.py:RunContext.build_model", "timing/base.py:RunContext.fit", "timing/base.py:RunContext.reseed",
+    "timing/base.py:RunContext.evaluate", "timing/base.py:RunContext.evaluate_splits",
+    "timing/base.py:RunContext.dense", "timing/base.py:phase_seed", "timing/base.py:CaptureWeights",
+    "pruning/masks.py:plain_state_dict", "config.py:stable_hash",
+)
+PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
 def cache_root(cfg: ExperimentConfig) -> Path:
@@ -91,25 +100,51 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def dense_source_files() -> list[Path]:
-    """The source files of :data:`DENSE_SOURCE_MODULES` and of every module in
-    :data:`DENSE_SOURCE_PACKAGES`, found through the imported modules' ``__file__``."""
-    files = [Path(importlib.import_module(name).__file__) for name in DENSE_SOURCE_MODULES]
-    for name in DENSE_SOURCE_PACKAGES:
-        files += sorted(Path(importlib.import_module(name).__file__).parent.glob("*.py"))
-    return sorted(set(files))
+def dense_sources(root: Path = PACKAGE_ROOT) -> dict[str, str]:
+    """``{label: source text}`` of every :data:`DENSE_SOURCE` entry under the package folder ``root`` (files
+    are parsed, not imported, so a copy of the package can be hashed too)."""
+    out: dict[str, str] = {}
+    for entry in DENSE_SOURCE:
+        path, _, qualname = entry.partition(":")
+        target = root / path
+        if target.is_dir():
+            for file in sorted(target.glob("*.py")):
+                out[file.relative_to(root).as_posix()] = file.read_text()
+        elif qualname:
+            out[entry] = _definition(target, qualname, entry)
+        else:
+            out[path] = target.read_text()
+    return out
+
+
+def _definition(file: Path, qualname: str, entry: str) -> str:
+    """The source lines of ``qualname`` (decorators included) in ``file``."""
+    text = file.read_text()
+    body: list[ast.stmt] = ast.parse(text).body
+    node: ast.AST | None = None
+    for part in qualname.split("."):
+        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                     and n.name == part), None)
+        if node is None:
+            raise LookupError(f"benchkit/cache.py DENSE_SOURCE names {entry!r}, which {file.name} does not define: "
+                              "update the list to what the dense path runs now")
+        body = node.body
+    first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+    return "\n".join(text.splitlines()[first - 1: node.end_lineno])
+
+
+def source_hash(sources: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for label in sorted(sources):
+        h.update(label.encode() + b"\0" + sources[label].encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
 @functools.cache
 def dense_source_hash() -> str:
-    """sha256 over the dense-path source files (name relative to the package, and contents), read
-    once per process: editing any of them makes every earlier entry a miss."""
-    package_root = Path(importlib.import_module("benchkit").__file__).parent
-    h = hashlib.sha256()
-    for path in dense_source_files():
-        h.update(path.relative_to(package_root).as_posix().encode() + b"\0")
-        h.update(path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    """:func:`source_hash` of the installed package's :func:`dense_sources`, read once per process: editing
+    any of them makes every earlier entry a miss."""
+    return source_hash(dense_sources())
 
 
 @dataclass

@@ -192,6 +192,11 @@ class PruneConfig:
         return self.__dict__.get(self.timing)
 
 
+#: The timings benchkit ships. Their sections register when :mod:`benchkit.timing` is imported (the config
+#: sits below the timings and imports none); the name alone lets a too-early read say what to import.
+BUILT_IN_TIMINGS = frozenset({"pre", "during", "post", "lottery", "dynamic"})
+
+
 def register_section(timing: str, cls: type) -> type:
     """Declare ``cls`` (a dataclass) as the settings of ``timing``: it becomes ``prune.<timing>`` in every
     config. Called by :func:`benchkit.timing.base.register_timing`; a plugin timing gets its section this way."""
@@ -377,14 +382,10 @@ def rename_legacy(d: dict[str, Any], lines: dict[str, int] | None = None) -> dic
     return d
 
 
-_WARNED: set[str] = set()
-
-
 def _warn_renamed(old: str, new: str) -> None:
-    if old not in _WARNED:
-        _WARNED.add(old)
-        warnings.warn(f"config key {old!r} is now {new!r} (read as such; update the file to silence this)",
-                      FutureWarning, stacklevel=4)
+    """Python's warning filter shows each distinct message once per process."""
+    warnings.warn(f"config key {old!r} is now {new!r} (read as such; update the file to silence this)",
+                  FutureWarning, stacklevel=4)
 
 
 # Keys that never change a run's numbers: where it is written, how it is displayed, its labels.
@@ -626,6 +627,12 @@ def _build(cls: type, d: Any, prefix: str, lines: dict[str, int]):
     names = {f.name for f in dataclasses.fields(cls)}
     sections: dict[str, type] = getattr(cls, "SECTIONS", {})  # PruneConfig: the timings' own sections
     unknown = [k for k in d if k not in names and k not in sections]
+    unregistered = [k for k in unknown if sections is PruneConfig.SECTIONS and k in BUILT_IN_TIMINGS]
+    if unregistered:
+        key = prefix + str(unregistered[0])
+        raise ConfigError(f"{key}{where(key, lines)} is the settings section of timing {unregistered[0]!r}, which "
+                          "registers it when benchkit.timing is imported: read configs with benchkit.load_config "
+                          "(or use benchkit.ExperimentConfig), or import benchkit.timing first")
     if unknown:
         key = prefix + str(unknown[0])
         allowed = sorted(names | set(sections))

@@ -105,26 +105,42 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float]]], *, xlabel: s
     return _svg(width, height, body, title)
 
 
+ROW = 16  # px per bar: above the 11 px label font, so labels never overlap however many bars
+CHAR = 6.2  # px per character of an 11 px label, roughly (DejaVu Sans)
+MAX_LABEL = 40  # characters; longer labels keep their end ("…layer4.2.conv3")
+
+
 def bar_chart(labels: Sequence[str], values: Sequence[float], *, ylabel: str, title: str | None = None,
-              ymax: float | None = None, height: int = 280) -> str:
-    """Vertical bars with their values on top and the labels below, rotated when long."""
-    width = max(320, 60 + 40 * len(labels))
+              ymax: float | None = None, width: int = 560) -> str:
+    """Horizontal bars, one row per label from top to bottom, with the values at the bar ends.
+
+    The chart grows downward by ``ROW`` px per bar and keeps its width, so 54 layers of a ResNet read as
+    well as 3 of LeNet (side by side they became a strip that MLflow's viewer shrank to a blur).
+    ``ylabel`` names the value axis (horizontal here), ``ymax`` its end (default: the largest value).
+    """
+    names = [str(s) if len(str(s)) <= MAX_LABEL else "…" + str(s)[-(MAX_LABEL - 1):] for s in labels]
     top = max([v for v in values if math.isfinite(v)] or [1.0])
-    yt = nice_ticks(0.0, ymax if ymax is not None else top)
-    longest = max((len(str(s)) for s in labels), default=1)
-    bottom = 24 + (int(min(longest, 30) * 4.6) if longest > 6 else 0)  # rotated labels need room
-    f = _Frame(width, height, (0.0, float(len(labels))), (0.0, yt[-1]), (56, 12, 26 if title else 10, bottom))
-    body = _y_axis(f, yt, ylabel)
-    slot = f.px(1) - f.px(0)
-    for i, (label, v) in enumerate(zip(labels, values)):
-        x = f.px(i) + 0.15 * slot
+    xt = nice_ticks(0.0, ymax if ymax is not None else top)
+    left = 12 + int(CHAR * max((len(n) for n in names), default=1))
+    head = 26 if title else 10
+    height = head + ROW * len(names) + 40
+    right = 40  # room for the value right of a full-length bar
+    f = _Frame(width, height, (0.0, xt[-1]), (float(len(names)), 0.0), (left, right, head, 40))
+    body = []
+    for t in xt:
+        x = f.px(t)
+        body.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{f.top}" y2="{height - f.bottom}" stroke="#ddd"/>')
+        body.append(f'<text x="{x:.1f}" y="{height - f.bottom + 14}" text-anchor="middle">{_fmt(t)}</text>')
+    body.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 8}" text-anchor="middle">'
+                f'{escape(ylabel)}</text>')
+    body.append(f'<rect x="{left}" y="{f.top}" width="{width - left - right}" height="{height - f.top - f.bottom}" '
+                'fill="none" stroke="#333"/>')
+    for i, (name, v) in enumerate(zip(names, values)):
+        y0, mid = f.py(i) + 0.15 * ROW, f.py(i + 0.5)
         if math.isfinite(v):
-            y = f.py(v)
-            body.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{0.7 * slot:.1f}" '
-                        f'height="{f.py(0) - y:.1f}" fill="{COLORS[0]}"/>')
-            body.append(f'<text x="{x + 0.35 * slot:.1f}" y="{y - 3:.1f}" text-anchor="middle" font-size="9">'
-                        f'{v:.3g}</text>')
-        cx, cy = f.px(i + 0.5), height - bottom + 12
-        rotate = f' transform="rotate(-40 {cx:.1f} {cy})" text-anchor="end"' if longest > 6 else ' text-anchor="middle"'
-        body.append(f'<text x="{cx:.1f}" y="{cy}"{rotate}>{escape(str(label))}</text>')
+            x1 = f.px(v)
+            body.append(f'<rect x="{left}" y="{y0:.1f}" width="{x1 - left:.1f}" height="{0.7 * ROW:.1f}" '
+                        f'fill="{COLORS[0]}"/>')
+            body.append(f'<text x="{x1 + 3:.1f}" y="{mid + 3:.1f}" font-size="9">{v:.3g}</text>')
+        body.append(f'<text x="{left - 5}" y="{mid + 4:.1f}" text-anchor="end">{escape(name)}</text>')
     return _svg(width, height, body, title)

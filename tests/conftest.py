@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import benchkit.timing  # noqa: F401  the timings' config sections (prune.post, ...), as bk.load_config does
+
 REPO = Path(__file__).resolve().parents[1]
 
 

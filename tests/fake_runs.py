@@ -118,7 +118,8 @@ def build_store(root: Path, *, with_lottery: bool = True) -> FakeStore:
     for criterion, scope in STRATEGIES:
         for compression in COMPRESSIONS:
             for seed in SEEDS:
-                cfg = ExperimentConfig.from_dict(base, {"prune.criterion": criterion, "prune.scope": scope,
+                allocation = {"layer": "uniform"}.get(scope, scope)
+                cfg = ExperimentConfig.from_dict(base, {"prune.criterion": criterion, "prune.allocation": allocation,
                                                         "prune.compression": compression, "seed": seed})
                 metrics = {
                     "compression_ratio": achieved(compression, seed),

@@ -40,6 +40,11 @@ from pandas.testing import assert_frame_equal
 
 from benchkit import analysis as ba
 
+# The fake store logs today's config, whose `prune.scope` (global | layer) reads back as `allocation`
+# (global | uniform): the name of the fake's strategy for an allocation.
+SCOPE = {"global": "global", "uniform": "layer"}
+ALLOCATION = {v: k for k, v in SCOPE.items()}
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -90,16 +95,69 @@ def test_load_runs_types_and_values(store, runs):
     assert all(v == [] for v in runs["prune.exclude"])  # a list, not the string "[]"
     assert all(v is None for v in runs["data.train_subset"])
     for row in runs.itertuples(index=False):
-        key = (row.criterion, row.scope, row.compression, row.seed)
+        key = (row.criterion, SCOPE[row.allocation], row.compression, row.seed)
         assert store.run_ids[key] == row.run_id
         assert row.test_acc1 == pytest.approx(final_acc(*key))
         assert row.compression_ratio == pytest.approx(achieved(row.compression, row.seed))
         assert row.config_hash and row.run_name
 
 
+@pytest.mark.parametrize("old, value, new, new_value", [
+    ("prune.scope", "layer", "prune.allocation", "uniform"),
+    ("prune.scope", "global", "prune.allocation", "global"),
+    ("prune.rounds", 3, "prune.post.rounds", 3),
+    ("prune.lr_rewind", True, "prune.post.lr_rewind", True),
+    ("prune.finetune.epochs", 2, "prune.post.finetune.epochs", 2),
+    ("prune.distill.temperature", 4.0, "prune.post.distill.temperature", 4.0),
+    ("prune.schedule.every", 5, "prune.during.every", 5),
+    ("prune.schedule.soft", False, "prune.during.soft", False),
+    ("prune.criterion", "taylor", "prune.criterion", "taylor"),  # not renamed
+    ("prune.finetuned", 1, "prune.finetuned", 1),  # a prefix match needs the dot
+    ("prune.allocation", "layer", "prune.allocation", "layer"),  # the value map belongs to the old key
+])
+def test_current_param_translates_old_names_and_scope_values(old, value, new, new_value):
+    assert ba.current_param(old, value) == (new, new_value)
+
+
+# Params as the committed results store logged them, before the config rework renamed them.
+OLD_PARAMS = {"prune.scope": "layer", "prune.rounds": "3", "prune.lr_rewind": "True", "prune.finetune.epochs": "2",
+              "prune.finetune.lr": "0.01", "prune.distill.temperature": "4.0", "prune.schedule.every": "5",
+              "prune.schedule.soft": "False", "prune.criterion": "magnitude", "prune.granularity": "element",
+              "prune.timing": "post", "prune.compression": "4.0", "model.name": "lenet300", "data.name": "digits",
+              "seed": "0"}
+NEW_NAMES = {"prune.scope": "prune.allocation", "prune.rounds": "prune.post.rounds",
+             "prune.lr_rewind": "prune.post.lr_rewind", "prune.finetune.epochs": "prune.post.finetune.epochs",
+             "prune.finetune.lr": "prune.post.finetune.lr", "prune.distill.temperature": "prune.post.distill.temperature",
+             "prune.schedule.every": "prune.during.every", "prune.schedule.soft": "prune.during.soft"}
+
+
+def test_old_and_new_param_names_read_back_under_the_new_names(tmp_path):
+    """The committed results store logged `prune.scope`, `prune.finetune.*`, ...; stores written after the
+    config rework log `prune.allocation`, `prune.post.finetune.*`, ... One experiment holding a run of
+    each reads back as one frame with the new names only, values as logged (scope's mapped)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mixed")
+    new = {NEW_NAMES.get(k, k): v for k, v in OLD_PARAMS.items()} | {"prune.allocation": "uniform"}
+    for params in (OLD_PARAMS, new):
+        run_id = client.create_run(exp).info.run_id
+        for k, v in params.items():
+            client.log_param(run_id, k, v)
+        client.log_metric(run_id, "test_acc1", 0.5)
+        client.set_terminated(run_id)
+    runs = ba.load_runs("mixed", tracking_uri=uri)
+    assert len(runs) == 2 and not set(NEW_NAMES) & set(runs.columns)
+    assert runs["allocation"].tolist() == runs["prune.allocation"].tolist() == ["uniform", "uniform"]
+    for old, key in NEW_NAMES.items():
+        if old != "prune.scope":
+            assert runs[key].tolist() == [ba.parse_param(OLD_PARAMS[old])] * 2, key
+    assert ba.strategy_columns(runs) == ["model", "data", "timing", "criterion", "granularity", "allocation",
+                                         "compression"]  # the two runs are one strategy
+
+
 def test_load_runs_filter_and_several_experiments(store):
-    layer = ba.load_runs(SWEEP, tracking_uri=store.uri, filter_string="params.`prune.scope` = 'layer'")
-    assert len(layer) == len(COMPRESSIONS) * len(SEEDS) and set(layer["scope"]) == {"layer"}
+    rnd = ba.load_runs(SWEEP, tracking_uri=store.uri, filter_string="params.`prune.criterion` = 'random'")
+    assert len(rnd) == len(COMPRESSIONS) * len(SEEDS) and set(rnd["criterion"]) == {"random"}
     both = ba.load_runs([SWEEP, LOTTERY], tracking_uri=store.uri)
     assert both.groupby("experiment").size().to_dict() == {SWEEP: 18, LOTTERY: len(SEEDS)}
     assert "experiment" in ba.strategy_columns(both)  # two sweeps are never averaged together
@@ -126,7 +184,7 @@ def test_aggregate_matches_hand_computed_mean_std_n(runs):
     assert len(agg) == len(STRATEGIES) * len(COMPRESSIONS)
     assert "seed" not in agg and set(agg["n"]) == {len(SEEDS)}
     for row in agg.itertuples(index=False):
-        accs = [final_acc(row.criterion, row.scope, row.compression, s) for s in SEEDS]
+        accs = [final_acc(row.criterion, SCOPE[row.allocation], row.compression, s) for s in SEEDS]
         mean, std = _mean_std(accs)
         assert row.test_acc1_mean == pytest.approx(mean)
         assert row.test_acc1_std == pytest.approx(std)  # sample std (ddof=1): 0.01/sqrt(2)
@@ -158,10 +216,10 @@ def test_tradeoff_figure_draws_aggregated_means_with_bands_and_baseline(runs):
     assert ax.get_ylabel() == "Test top-1 accuracy (%)"
     assert ax.get_title()
     lines = _strategy_lines(ax)
-    assert set(lines) == {f"{c} · {s}" for c, s in STRATEGIES}
+    assert set(lines) == {f"{c} · {ALLOCATION[s]}" for c, s in STRATEGIES}
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == len(STRATEGIES)
-    for (criterion, scope), line in zip(STRATEGIES, (lines[f"{c} · {s}"] for c, s in STRATEGIES)):
+    for (criterion, scope), line in zip(STRATEGIES, (lines[f"{c} · {ALLOCATION[s]}"] for c, s in STRATEGIES)):
         xs = [statistics.mean(achieved(r, s) for s in SEEDS) for r in COMPRESSIONS]
         ys = [100 * statistics.mean(final_acc(criterion, scope, r, s) for s in SEEDS) for r in COMPRESSIONS]
         np.testing.assert_allclose(line.get_xdata(), xs)
@@ -169,7 +227,7 @@ def test_tradeoff_figure_draws_aggregated_means_with_bands_and_baseline(runs):
     # each band spans mean ± std in y
     band_y = bands[0].get_paths()[0].vertices[:, 1]
     half = 100 * 0.01 / math.sqrt(2)
-    first = lines[f"{STRATEGIES[0][0]} · {STRATEGIES[0][1]}"].get_ydata()
+    first = lines[f"{STRATEGIES[0][0]} · {ALLOCATION[STRATEGIES[0][1]]}"].get_ydata()
     assert band_y.max() == pytest.approx(first.max() + half) and band_y.min() == pytest.approx(first.min() - half)
     (dense,) = [ln for ln in ax.get_lines() if ln.get_label() == "dense"]
     assert dense.get_ydata()[0] == pytest.approx(100 * statistics.mean(dense_acc1(s) for s in SEEDS))
@@ -181,7 +239,7 @@ def test_tradeoffs_speedup_panel_uses_theoretical_speedup(runs):
     assert len(fig.axes) == 2
     ax = fig.axes[1]
     assert ax.get_xlabel().startswith("Theoretical speedup") and ax.xaxis.get_transform().base == 2
-    line = _strategy_lines(ax)["magnitude · layer"]
+    line = _strategy_lines(ax)["magnitude · uniform"]
     np.testing.assert_allclose(line.get_xdata(),
                                [statistics.mean(speedup("layer", r, s) for s in SEEDS) for r in COMPRESSIONS])
 
@@ -193,15 +251,110 @@ def test_layer_density_bars_from_artifact_beside_reference(store):
     assert {"layer", "type", "shape", "params", "nonzero", "density", "flops", "flops_nonzero", "speedup"} <= set(layers)
     fig = ba.plot_layer_density({"global 8×": layers}, ba.HAN2015_LENET300, reference_label="Han et al. 2015")
     (ax,) = fig.axes
-    assert ax.get_ylabel() == "Density (% of weights kept)" and ax.get_xlabel() == "Layer"
+    assert ax.get_xlabel() == "Density (% of weights kept)" and ax.get_ylabel() == "Layer"
     ours, ref = ax.containers
-    assert [b.get_height() for b in ours] == pytest.approx([100 * density(i, 8.0) for i in range(len(LAYERS))])
-    assert [b.get_height() for b in ref] == pytest.approx([8, 9, 26])
-    assert [t.get_text() for t in ax.get_xticklabels()] == [n for n, _ in LAYERS]
+    assert [b.get_width() for b in ours] == pytest.approx([100 * density(i, 8.0) for i in range(len(LAYERS))])
+    assert [b.get_width() for b in ref] == pytest.approx([8, 9, 26])
+    assert [t.get_text() for t in ax.get_yticklabels()] == [n for n, _ in LAYERS]
+    assert ours[0].get_y() < ours[-1].get_y() and ax.yaxis_inverted()  # first layer on top
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["global 8×", "Han et al. 2015"]
     with pytest.raises(KeyError, match=r"reference layers \['conv1', 'conv2'\] are not among"):
         ba.plot_layer_density(layers, ba.HAN2015_LENET5)
     with pytest.raises(FileNotFoundError, match="no artifact 'nope.csv'.*layers.csv"):
         ba.load_artifact_table(run_id, "nope.csv", tracking_uri=store.uri)
+
+
+def _draw(fig) -> None:
+    """Lay the figure out as saving it would (figures are built without pyplot: give them a canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+
+
+def _extents(fig, artists):
+    renderer = fig.canvas.get_renderer()
+    return [a.get_window_extent(renderer) for a in artists]
+
+
+def _overlaps(boxes) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+
+
+@pytest.mark.parametrize("series", [1, 3])
+def test_layer_density_of_a_54_layer_model_grows_with_the_layers_and_no_label_overlaps(series):
+    """A ResNet-sized table: the figure is BAR_INCHES tall per bar, so when drawn no two layer names and no
+    two value labels overlap, and every bar is thicker than its value label is tall."""
+    names = [f"layer{i // 10}.{i % 10}.conv{i % 3 + 1}" for i in range(54)]
+    g = np.random.default_rng(0)
+    tables = {f"run {k}": pd.DataFrame({"layer": names, "density": g.uniform(0.01, 1, 54)}) for k in range(series)}
+    fig = ba.plot_layer_density(tables, log=True)
+    assert fig.get_figheight() >= 54 * series * ba.figures.BAR_INCHES / 0.8
+    small = ba.plot_layer_density(pd.DataFrame({"layer": names[:3], "density": [1.0, 0.5, 0.1]}))
+    assert small.get_figheight() < fig.get_figheight() / 3  # a 3-layer model stays small
+    _draw(fig)
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log"
+    ticks = [t for t in ax.get_yticklabels() if t.get_text()]
+    assert [t.get_text() for t in ticks] == names
+    assert _overlaps(_extents(fig, ticks)) == []
+    values = [t for t in ax.texts if t.get_text()]
+    assert len(values) == 54 * series and _overlaps(_extents(fig, values)) == []
+    bar_px = min(b.get_window_extent().height for c in ax.containers for b in c)
+    assert bar_px >= max(box.height for box in _extents(fig, values))
+    if series > 1:
+        assert len(fig.legends[0].get_texts()) == series
+        axes_box, legend_box = ax.get_window_extent(), fig.legends[0].get_window_extent()
+        assert legend_box.y0 >= axes_box.y1  # above the bars, hiding none of them
+
+
+def _eighteen_strategies() -> pd.DataFrame:
+    rows = []
+    criteria, allocations = ["magnitude", "taylor", "random", "snip", "grasp", "synflow"], ["global", "uniform", "erk"]
+    for i, (c, a) in enumerate((c, a) for c in criteria for a in allocations):
+        for compression in (2.0, 4.0, 8.0, 16.0):
+            for seed in SEEDS:
+                rows.append({"model": "lenet300", "data": "digits", "criterion": c, "allocation": a,
+                             "compression": compression, "seed": seed, "compression_ratio": compression,
+                             "theoretical_speedup": compression * (1 + 0.05 * i), "dense_test_acc1": 0.96,
+                             "test_acc1": 0.95 - 0.004 * i * math.log2(compression) + 0.01 * seed})
+    return pd.DataFrame(rows)
+
+
+def test_tradeoff_of_18_strategies_has_distinct_styles_and_one_legend_beside_the_panels():
+    """6 criteria × 3 allocations: colour by criterion, marker and dash by allocation, so every strategy is
+    its own line; one legend for both panels, outside them, fully inside the figure."""
+    runs = _eighteen_strategies()
+    fig = ba.plot_tradeoffs(runs, "test_acc1")
+    narrow = ba.plot_tradeoffs(runs[runs["criterion"] == "magnitude"], "test_acc1")
+    assert fig.get_figwidth() > narrow.get_figwidth()  # the legend gets room, the panels keep theirs
+    panels = fig.axes
+    assert len(panels) == 2 and all(ax.get_legend() is None for ax in panels)
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert len(labels) == 19 and labels[-1] == "dense" and len(set(labels)) == 19
+    for ax in panels:
+        lines = [ln for ln in ax.get_lines() if ln.get_label() != "dense"]
+        assert len(lines) == 18
+        styles = {(ln.get_color(), ln.get_marker(), ln.get_linestyle()) for ln in lines}
+        assert len(styles) == 18
+        by_criterion = {}
+        for ln in lines:
+            criterion, allocation = ln.get_label().split(" · ")
+            by_criterion.setdefault(criterion, set()).add(ln.get_color())
+            assert ln.get_marker() == {ln2.get_label().split(" · ")[1]: ln2.get_marker()
+                                       for ln2 in lines if ln2.get_label().startswith("magnitude")}[allocation]
+        assert all(len(colors) == 1 for colors in by_criterion.values())
+        assert len({next(iter(c)) for c in by_criterion.values()}) == 6
+    _draw(fig)
+    box, figure_box = legend.get_window_extent(), fig.bbox
+    assert all(not box.overlaps(ax.get_window_extent()) for ax in panels)
+    assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1 + 1 and box.y0 >= figure_box.y0 - 1
+
+
+def test_line_styles_are_unique_for_many_strategies_of_one_column():
+    keys = [(f"s{i}",) for i in range(25)]
+    styles = ba.figures.line_styles(keys)
+    assert len({(str(s["color"]), s["marker"], s["linestyle"]) for s in styles.values()}) == 25
 
 
 def test_an_empty_csv_artifact_reads_as_an_empty_table(tmp_path):
@@ -263,7 +416,7 @@ def test_lottery_levels_and_figure(store):
 
 
 def test_training_curves_from_metric_history(store, runs):
-    chosen = runs[(runs.criterion == "magnitude") & (runs.scope == "global") & (runs.compression == 4.0)]
+    chosen = runs[(runs.criterion == "magnitude") & (runs.allocation == "global") & (runs.compression == 4.0)]
     hist = ba.load_history(chosen, "val_acc1", tracking_uri=store.uri)
     assert set(hist["phase"]) == {"dense", "finetune_r1"} and set(hist["metric"]) == {"val_acc1"}
     assert len(hist) == len(SEEDS) * 2 * 3
@@ -324,8 +477,64 @@ def test_csv_and_markdown_files_round_trip(runs, tmp_path):
 def test_summary_table_prints_mean_pm_std(runs):
     agg = ba.aggregate(runs, metrics=["test_acc1"])
     table = ba.summary_table(agg, ["test_acc1"], scale={"test_acc1": 100}, labels={"test_acc1": "top-1 (%)"})
-    row = table[(table.criterion == "magnitude") & (table.scope == "layer") & (table.compression == 4.0)].iloc[0]
+    row = table[(table.criterion == "magnitude") & (table.allocation == "uniform") & (table.compression == 4.0)].iloc[0]
     mean, std = _mean_std([100 * final_acc("magnitude", "layer", 4.0, s) for s in SEEDS])
     assert row["top-1 (%)"] == f"{mean:.2f} ± {std:.2f}" and row["n"] == 2
     with pytest.raises(KeyError, match="aggregate"):
         ba.summary_table(agg, ["val_acc5"])
+
+
+# --------------------------------------------------------------------------------------------- study helpers
+def test_study_provenance_counts_statuses_and_turns_partial_and_failed_runs_into_findings(store, tmp_path, capsys):
+    study = ba.Study(SWEEP, store.uri, tmp_path / "out", notebook="01_strategies.py")
+    row = study.provenance().iloc[0]
+    # build_store: 18 finished, one FAILED (seed 7) and one still RUNNING (seed 8)
+    assert (row["finished"], row["failed"], row["unfinished"]) == (18, 1, 1)
+    assert row["seeds"] == " ".join(map(str, SEEDS)) and row["span (min)"] >= 0
+    partial, failed = study.findings
+    assert partial.startswith("PARTIAL: 1 run(s) of 'fake-strategies' were not finished")
+    # the failed run's values where they are not the finished runs' (3 criteria × scopes × compressions);
+    # seed left out, names as today's config spells them
+    assert failed == ("1 FAILED run(s) of 'fake-strategies' are in the store and left out of every table (tracebacks: "
+                      "their traceback.txt artifact); their settings: prune.allocation = global; prune.compression = "
+                      "2.0; prune.criterion = magnitude.")
+    assert partial in capsys.readouterr().out  # a finding is printed where it is made
+    empty = ba.Study(SWEEP, store.uri, tmp_path / "x")
+    empty.runs = lambda status=None: ba.load_runs(SWEEP, tracking_uri=store.uri, status="FAILED")
+    with pytest.raises(RuntimeError, match=r"no FINISHED runs of 'fake-strategies'.*run the sweep first"):
+        empty.provenance()
+
+
+def test_study_writes_tables_figures_and_findings_into_its_output(store, runs, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    uri = f"sqlite:///{repo / 'results' / 'mlflow.db'}"
+    study = ba.Study("strategies", uri, repo / "results" / "strategies", notebook="01_strategies.py", repo=repo)
+    assert study.output.is_dir()  # made on creation
+    table = pd.DataFrame({"strategy": ["a", "b"], "acc": [0.123456789, 0.5]})
+    study.publish(table, "accuracy", floatfmt=".3f")
+    assert_frame_equal(pd.read_csv(study.output / "accuracy.csv"), table)  # full precision
+    assert [r.split() for r in (study.output / "accuracy.md").read_text().splitlines()[2:]] == [
+        ["|", "a", "|", "0.123", "|"], ["|", "b", "|", "0.500", "|"]]
+    study.show(ba.plot_tradeoff(runs), "tradeoff")
+    assert (study.output / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    study.finding("First sentence.")
+    study.finding("Second sentence.")
+    text = study.write_findings().read_text().splitlines()
+    assert text == ["# Findings: strategies", "",
+                    "Computed by `notebooks/01_strategies.py` from `sqlite:///results/mlflow.db` (experiment "
+                    "`strategies`; store path relative to the repository root).", "",
+                    "- First sentence.", "- Second sentence."]
+    elsewhere = ba.Study("strategies", store.uri, tmp_path / "o", notebook="n.py", repo=repo)
+    assert elsewhere.store_label() == store.uri  # a store outside the repository keeps its full URI
+
+
+def test_study_layer_tables_names_runs_without_artifacts(store, runs, tmp_path, capsys):
+    study = ba.Study(SWEEP, store.uri, tmp_path / "out")
+    chosen = runs[(runs.compression == 8.0) & (runs.seed == 0)]
+    failed = ba.load_runs(SWEEP, tracking_uri=store.uri, status="FAILED")  # logged no layers.csv
+    tables = study.layer_tables(pd.concat([chosen, failed]), lambda r: f"{r['criterion']} {r['allocation']}")
+    assert set(tables) == {f"{c} {ALLOCATION[s]}" for c, s in STRATEGIES}
+    for t in tables.values():
+        assert list(t["layer"]) == [n for n, _ in LAYERS] and t["run_id"].nunique() == 1
+    assert f"no layers.csv for run {store.failed_id}" in capsys.readouterr().out

@@ -192,3 +192,15 @@ def test_snip_scores_every_scoring_batch():
     first = bk.prune(build(), compression=3, criterion="snip", loader=batches, score_batches=1).masks
     assert all(torch.equal(two[k], one_big[k]) for k in two)
     assert any(not torch.equal(two[k], first[k]) for k in two)
+
+
+def test_reading_a_config_before_the_timings_are_imported_says_what_to_do():
+    import subprocess
+    import sys
+
+    code = ("from benchkit.config import ExperimentConfig\n"
+            "try:\n    ExperimentConfig.from_dict({'prune': {'lottery': {'levels': 2}}})\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ConfigError prune.lottery is the settings section of timing 'lottery'" in out.stdout, out.stderr
+    assert "benchkit.load_config" in out.stdout

@@ -38,9 +38,34 @@ def test_line_chart_maps_points_into_the_frame():
     assert "b <&>" in [t.text for t in svg.iter(f"{NS}text")]  # escaped in the file, intact when parsed
 
 
-def test_bar_chart_heights_are_proportional_and_nan_is_left_out():
+def test_bar_chart_lengths_are_proportional_and_nan_is_left_out():
     svg = ET.fromstring(svgplot.bar_chart(["fc1", "fc2", "fc3"], [1.0, 0.25, math.nan], ylabel="density", ymax=1.0))
+    frame = svg.findall(f"{NS}rect")[1]
     bars = svg.findall(f"{NS}rect")[2:]
     assert len(bars) == 2  # the NaN layer has a label but no bar
-    h = [float(b.get("height")) for b in bars]
-    assert h[1] / h[0] == pytest.approx(0.25, rel=1e-2)
+    w = [float(b.get("width")) for b in bars]
+    assert w[1] / w[0] == pytest.approx(0.25, rel=1e-2)
+    assert w[0] == pytest.approx(float(frame.get("width")), abs=0.1)  # 1.0 spans the axis
+    assert [t.text for t in svg.iter(f"{NS}text")][-3:] == ["0.25", "fc2", "fc3"]
+
+
+def test_bar_chart_of_54_layers_grows_downward_with_one_readable_row_per_layer():
+    """A ResNet's 54 layers: fixed width, height growing by ROW px per layer, every label in its own row
+    (rows ROW px apart, larger than the 11 px font), long names shortened from the left."""
+    names = [f"layer{i // 10}.{i % 10}.conv{i % 3 + 1}" for i in range(54)] + ["x" * 60]
+    few = ET.fromstring(svgplot.bar_chart(names[:3], [0.5] * 3, ylabel="density", ymax=1.0, title="t"))
+    many = ET.fromstring(svgplot.bar_chart(names, [0.5] * len(names), ylabel="density", ymax=1.0, title="t"))
+    assert many.get("width") == few.get("width")
+    assert int(many.get("height")) - int(few.get("height")) == svgplot.ROW * (len(names) - 3)
+    bars = many.findall(f"{NS}rect")[2:]
+    assert len(bars) == len(names)
+    tops = [float(b.get("y")) for b in bars]
+    assert all(b - a == pytest.approx(svgplot.ROW) for a, b in zip(tops, tops[1:]))  # one row each, in order
+    assert all(float(b.get("height")) < svgplot.ROW for b in bars)
+    labels = [t for t in many.iter(f"{NS}text") if t.get("text-anchor") == "end"]
+    assert [t.text for t in labels][:54] == names[:54]
+    ys = [float(t.get("y")) for t in labels]
+    assert min(b - a for a, b in zip(ys, ys[1:])) >= svgplot.ROW > 11  # the font size: no two labels overlap
+    assert labels[-1].text == "…" + "x" * (svgplot.MAX_LABEL - 1)
+    frame = many.findall(f"{NS}rect")[1]
+    assert float(frame.get("x")) >= svgplot.CHAR * svgplot.MAX_LABEL  # the label column fits the longest name

@@ -5,6 +5,8 @@
 >>> agg = ba.aggregate(runs)                             # mean / std / n over seeds per strategy
 >>> fig = ba.plot_tradeoffs(runs, y="test_acc1")        # vs compression ratio and speedup
 >>> ba.save_table(ba.summary_table(agg, ["test_acc1"], scale={"test_acc1": 100}), "results/q.md")
+
+The study notebooks (notebooks/NN_name.py) write their tables, figures and findings through :class:`Study`.
 """
 
 from benchkit.analysis.aggregate import STRATEGY_COLUMNS, aggregate, strategy_columns
@@ -20,6 +22,9 @@ from benchkit.analysis.figures import (
 )
 from benchkit.analysis.references import HAN2015_LENET5, HAN2015_LENET300, lth_lenet300_percent_remaining
 from benchkit.analysis.runs import (
+    RENAMED_PARAMS,
+    RENAMED_VALUES,
+    current_param,
     load_artifact_table,
     load_history,
     load_layers,
@@ -30,14 +35,19 @@ from benchkit.analysis.runs import (
     parse_param,
     runs_frame,
 )
+from benchkit.analysis.studies import Study
 from benchkit.analysis.tables import save_table, summary_table, to_markdown
 
 __all__ = [
     "HAN2015_LENET300",
+    "RENAMED_PARAMS",
+    "RENAMED_VALUES",
     "HAN2015_LENET5",
     "STRATEGY_COLUMNS",
+    "Study",
     "aggregate",
     "axis_label",
+    "current_param",
     "describe_strategy",
     "load_artifact_table",
     "load_history",

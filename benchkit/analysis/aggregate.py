@@ -15,10 +15,10 @@ from benchkit.analysis.runs import CONFIG_COLUMNS, metric_columns, param_columns
 from benchkit.config import NON_SEMANTIC_KEYS, root_is_dataset
 
 # The sweep axes, in the order a reader scans a table.
-STRATEGY_COLUMNS = ("model", "data", "timing", "criterion", "granularity", "scope", "compression")
+STRATEGY_COLUMNS = ("model", "data", "timing", "criterion", "granularity", "allocation", "compression")
 # Params that never make two runs different strategies.
 SEED_KEYS = frozenset({"seed"})
-_ALIASED = frozenset({"prune.criterion", "prune.granularity", "prune.scope", "prune.timing", "model.name",
+_ALIASED = frozenset({"prune.criterion", "prune.granularity", "prune.allocation", "prune.timing", "model.name",
                       "data.name", "prune.compression", "prune.sparsity"})
 
 

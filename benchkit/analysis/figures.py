@@ -42,6 +42,11 @@ _SPLITS = {"val": "Validation", "test": "Test", "train": "Training", "dense_val"
 _ACCURACY = re.compile(r"acc\d*$")
 BRANCH_LABELS = {TICKET: "winning ticket", "reinit": "random reinitialisation", "random": "random pruning"}
 BRANCH_STYLES = {TICKET: "-", "reinit": "--", "random": ":"}
+# Line styles for many strategies: colour tells the first hue column's values apart, marker and dash the
+# rest, so 18 strategies (6 criteria × 3 allocations) are 18 distinguishable lines.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+DASHES = ("-", "--", ":", "-.")
+LEGEND_INSIDE = 6  # more entries than this go beside the panels, where they hide no data
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -77,7 +82,7 @@ def describe_strategy(values: Mapping[str, object]) -> str:
     """Legend text of one strategy: 'magnitude · global' (named params show as key=value)."""
     parts = []
     for col, v in values.items():
-        if col in {"criterion", "granularity", "scope", "timing", "model", "data", "experiment", "phase", "run_id"}:
+        if col in {"criterion", "granularity", "allocation", "timing", "model", "data", "experiment", "phase", "run_id"}:
             parts.append(str(v))
         else:
             parts.append(f"{col.rsplit('.', 1)[-1]}={v}")
@@ -113,12 +118,54 @@ def _hue(runs: pd.DataFrame, hue: Sequence[str] | None, exclude: Sequence[str]) 
 def _groups(agg: pd.DataFrame, hue: list[str]):
     """(label, rows) per strategy, in a stable order."""
     if not hue:
-        shared = {c: agg[c].iloc[0] for c in ("criterion", "granularity", "scope", "timing") if c in agg}
+        shared = {c: agg[c].iloc[0] for c in ("criterion", "granularity", "allocation", "timing") if c in agg}
         yield describe_strategy(shared), agg
         return
     for key, rows in agg.groupby(hue, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         yield describe_strategy(dict(zip(hue, key))), rows
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def line_styles(keys: Sequence[tuple]) -> dict[tuple, dict[str, object]]:
+    """``{key: {color, marker, linestyle}}`` for strategy keys (tuples of hue values), unique per key: the
+    first value picks the colour, the remaining values the marker and dash. One hue column: colours (tab10,
+    or tab20 past 10), and markers and dashes change with each round of the palette."""
+    keys = list(dict.fromkeys(keys))
+    firsts = list(dict.fromkeys(k[0] if k else None for k in keys))
+    rests = list(dict.fromkeys(k[1:] for k in keys))
+    styles = {}
+    if len(rests) > 1:
+        colors = _colors(len(firsts))
+        for k in keys:
+            j = rests.index(k[1:])
+            styles[k] = {"color": colors[firsts.index(k[0])], "marker": MARKERS[j % len(MARKERS)],
+                         "linestyle": DASHES[(j // len(MARKERS) + j) % len(DASHES)]}
+    else:
+        colors = _colors(len(keys))
+        palette = 10 if len(keys) <= 10 else 20
+        for i, k in enumerate(keys):
+            turn = i // palette
+            styles[k] = {"color": colors[i], "marker": MARKERS[turn % len(MARKERS)],
+                         "linestyle": DASHES[turn % len(DASHES)]}
+    return styles
+
+
+def _legend_outside(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for all panels, beside them (constrained layout makes room), in as many columns as keep
+    it no taller than the figure allows; the panels' own legends are dropped."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    rows = max(1, int(fig.get_figheight() * 72 / 14))  # small font: ~14 pt per entry
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small", ncols=-(-len(labels) // rows))
 
 
 def _baseline(runs: pd.DataFrame, column: str) -> float:
@@ -161,13 +208,17 @@ def plot_tradeoff(
         baseline = f"dense_{y}" if f"dense_{y}" in runs and runs[f"dense_{y}"].notna().any() else None
     k = percent_factor(y, runs[y], *([runs[baseline]] if baseline else []))
 
+    own = ax is None
     fig, (ax,) = _axes(ax)
-    for label, rows in _groups(agg, hue):
+    groups = list(_groups(agg, hue))
+    styles = line_styles([tuple(rows[hue].iloc[0]) if hue else () for _, rows in groups])
+    for label, rows in groups:
         rows = rows.sort_values(f"{x}_mean")
         xm, ym = rows[f"{x}_mean"].to_numpy(), rows[f"{y}_mean"].to_numpy() * k
         ys = rows[f"{y}_std"].fillna(0).to_numpy() * k
-        (line,) = ax.plot(xm, ym, marker="o", label=label)
-        ax.fill_between(xm, ym - ys, ym + ys, color=line.get_color(), alpha=0.2, linewidth=0)
+        (line,) = ax.plot(xm, ym, label=label, markersize=5, **styles[tuple(rows[hue].iloc[0]) if hue else ()])
+        ax.fill_between(xm, ym - ys, ym + ys, color=line.get_color(), alpha=0.15 if len(groups) > 6 else 0.2,
+                        linewidth=0)
     if baseline:
         ax.axhline(_baseline(runs, baseline) * k, color="black", linestyle="--", linewidth=1, label="dense")
     _log2_axis(ax)
@@ -175,7 +226,12 @@ def plot_tradeoff(
     ax.set_ylabel(axis_label(y))
     ax.set_title(title if title is not None else f"{axis_label(y).split(' (')[0]} vs {x.replace('_', ' ')}")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small")
+    if len(groups) + bool(baseline) <= LEGEND_INSIDE:
+        ax.legend(fontsize="small")
+    elif own:
+        _legend_outside(fig, [ax])
+    else:  # an axes of the caller's: the legend goes beside it, the caller's layout makes room
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     return fig
 
 
@@ -189,16 +245,26 @@ def plot_tradeoffs(
     title: str | None = None,
 ) -> Figure:
     """Side-by-side trade-offs against each of ``xs`` (ShrinkBench: compression and speedup can rank
-    strategies differently)."""
+    strategies differently). Panels share one style per strategy; past a few strategies their legend
+    stands beside the panels, and the figure widens for it instead of squeezing them."""
     fig, axes = _axes(None, ncols=len(xs))
     for ax, x in zip(axes, xs):
         plot_tradeoff(runs, x, y, hue=hue, baseline=baseline, ax=ax, title=f"vs {axis_label(x).split(' (')[0].lower()}")
+    labels = axes[0].get_legend_handles_labels()[1]
+    if len(labels) > LEGEND_INSIDE:
+        rows = max(1, int(fig.get_figheight() * 72 / 14))
+        columns = -(-len(labels) // rows)
+        fig.set_figwidth(fig.get_figwidth() + columns * (0.9 + 0.075 * max(map(len, labels))))
+        _legend_outside(fig, axes)
     if title:
         fig.suptitle(title)
     return fig
 
 
 # --------------------------------------------------------------------------------------------- layers
+BAR_INCHES = 0.16  # thickness of one bar: above the bar labels' font, so labels never overlap
+
+
 def plot_layer_density(
     layers: pd.DataFrame | Mapping[str, pd.DataFrame],
     reference: Mapping[str, float] | Sequence[float] | None = None,
@@ -206,12 +272,15 @@ def plot_layer_density(
     reference_label: str = "reference",
     ax: Axes | None = None,
     title: str | None = None,
+    log: bool = False,
 ) -> Figure:
-    """Bars of the share of weights kept per layer, for one or several runs, beside a reference.
+    """Horizontal bars of the share of weights kept per layer, for one or several runs, beside a reference.
 
     ``layers`` is a run's ``layers.csv`` (columns ``layer`` and ``density`` in [0, 1]) or a mapping
-    label → such table, drawn as grouped bars in layer order. ``reference`` gives published
-    densities, keyed by layer name or as a list in layer order (e.g. ``HAN2015_LENET300``).
+    label → such table, drawn as grouped bars in layer order, top to bottom. ``reference`` gives published
+    densities, keyed by layer name or as a list in layer order (e.g. ``HAN2015_LENET300``). The figure
+    grows with the number of layers and series (``BAR_INCHES`` per bar), so a 54-layer ResNet is as
+    readable as LeNet; ``log`` puts density on a log axis, for densities of a few percent.
     """
     tables = {"this run": layers} if isinstance(layers, pd.DataFrame) else dict(layers)
     if not tables:
@@ -237,19 +306,35 @@ def plot_layer_density(
             ref = np.asarray(reference, dtype=float)
         series[reference_label] = ref * 100
 
-    fig, (ax,) = _axes(ax, width=max(5.0, 0.9 * len(names) * len(series)))
+    group = 0.8  # of a layer's row; the rest separates layers
+    legend_rows = -(-len(series) // 3) if len(series) > 1 else 0
+    own = ax is None
+    # title, axis label and ticks take ~1.7 in; then one legend row per 3 series, and the bars
+    height = 1.7 + 0.25 * legend_rows + len(names) * len(series) * BAR_INCHES / group
+    fig, (ax,) = _axes(ax, width=8.0, height=max(3.0, height))
     pos = np.arange(len(names))
-    width = 0.8 / len(series)
+    thickness = group / len(series)
     for i, (label, values) in enumerate(series.items()):
         hatch = "//" if (reference is not None and label == reference_label) else None
-        bars = ax.bar(pos + (i - (len(series) - 1) / 2) * width, values, width, label=label, hatch=hatch)
-        ax.bar_label(bars, fmt="%.3g", fontsize="x-small", padding=1)
-    ax.set_xticks(pos, names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
-    ax.set_xlabel("Layer")
-    ax.set_ylabel(axis_label("density"))
-    ax.set_ylim(0, 105)
+        bars = ax.barh(pos + (i - (len(series) - 1) / 2) * thickness, values, thickness, label=label, hatch=hatch)
+        ax.bar_label(bars, fmt="%.3g", fontsize="x-small", padding=2)
+    ax.set_yticks(pos, names, fontsize="small")
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first layer on top
+    ax.set_ylabel("Layer")
+    if log:
+        ax.set_xscale("log")
+        ax.set_xlim(0.5, 300)  # room for the labels right of a 100% bar
+        ax.set_xlabel(axis_label("density") + ", log scale")
+    else:
+        ax.set_xlim(0, 115)
+        ax.set_xlabel(axis_label("density"))
+    ax.xaxis.grid(True, alpha=0.3)
     ax.set_title(title if title is not None else "Weights kept per layer")
-    ax.legend(fontsize="small")
+    if legend_rows and own:  # above the bars, out of their way however many layers there are
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center", ncols=min(3, len(series)),
+                   fontsize="small", frameon=False)
+    elif legend_rows:
+        ax.legend(fontsize="small")
     return fig
 
 

@@ -8,11 +8,12 @@ A runs frame has one row per run and three kinds of columns, told apart by name 
 distinction survives any pandas operation:
 
 * run columns: ``experiment, run_id, run_name, status, start_time, end_time, sweep, config_hash``
-  and the short strategy names (``criterion, granularity, scope, timing, compression, model, data,
+  and the short strategy names (``criterion, granularity, allocation, timing, compression, model, data,
   seed``; ``compression`` is the *requested* ratio, the achieved one is the ``compression_ratio``
   metric);
-* params: every flattened config key, dotted (``prune.finetune.epochs``), typed back from MLflow's
-  strings (numbers, bools, ``None``, lists and dicts);
+* params: every flattened config key, dotted (``prune.post.finetune.epochs``), typed back from MLflow's
+  strings (numbers, bools, ``None``, lists and dicts), under today's names: runs logged before a key was
+  renamed are read with the new name (:data:`RENAMED_PARAMS`), so one analysis reads old and new stores;
 * metrics: the final value of every metric logged to the run (``test_acc1``, ``compression_ratio``...).
 """
 
@@ -22,7 +23,7 @@ import ast
 import math
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,24 @@ from mlflow.entities import RunStatus, ViewType
 
 from benchkit.config import ExperimentConfig
 
+# Config keys renamed since runs were logged (round 2's config rework): old logged name → today's name; a
+# name ending in ".*" renames every key under it. Runs from any store reach pandas under today's names.
+RENAMED_PARAMS: dict[str, str] = {
+    "prune.scope": "prune.allocation",
+    "prune.rounds": "prune.post.rounds",
+    "prune.lr_rewind": "prune.post.lr_rewind",
+    "prune.finetune.*": "prune.post.finetune.*",
+    "prune.distill.*": "prune.post.distill.*",
+    "prune.schedule.*": "prune.during.*",
+}
+# Values renamed with their key, by the old key: the 'layer' scope is the 'uniform' allocation.
+RENAMED_VALUES: dict[str, dict[Any, Any]] = {"prune.scope": {"global": "global", "layer": "uniform"}}
+
 # Dotted config key → short column name. ``compression`` is derived (see ``_requested_compression``).
 SHORT_NAMES: dict[str, str] = {
     "prune.criterion": "criterion",
     "prune.granularity": "granularity",
-    "prune.scope": "scope",
+    "prune.allocation": "allocation",
     "prune.timing": "timing",
     "model.name": "model",
     "data.name": "data",
@@ -50,7 +64,7 @@ TAG_NAMES: dict[str, str] = {
     "mlflow.parentRunId": "parent_run_id",
 }
 RUN_COLUMNS = ("experiment", "run_id", "run_name", "status", "start_time", "end_time", "sweep", "config_hash")
-CONFIG_COLUMNS = ("model", "data", "timing", "criterion", "granularity", "scope", "compression", "seed")
+CONFIG_COLUMNS = ("model", "data", "timing", "criterion", "granularity", "allocation", "compression", "seed")
 # Top-level (undotted) config keys: they are params too.
 TOP_LEVEL_KEYS = frozenset(k for k, v in ExperimentConfig().to_dict().items() if not isinstance(v, dict))
 STATUSES = tuple(RunStatus.to_string(s) for s in RunStatus.all_status())
@@ -76,6 +90,31 @@ def parse_param(text: str | None) -> Any:
     if isinstance(value, (bool, int, float, list, dict, tuple)) or value is None:
         return value
     return text  # e.g. a quoted string literal or bytes: keep what was logged
+
+
+def current_param(key: str, value: Any) -> tuple[str, Any]:
+    """The name and value a logged param has in today's config (:data:`RENAMED_PARAMS`,
+    :data:`RENAMED_VALUES`): ``("prune.scope", "layer")`` → ``("prune.allocation", "uniform")``."""
+    values = RENAMED_VALUES.get(key)
+    if values is not None and isinstance(value, Hashable) and value in values:
+        value = values[value]
+    if key in RENAMED_PARAMS:
+        return RENAMED_PARAMS[key], value
+    for old, new in RENAMED_PARAMS.items():
+        if old.endswith(".*") and key.startswith(old[:-1]):
+            return new[:-1] + key[len(old) - 1:], value
+    return key, value
+
+
+def _current_params(logged: dict[str, str]) -> dict[str, Any]:
+    """Logged params parsed and under today's names; a key logged under both names keeps the new one."""
+    params = {}
+    for key, text in logged.items():
+        name, value = current_param(key, parse_param(text))
+        if name != key and name in logged:
+            continue
+        params[name] = value
+    return params
 
 
 def _typed_column(values: pd.Series) -> pd.Series:
@@ -155,8 +194,9 @@ def load_runs(
     """One row per run of the named MLflow experiment(s), params typed back, final metrics as floats.
 
     ``status`` keeps runs in that state only (``FINISHED`` by default, so crashed or running configs
-    never reach a plot); ``None`` keeps all. ``filter_string`` is MLflow's search syntax, e.g.
-    ``"params.`prune.scope` = 'global' and metrics.compression_ratio > 4"``.
+    never reach a plot); ``None`` keeps all. ``filter_string`` is MLflow's search syntax on the names
+    and values as the store holds them (a store written before a rename holds the old ones), e.g.
+    ``"params.`prune.allocation` = 'global' and metrics.compression_ratio > 4"``.
     """
     if status is not None and status not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)} or None (all runs), got {status!r}")
@@ -187,7 +227,7 @@ def runs_frame(runs: Iterable, experiment_names: dict[str, str] | None = None) -
     rows, param_keys, metric_keys, tag_keys = [], set(), set(), set()
     for run in runs:
         info, data = run.info, run.data
-        params = {k: parse_param(v) for k, v in data.params.items()}
+        params = _current_params(data.params)
         row: dict[str, Any] = {
             "experiment": (experiment_names or {}).get(info.experiment_id, info.experiment_id),
             "run_id": info.run_id,
