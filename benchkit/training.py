@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from benchkit.config import ConfigError, TrainConfig
-from benchkit.masked_training import check_masks, keep_pruned_at_zero, refresh_masked_weights
+from benchkit.masked_training import check_masks, masked_training, refresh_masked_weights
 from benchkit.registry import Registry
 from benchkit.seeding import resolve_device
 from benchkit.tasks import task_of
@@ -250,36 +250,36 @@ def train(
         if bar is not None:
             bar.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "val_acc1") if record[k] is not None})
 
-    remasking = keep_pruned_at_zero(model, opt)  # pruned weights exactly zero after every step
     model.train()
+    # pruned weights exactly zero after every step; with no callbacks, the mask's multiply is skipped
     try:
-        while step < total_steps and not stop:
-            if not by_iterations:
-                set_lr(epoch)
-            epoch += 1
-            for x, y in data.train:
-                if by_iterations:
-                    set_lr(step)
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                opt.zero_grad()  # before the forward: last step's gradients are freed before new activations
-                logits = model(x)
-                loss = loss_fn(logits, y, x)
-                loss.backward()
-                opt.step()
-                step += 1
-                running.add(loss, logits, y)
-                for fn in on_step:
-                    fn(step, model, opt)
-                if bar is not None:
-                    bar.update(1)
-                if (cfg.eval_every is not None and step % cfg.eval_every == 0) or step == total_steps:
+        with masked_training(model, opt, private=not callbacks):
+            while step < total_steps and not stop:
+                if not by_iterations:
+                    set_lr(epoch)
+                epoch += 1
+                for x, y in data.train:
+                    if by_iterations:
+                        set_lr(step)
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    opt.zero_grad()  # before the forward: last step's gradients are freed before new activations
+                    logits = model(x)
+                    loss = loss_fn(logits, y, x)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    running.add(loss, logits, y)
+                    for fn in on_step:
+                        fn(step, model, opt)
+                    if bar is not None:
+                        bar.update(1)
+                    if (cfg.eval_every is not None and step % cfg.eval_every == 0) or step == total_steps:
+                        evaluate_now()
+                    if stop or step >= total_steps or step == resumed_epoch_end:
+                        break
+                if cfg.eval_every is None and last_eval != step:
                     evaluate_now()
-                if stop or step >= total_steps or step == resumed_epoch_end:
-                    break
-            if cfg.eval_every is None and last_eval != step:
-                evaluate_now()
     finally:
-        remasking.remove()
         if bar is not None:
             bar.close()
 

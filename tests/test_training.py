@@ -494,21 +494,44 @@ def test_a_callbacks_own_backward_and_step_see_masked_gradients_and_zeros():
     assert set(own.weights_under_mask) == {0.0}
 
 
-def test_prune_hooks_stay_in_place_and_after_training_weight_is_orig_times_mask():
+def test_prune_hooks_stay_in_place_while_callbacks_can_see_the_model_and_come_back_after_the_fast_path():
+    """With callbacks, torch's hooks stay on (a callback may read or change the model mid-step); without,
+    train skips the mask's multiply (the one fast path) and puts every hook back, in order, afterwards."""
+    for callbacks, hooked in (([_Snapshots()], True), ((), False)):
+        data = synth()
+        model = mlp(data)
+        apply_masks(model, random_masks(model))
+        hooks_before = {n: list(m._forward_pre_hooks.items()) for n, m in model.named_modules()}
+        seen = []
+
+        def loss_fn(logits, y, x, model=model, hooks_before=hooks_before, seen=seen):
+            seen.append({n: list(m._forward_pre_hooks.items()) for n, m in model.named_modules()} == hooks_before)
+            return F.cross_entropy(logits, y)
+
+        train(model, data, TrainConfig(lr=0.05, momentum=0.9, epochs=2), device="cpu", loss_fn=loss_fn,
+              callbacks=callbacks)
+        assert seen and all(s == hooked for s in seen)
+        assert {n: list(m._forward_pre_hooks.items()) for n, m in model.named_modules()} == hooks_before
+        for module in (model.fc1, model.fc2, model.fc3):
+            assert torch.equal(module.weight, module.weight_orig * module.weight_mask)  # current after select_best
+
+
+@pytest.mark.parametrize("name", list(EXACT_OPTIMISERS))
+def test_the_fast_path_without_callbacks_is_the_hand_masked_loop_bit_for_bit(name, monkeypatch):
     data = synth()
+    batches = list(data.train)
+    data = dataclasses.replace(data, train=batches, val=None)
     model = mlp(data)
-    apply_masks(model, random_masks(model))
-    hooks_before = {n: list(m._forward_pre_hooks.items()) for n, m in model.named_modules()}
-    seen = []
-
-    def loss_fn(logits, y, x):
-        seen.append({n: list(m._forward_pre_hooks.items()) for n, m in model.named_modules()} == hooks_before)
-        return F.cross_entropy(logits, y)
-
-    train(model, data, TrainConfig(lr=0.05, momentum=0.9, epochs=2), device="cpu", loss_fn=loss_fn)
-    assert seen and all(seen)
-    for module in (model.fc1, model.fc2, model.fc3):
-        assert torch.equal(module.weight, module.weight_orig * module.weight_mask)  # current after select_best
+    reference = copy.deepcopy(model)
+    masks = random_masks(model, 0.8)
+    apply_masks(model, masks)
+    lr, factory = EXACT_OPTIMISERS[name]
+    monkeypatch.setitem(OPTIMIZERS._items, "under_test", lambda params, cfg, lr: factory(params, lr))
+    train(model, data, TrainConfig(optimizer="under_test", lr=lr, epochs=2, select_best=False), device="cpu")
+    expected = hand_masked_loop(reference, batches + batches, lambda ps: factory(ps, lr), masks, {})
+    ours = plain_state_dict(model)
+    for key, value in expected[-1].items():
+        assert torch.equal(ours[key], value), key
 
 
 def test_a_mask_with_values_other_than_zero_and_one_is_refused_before_training():
