@@ -22,6 +22,8 @@ model must reproduce the masked model's outputs on ``example_inputs``.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +33,15 @@ from torch import Tensor, nn
 
 from benchkit import latency as _latency
 from benchkit.latency import Latency
-from benchkit.metrics import Inputs, as_tuple, count_flops, deepcopy_model
+from benchkit.metrics import (
+    Inputs,
+    as_tuple,
+    batched_shape,
+    count_flops,
+    dead_channels,
+    deepcopy_model,
+    dense_size_bytes,
+)
 from benchkit.pruning.layers import prunable_layers
 from benchkit.pruning.masks import make_permanent
 
@@ -279,3 +289,111 @@ def compact(
         latency_compact=latency_compact,
     )
 
+
+
+# ---------------------------------------------------------------------------------------------
+# figures built on compaction (one layer above benchkit.metrics, which never imports this module)
+
+
+def compacted_metrics(model: nn.Module, input_shape: Sequence[int], *, compacted: bool | None = None
+                      ) -> dict[str, int | float]:
+    """The ``compacted_*`` figures of a run, to merge beside :func:`benchkit.metrics.model_metrics`:
+    ``compacted_params`` (all parameters), ``compacted_params_prunable``, ``compacted_flops``
+    (prunable layers), ``compacted_flops_total_model``, ``compacted_speedup`` (= dense prunable FLOPs /
+    compacted_flops) and ``compacted_size_bytes`` (dense fp32).
+
+    ``compacted=True`` always compacts (a failure raises); the default ``None`` does so only when some
+    output channel is entirely dead, and then a failed compaction only warns and returns ``{}`` (the
+    keys are absent, never NaN, whenever not computed); ``False`` returns ``{}``.
+    """
+    auto = compacted is None
+    if auto:
+        compacted = any(n > 0 for n in dead_channels(model).values())
+    if not compacted:
+        return {}
+    shape = batched_shape(model, input_shape)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    try:
+        result = compact(model, example, measure_latency=False)
+    except Exception as err:  # noqa: BLE001 - asked for implicitly: report without compacted_*
+        if not auto:
+            raise
+        warnings.warn(f"compacted_* metrics skipped: compaction failed ({err})", stacklevel=2)
+        return {}
+    return compacted_figures(result)
+
+
+def compacted_figures(result: CompactResult) -> dict[str, int | float]:
+    """The ``compacted_*`` figures of :func:`compacted_metrics` from a compaction already done."""
+    return {
+        "compacted_params": result.params_after,
+        "compacted_params_prunable": sum(m.weight.numel() for m in prunable_layers(result.model).values()),
+        "compacted_flops": result.flops_prunable_after,
+        "compacted_flops_total_model": result.flops_after,
+        "compacted_speedup": result.flops_prunable_before / result.flops_prunable_after
+        if result.flops_prunable_after else math.inf,
+        "compacted_size_bytes": dense_size_bytes(result.model),
+    }
+
+
+@torch.no_grad()
+def zero_input_channels(model: nn.Module, example_inputs: Inputs) -> dict[str, Tensor]:
+    """Per prunable layer, a bool per input channel/feature (``weight.shape[1]``): True where the
+    input is zero whatever the network's input, so every weight on it multiplies a zero.
+
+    A channel is claimed only when both hold: structurally, every producer in its Torch-Pruning group is
+    dead (the definition compaction uses: conv/linear row and bias zero, BatchNorm gamma and beta zero,
+    parameter-free ops in between); and in fact, it is exactly zero on ``example_inputs`` at the layer's
+    input (a parameter-free op such as ``softmax`` or ``sigmoid`` turns a dead channel into a live one,
+    which the graph cannot see). Grouped (non-depthwise) convolutions claim nothing.
+    """
+    inputs = tuple(t.detach().cpu() for t in as_tuple(example_inputs))
+    net = make_permanent(deepcopy_model(model)).cpu().eval()
+    layers = prunable_layers(net)
+    names = {id(m): n for n, m in layers.items()}
+    out = {n: torch.zeros(m.weight.shape[1], dtype=torch.bool) for n, m in layers.items()}
+    for p in net.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(net, example_inputs=inputs, verbose=False)
+    for layer in layers.values():
+        if layer not in dg.module2node:
+            continue
+        prune_out = dg.get_pruner_of_module(layer).prune_out_channels
+        n = layer.weight.shape[0]
+        group = dg.get_pruning_group(layer, prune_out, list(range(n)))
+        dead = _dead_roots(group, dg, n)
+        for item in group:
+            target = item.dep.target.module
+            if not _is_consumer(item, dg) or id(target) not in names:
+                continue
+            if isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1:
+                continue
+            idxs = torch.as_tensor(item.idxs, dtype=torch.long)
+            roots = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            out[names[id(target)]][idxs[dead[roots]]] = True
+
+    # in fact: zero at the layer's input on the example inputs, else the claim is dropped
+    seen: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            feats = x.movedim(1, -1).reshape(-1, x.shape[1]) if not isinstance(module, nn.Linear) \
+                else x.reshape(-1, x.shape[-1])
+            nonzero = feats.ne(0).any(dim=0)
+            seen[name] = nonzero if name not in seen else seen[name] | nonzero
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        net.eval()(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, flags in out.items():
+        if name in seen and seen[name].shape == flags.shape:
+            flags &= ~seen[name]
+        else:
+            flags.zero_()
+    return out
