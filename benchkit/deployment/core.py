@@ -110,8 +110,11 @@ class Deployment:
                  "",
                  f"whole model: dense {self.times_ms['dense']:.4g} ms, "
                  + ", ".join(f"{k} {v:.4g} ms" for k, v in self.times_ms.items() if k != "dense")
-                 + f"; measured speedup {self.measured_speedup:.2f}x, theoretical {self.theoretical_speedup:.2f}x, "
-                   f"efficiency {self.efficiency:.2f}",
+                 + f"; measured speedup {self.measured_speedup:.2f}x, theoretical {self.theoretical_speedup:.2f}x "
+                   f"(ShrinkBench), efficiency {self.efficiency:.2f}"
+                 + (f"; compacted theoretical {self.compacted_theoretical_speedup:.2f}x, efficiency "
+                    f"{self.measured_speedup / self.compacted_theoretical_speedup:.2f}"
+                    if self.compacted_theoretical_speedup else ""),
                  "",
                  "| layer | shape | density | form | dense ms | deployed ms | measured x | theoretical x | "
                  "efficiency | why |",
@@ -134,7 +137,7 @@ class Deployment:
 # ---------------------------------------------------------------------------------------------
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -206,6 +209,9 @@ def _choose_layer(name: str, layer: nn.Module, x: Tensor, report: LayerReport, f
     report.times_ms = {k: float(times[k]) for k in fns}
     candidates = {k: v for k, v in report.times_ms.items() if k != "original"}
     report.form, report.reason = pick(candidates, "dense", min_gain)
+    if len(candidates) == 1 and report.not_measured:
+        report.reason = "dense: no other form applies (" + "; ".join(
+            f"{k}: {v}" for k, v in report.not_measured.items()) + ")"
     return built.get(report.form, layer)
 
 
@@ -238,7 +244,7 @@ def deploy(
     checked here on ``example_inputs``; the caller's model is untouched.
     """
     inputs = as_tuple(example_inputs)
-    dev = _device(device)
+    dev = resolve_device(device)
     names = list(dict.fromkeys(["dense", *(forms if forms is not None else DEFAULT_FORMS)]))
     form_objs = [FORMS.get(n) for n in names]  # UnknownNameError lists the registered forms
     batch_size = int(batch_size if batch_size is not None else inputs[0].shape[0])

@@ -11,8 +11,8 @@ mix them up. All three count fvcore multiply-adds of the prunable (Conv/Linear) 
   gone too, but a channel coupled to a live one (a residual add whose other side is alive) stays,
   dense, whole.
 * ``skip_zero_inputs``: every non-zero weight that only ever multiplies a zero input is skipped as
-  well (:func:`benchkit.deployment.compact.zero_input_channels`): the count an ideal sparse kernel
-  that knew the dead channels would pay, an upper bound on what structure buys.
+  well (:func:`zero_input_channels`): the count an ideal sparse kernel that knew the dead channels
+  would pay, an upper bound on what structure buys.
 
 Each weight of a Conv/Linear is used ``layer FLOPs / weight elements`` times per sample (output
 positions), so every convention counts surviving weights times that factor.
@@ -24,17 +24,85 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from benchkit.deployment.compact import CompactResult, compact, compacted_figures, zero_input_channels
-from benchkit.metrics import batched_shape, count_flops, dead_channels, effective
+from benchkit.deployment.compact import CompactResult, compact, compacted_figures
+from benchkit.metrics import Inputs, as_tuple, batched_shape, count_flops, dead_channels, effective
 from benchkit.pruning.layers import prunable_layers
+from benchkit.pruning.masks import deepcopy_model, make_permanent
 
 CONVENTIONS = ("shrinkbench", "compacted", "skip_zero_inputs")
 
 
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b else math.inf
+
+
+@torch.no_grad()
+def zero_input_channels(model: nn.Module, example_inputs: Inputs, *, probes: int = 4, seed: int = 0
+                        ) -> dict[str, Tensor]:
+    """Per prunable layer, a bool per input channel/feature (``weight.shape[1]``): True where the
+    layer's input is zero whatever the network's input and whatever values its surviving parameters
+    take, so every weight on that channel multiplies a zero.
+
+    Found by probing the true dataflow (residual adds, concatenations, pooling, any functional op)
+    rather than a graph's coupling groups (Torch-Pruning ties the two sides of a residual add into one
+    group, though a block's first conv may read a side that is dead when the sum is not). Probes, each
+    on random inputs of the example's shapes:
+
+    1. positive: every surviving parameter replaced by its magnitude, BatchNorm running means set to
+       zero, inputs positive. Conv, Linear, BatchNorm, ReLU, pooling, adds and concatenations then
+       keep every channel strictly positive unless no surviving weight or bias reaches it, so for
+       such networks this probe alone is exact;
+    2. the model's own parameters;
+    3. the rest: every surviving parameter's sign drawn at random (magnitudes kept).
+
+    A channel is claimed only if it is exactly zero at every position of every probe, so an op that
+    turns a dead channel into a live one (``softmax``, ``sigmoid``, a constant shift) shows as live.
+    Grouped (non-depthwise) convolutions claim nothing.
+    """
+    inputs = tuple(t.detach().cpu() for t in as_tuple(example_inputs))
+    original = make_permanent(deepcopy_model(model)).cpu().eval()
+    layers_original = prunable_layers(original)
+    live = {n: torch.zeros(m.weight.shape[1], dtype=torch.bool) for n, m in layers_original.items()}
+    called: set[str] = set()
+    g = torch.Generator().manual_seed(seed)
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            feats = x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x.movedim(1, -1).reshape(
+                -1, x.shape[1])
+            live[name] |= feats.ne(0).any(dim=0)
+            called.add(name)
+        return record
+
+    for probe in range(max(probes, 2)):
+        net = deepcopy_model(original) if probe != 1 else original
+        for p in net.parameters():
+            if probe == 0:
+                p.abs_()
+            elif probe > 1:
+                p.mul_(torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1)
+        if probe == 0:
+            for m in net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                    m.running_mean.zero_()
+        xs = tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) if t.is_floating_point() else t
+                   for t in inputs)
+        if probe == 0:
+            xs = tuple(t.abs() + 0.1 if t.is_floating_point() else t for t in xs)
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in prunable_layers(net).items()]
+        try:
+            net(*xs)
+        finally:
+            for h in handles:
+                h.remove()
+    out = {}
+    for name, m in layers_original.items():
+        grouped = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+        out[name] = ~live[name] if name in called and not grouped else torch.zeros_like(live[name])
+    return out
 
 
 @torch.no_grad()
