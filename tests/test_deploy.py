@@ -263,6 +263,7 @@ def test_compaction_then_sparse_forms_reproduce_the_masked_model():
     conv1, conv2 = dep.layers[0], dep.layers[1]
     assert conv1.shape == (16, 3, 3, 3) and conv1.deployed_shape == (11, 3, 3, 3)
     assert conv2.deployed_shape == (16, 11, 3, 3) and "original" in conv2.times_ms
+    assert conv1.compacted_speedup == pytest.approx(16 / 11) and dep.layers[2].compacted_speedup == 1.0
     assert conv1.form == "dense" and "max_density" in conv1.not_measured["csr"]  # compacted rows are dense
     assert conv2.form == "csr" and dep.layers[2].form == "csr"
     assert dep.compacted_theoretical_speedup == pytest.approx(dep.compaction.flops_speedup)

@@ -272,7 +272,7 @@ def test_cli_deploy_writes_model_report_sizes_and_onnx(tmp_path, capsys):
         assert report[f"size_payload_{fmt}"] == payload_bytes(out / "formats" / f"{fmt}.pt")
     assert report["onnx_max_abs_diff"] <= 1e-3 and (out / "model.onnx").exists()
     table = (out / "deploy_layers.csv").read_text().splitlines()
-    assert table[0].startswith("layer,type,shape,deployed_shape,density,theoretical_speedup,form")
+    assert table[0].startswith("layer,type,shape,deployed_shape,density,theoretical_speedup,compacted_speedup,form")
     assert [row.split(",")[0] for row in table[1:]] == ["conv1", "conv2", "fc1", "fc2"]
     # the model file loads with torch alone and gives the checkpoint's outputs
     from benchkit.deployment.artifacts import load_model

@@ -91,13 +91,20 @@ class LayerReport:
         return self.baseline_ms / self.measured_ms if self.measured_ms > 0 else math.nan
 
     @property
+    def compacted_speedup(self) -> float:
+        """Weights before / after channel compaction (the layer's FLOP ratio: same output positions)."""
+        before, after = math.prod(self.shape), math.prod(self.deployed_shape)
+        return before / after if after else math.inf
+
+    @property
     def efficiency(self) -> float:
         """Measured / theoretical speedup."""
         return self.measured_speedup / self.theoretical_speedup if self.theoretical_speedup > 0 else math.nan
 
     def row(self) -> dict:
         out = {"layer": self.layer, "type": self.type, "shape": self.shape, "deployed_shape": self.deployed_shape,
-               "density": self.density, "theoretical_speedup": self.theoretical_speedup, "form": self.form,
+               "density": self.density, "theoretical_speedup": self.theoretical_speedup,
+               "compacted_speedup": self.compacted_speedup, "form": self.form,
                "dense_ms": self.baseline_ms, "deployed_ms": self.measured_ms,
                "measured_speedup": self.measured_speedup, "efficiency": self.efficiency, "reason": self.reason}
         out.update({f"{k}_ms": v for k, v in self.times_ms.items() if k not in ("dense", "original")})

@@ -21,6 +21,7 @@ positions), so every convention counts surviving weights times that factor.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -142,8 +143,6 @@ def channel_metrics(model: nn.Module, input_shape: Sequence[int]) -> dict[str, f
     compaction. ``{}`` when no channel is dead; a compaction that fails warns and returns ``{}``."""
     if not any(n > 0 for n in dead_channels(model).values()):
         return {}
-    import warnings
-
     shape = batched_shape(model, input_shape)
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     try:
