@@ -14,6 +14,7 @@ Writes into ``out``:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Sequence
@@ -97,6 +98,9 @@ def deploy_checkpoint(source: str | Path, out: str | Path, *, config: str | Path
     compacted = dep.compaction.model if dep.compaction is not None else None
     if sizes:
         report.update(size_metrics(write_formats(model, out / "formats", compacted=compacted)))
+    if onnx and importlib.util.find_spec("onnxruntime") is None:
+        onnx = False
+        report["onnx_skipped"] = "onnxruntime is not installed: pip install onnxruntime onnx onnxscript"
     if onnx:
         from benchkit.deployment.onnx_export import export_onnx
 
@@ -116,5 +120,7 @@ def deploy_checkpoint(source: str | Path, out: str | Path, *, config: str | Path
         lines += ["", f"ONNX: {report['onnx_size_bytes']:.0f} bytes, max |onnxruntime - torch| "
                       f"{report['onnx_max_abs_diff']:.3g}, onnxruntime {report['onnx_latency_onnxruntime_ms']:.4g} ms "
                       f"vs torch {report['onnx_latency_torch_ms']:.4g} ms ({report['onnx_versions']})"]
+    if "onnx_skipped" in report:
+        lines += ["", f"ONNX: skipped ({report['onnx_skipped']})"]
     (out / "deploy_report.md").write_text("\n".join(lines) + "\n")
     return report
