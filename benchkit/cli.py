@@ -4,6 +4,7 @@
     benchkit sweep experiments/quickstart.yaml --workers 2
     benchkit sweep experiments/quickstart.yaml --dry-run
     benchkit report --experiment quickstart --filter "params.prune.criterion = 'magnitude'" --format markdown
+    benchkit deploy runs/<hash> --batch-size 64 --threads 1
     benchkit ui
 
 Torch, MLflow and Ray are imported inside the commands, so ``--help`` answers at once.
@@ -76,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--sort", default=None, metavar="COLUMN", help="sort by this column; descending with a leading minus: --sort=-test_acc1")
     rep.add_argument("--all", action="store_true", help="include FAILED / KILLED / RUNNING runs (default: FINISHED)")
     store(rep)
+
+    d = sub.add_parser("deploy", help="turn a run's pruned model into its fastest runnable form, with a report",
+                       description="Deploy a run's final model (run folder with model.pt + config.yaml, or a "
+                                   "model.pt): per-layer forms chosen by measurement, saved for torch alone to load, "
+                                   "with per-layer theory vs practice, file sizes and an ONNX check.")
+    d.add_argument("source", metavar="RUN_DIR|MODEL.pt")
+    d.add_argument("--config", default=None, help="config YAML (default: config.yaml beside the checkpoint)")
+    d.add_argument("--out", "-o", default=None, help="output folder (default: <run folder>/deploy)")
+    d.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    d.add_argument("--batch-size", type=int, default=64, help="batch every time is measured at (default 64)")
+    d.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
+    d.add_argument("--forms", default=None, metavar="A,B,...",
+                   help="forms to measure (default: dense,csr,torch_csr,semi_structured; see benchkit.FORMS)")
+    d.add_argument("--repeats", type=int, default=20, help="timed calls per candidate (default 20)")
+    d.add_argument("--warmup", type=int, default=3)
+    d.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime check")
+    d.add_argument("--no-sizes", action="store_true", help="skip writing the storage formats")
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the same store",
                        description="Start `mlflow ui` bound to 127.0.0.1 on the store the other commands use.")
@@ -276,6 +294,24 @@ def render(df, fmt: str) -> str:
     return shown.to_string(index=False)
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from benchkit.deployment.artifacts import deploy_checkpoint
+
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise _usage("--batch-size, --repeats and --threads must be >= 1, --warmup >= 0")
+    source = Path(args.source)
+    out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "deploy"
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()] if args.forms else None
+    deploy_checkpoint(source, out, config=args.config, device=args.device, batch_size=args.batch_size,
+                      threads=args.threads, forms=forms, warmup=args.warmup, repeats=args.repeats,
+                      onnx=not args.no_onnx, sizes=not args.no_sizes)
+    print((out / "deploy_report.md").read_text(), end="")
+    print(f"written to {out}")
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -299,7 +335,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui, "deploy": cmd_deploy}
 
 
 class _UsageError(Exception):
@@ -308,6 +344,16 @@ class _UsageError(Exception):
 
 def _usage(msg: str) -> _UsageError:
     return _UsageError(msg)
+
+
+def _deploy_errors() -> tuple[type[Exception], ...]:
+    """Bad deploy arguments (an unknown form, no CUDA) are usage errors, not tracebacks."""
+    if "benchkit.deployment.core" not in sys.modules:
+        return ()
+    from benchkit.deployment.core import DeployError
+    from benchkit.registry import UnknownNameError
+
+    return DeployError, UnknownNameError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -324,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, _UsageError) as e:
+    except (ConfigError, _UsageError, *_deploy_errors()) as e:
         print(f"benchkit {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -230,9 +230,11 @@ def exclusive_fields(cls: type) -> list[str]:
 
 @dataclass
 class LatencyConfig:
-    """Measured inference latency of the final model (and of its compacted copy when structured
-    pruning left whole channels dead). Off by default: timings are only comparable on a quiet
-    machine, and every figure is logged with its setting (batch, threads, repeats, device)."""
+    """Measured inference latency, theory beside practice: the final model is deployed
+    (:func:`benchkit.deployment.core.deploy`: dead channels removed, sparse kernels where they measure
+    faster) and timed per layer and whole against its dense self. Off by default: timings are only
+    comparable on a quiet machine, and every figure is logged with its setting (batch, threads, repeats,
+    device)."""
 
     enabled: bool = False
     batch_size: int = 1

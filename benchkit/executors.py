@@ -58,7 +58,7 @@ RunFn = Callable[[RunTask], RunOutcome]
 # MLflow and SQLAlchemy itself (~4 s of CPU per worker on a 2-core machine: more than a small run).
 # ``torch._dynamo`` is imported lazily by the first optimiser a process builds (``Optimizer.__init__``
 # is wrapped in ``torch._disable_dynamo``): another 1.2-1.7 s in every worker's first run unless here.
-WORKER_PRELOAD = ("benchkit.sweep", "benchkit.experiment", "benchkit.tracking", "benchkit.pruning.compact",
+WORKER_PRELOAD = ("benchkit.sweep", "benchkit.experiment", "benchkit.tracking", "benchkit.deployment.compact",
                   "mlflow.store.tracking.sqlalchemy_store", "sklearn.datasets", "sklearn.model_selection",
                   "fvcore.nn", "torch._dynamo")
 

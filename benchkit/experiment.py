@@ -26,7 +26,8 @@ from torch import nn
 from benchkit.cache import DenseCache, cache_root
 from benchkit.config import ConfigError, ExperimentConfig
 from benchkit.data import known_shape, load_data
-from benchkit.latency import run_latency
+from benchkit.deployment.flops import channel_metrics
+from benchkit.deployment.report import run_figures
 from benchkit.metrics import layer_metrics, model_metrics
 from benchkit.models import build_model
 from benchkit.pruning.criteria import CRITERIA
@@ -103,12 +104,16 @@ class PruningExperiment:
         metrics.update(ctx.evaluate_splits(model))
         with ctx.clock("metrics"):
             metrics.update({k: float(v) for k, v in model_metrics(model, data.input_shape).items()})
+            metrics.update({k: float(v) for k, v in channel_metrics(model, data.input_shape).items()})
             layers = layer_metrics(model, data.input_shape)
-        if cfg.latency.enabled:
+        if cfg.latency.enabled:  # theory beside practice: the final model deployed and timed (benchkit.deployment)
             with ctx.clock("latency"):
                 lat = cfg.latency
-                metrics.update(run_latency(model, data.input_shape, batch_size=lat.batch_size, threads=lat.threads,
-                                           warmup=lat.warmup, repeats=lat.repeats, device=device))
+                figures, per_layer = run_figures(model, data.input_shape, batch_size=lat.batch_size,
+                                                 threads=lat.threads, warmup=lat.warmup, repeats=lat.repeats,
+                                                 device=device)
+                metrics.update(figures)
+                layers = layers.merge(per_layer, on="layer", how="left")
         metrics.update(ctx.metrics)
         metrics["collapsed_layers"] = float(len(ctx.collapsed))
         ctx.timings["total"] = time.perf_counter() - start

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -53,9 +53,11 @@ def with_batch_size(inputs: tuple[Tensor, ...], batch_size: int) -> tuple[Tensor
 
 
 @contextmanager
-def _num_threads(n: int):
+def num_threads(n: int | None):
+    """torch's intra-op thread count set to ``n`` (``None``: left alone) for the block, then restored."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if n is not None:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -65,6 +67,29 @@ def _num_threads(n: int):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def time_callables(fns: Mapping[str, Callable[[], object]], *, device: str | torch.device = "cpu",
+                   threads: int | None = None, warmup: int = 3, repeats: int = 10) -> dict[str, list[float]]:
+    """Wall times (ms) of zero-argument callables, ``warmup`` untimed calls each and then ``repeats``
+    timed rounds, interleaved round-robin (load from other processes hits every callable alike, so
+    their ratios stay meaningful). The device is synchronised around each call."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    device = torch.device(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with num_threads(threads):
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        _sync(device)
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def measure_latency(model: nn.Module, example_inputs: Inputs, **setting) -> Latency:
@@ -85,8 +110,7 @@ def measure_latencies(
     repeats: int = 10,
 ) -> list[Latency]:
     """Median wall time of each ``model(*inputs)`` in eval mode, on copies (the callers' models are
-    untouched). Timed runs are interleaved round-robin, so load from other processes on a shared
-    machine hits every model alike and their ratio stays meaningful.
+    untouched), timed interleaved by :func:`time_callables`.
 
     ``batch_size`` defaults to the batch of ``example_inputs``; ``threads`` to torch's current setting.
     Floating-point inputs are cast to ``dtype`` together with the models.
@@ -108,44 +132,6 @@ def measure_latencies(
         t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         for t in with_batch_size(inputs, batch_size)
     )
-    times: list[list[float]] = [[] for _ in nets]
-    with _num_threads(threads):
-        for net in nets:
-            for _ in range(warmup):
-                net(*xs)
-        _sync(device)
-        for _ in range(repeats):
-            for net, t in zip(nets, times):
-                start = time.perf_counter()
-                net(*xs)
-                _sync(device)
-                t.append((time.perf_counter() - start) * 1e3)
-    return [Latency(setting=setting, median_ms=float(statistics.median(t)), times_ms=t) for t in times]
-
-
-def run_latency(model: nn.Module, input_shape: Sequence[int], *, batch_size: int = 1, threads: int | None = None,
-                warmup: int = 10, repeats: int = 100, device: str | torch.device = "cpu") -> dict[str, float]:
-    """A run's latency figures: ``latency_ms`` of the final model as deployed (masks made permanent,
-    dense kernels: unstructured zeros cost the same as weights), and, when whole output channels are
-    dead, ``latency_compacted_ms`` of the copy Torch-Pruning compacts and ``latency_speedup`` (their
-    ratio; timed interleaved). The setting goes along: ``latency_batch_size``, ``latency_threads``,
-    ``latency_warmup``, ``latency_repeats`` (the device is the run's ``benchkit.device`` tag)."""
-    from benchkit.metrics import batched_shape, dead_channels
-    from benchkit.pruning.compact import compact
-    from benchkit.pruning.masks import make_permanent
-
-    shape = batched_shape(model, input_shape)
-    example = torch.randn((batch_size, *shape[1:]), generator=torch.Generator().manual_seed(0))
-    nets = [make_permanent(deepcopy_model(model))]
-    if any(n > 0 for n in dead_channels(model).values()):
-        nets.append(compact(model, example[:1], measure_latency=False).model)
-    timed = measure_latencies(nets, example, device=device, batch_size=batch_size, threads=threads,
-                              warmup=warmup, repeats=repeats)
-    setting = timed[0].setting
-    out = {"latency_ms": timed[0].median_ms, "latency_batch_size": float(setting.batch_size),
-           "latency_threads": float(setting.threads), "latency_warmup": float(setting.warmup),
-           "latency_repeats": float(setting.repeats)}
-    if len(timed) > 1:
-        out["latency_compacted_ms"] = timed[1].median_ms
-        out["latency_speedup"] = timed[0].median_ms / timed[1].median_ms
-    return out
+    fns = {str(i): (lambda net=net: net(*xs)) for i, net in enumerate(nets)}
+    times = time_callables(fns, device=device, threads=threads, warmup=warmup, repeats=repeats)
+    return [Latency(setting=setting, median_ms=float(statistics.median(t)), times_ms=t) for t in times.values()]

@@ -102,7 +102,7 @@ def dead_channels(model: nn.Module) -> dict[str, int]:
     """Output channels/neurons per prunable layer whose effective weight row *and* bias are all zero.
 
     Such a channel outputs zero whatever its input, which is what physical compaction can remove
-    (if everything it is coupled with is dead too; see :func:`benchkit.pruning.compact.compact`).
+    (if everything it is coupled with is dead too; see :func:`benchkit.deployment.compact.compact`).
     """
     out = {}
     for name, module in _require_prunable(model).items():
@@ -343,7 +343,6 @@ def _ratio(a: float, b: float) -> float:
 
 def model_metrics(
     model: nn.Module, input_shape: Sequence[int] | None = None, *, example_inputs: Inputs | None = None,
-    compacted: bool | None = None,
 ) -> dict[str, int | float]:
     """Whole-model figures (see the module docstring) for one input sample (its shape, or
     ``example_inputs``), in this order:
@@ -355,12 +354,8 @@ def model_metrics(
     to both, ``flops_total_model`` is fvcore's whole-model count with attention added (for
     information). Storage formats: see :func:`dense_size_bytes` and :func:`sparse_size_bytes`.
 
-    With ``compacted=True`` a copy is physically compacted (:func:`benchkit.pruning.compact.compact`)
-    and ``compacted_params`` (all parameters), ``compacted_params_prunable``, ``compacted_flops``
-    (prunable layers), ``compacted_flops_total_model``, ``compacted_speedup`` (= flops_dense /
-    compacted_flops) and ``compacted_size_bytes`` (dense fp32) are added. The default ``None`` does so
-    only when some output channel is entirely dead, and then a failed compaction only warns and
-    leaves those keys out (they are absent, never NaN, whenever not computed).
+    The figures after physically removing dead channels (``compacted_*``) build on these counters one
+    layer up: :func:`benchkit.deployment.compact.compacted_metrics`.
     """
     layers = _require_prunable(model)
     xs = example_inputs_for(model, input_shape, example_inputs)
@@ -373,7 +368,7 @@ def model_metrics(
     flops_dense = sum(r["flops"] for r in rows)
     flops_nonzero = float(sum(r["flops_nonzero"] for r in rows))
     compression = _ratio(params_prunable, nonzero_prunable)
-    out: dict[str, int | float] = {
+    return {
         "params_prunable": params_prunable,
         "nonzero_prunable": nonzero_prunable,
         "compression_ratio": compression,
@@ -390,28 +385,3 @@ def model_metrics(
         "size_bytes_dense": dense_size_bytes(model),
         "size_bytes_sparse": sparse_size_bytes(model),
     }
-
-    auto = compacted is None
-    if auto:
-        compacted = any(n > 0 for n in dead_channels(model).values())
-    if compacted:
-        from benchkit.pruning.compact import compact  # compact builds on this module's counters
-
-        example = xs if example_inputs is not None or not xs[0].is_floating_point() else \
-            torch.randn(xs[0].shape, generator=torch.Generator().manual_seed(0))
-        try:
-            result = compact(model, example, measure_latency=False)
-        except Exception as err:  # noqa: BLE001 - asked for implicitly: report without compacted_*
-            if not auto:
-                raise
-            warnings.warn(f"compacted_* metrics skipped: compaction failed ({err})", stacklevel=2)
-            return out
-        out.update({
-            "compacted_params": result.params_after,
-            "compacted_params_prunable": sum(m.weight.numel() for m in prunable_layers(result.model).values()),
-            "compacted_flops": result.flops_prunable_after,
-            "compacted_flops_total_model": result.flops_after,
-            "compacted_speedup": _ratio(flops_dense, result.flops_prunable_after),
-            "compacted_size_bytes": dense_size_bytes(result.model),
-        })
-    return out

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import benchkit as bk
-from benchkit.pruning.compact import CompactionError, CompactResult
+from benchkit.deployment.compact import CompactionError, CompactResult
 from benchkit.pruning.masks import apply_masks, get_masks
 
 torch.set_num_threads(1)
@@ -103,8 +103,8 @@ def test_plain_conv_bn_net():
     assert net[0].weight_orig.shape == (8, 3, 3, 3)
     assert all(torch.equal(masks_before[k], v) for k, v in get_masks(net).items())
 
-    # the same figures through model_metrics (compaction is on by default: there are dead channels)
-    m = bk.model_metrics(net, (3, 8, 8))
+    # the same figures through compacted_metrics (compaction is on by default: there are dead channels)
+    m = {**bk.model_metrics(net, (3, 8, 8)), **bk.compacted_metrics(net, (3, 8, 8))}
     assert m["compacted_params"] == compact_params
     assert m["compacted_flops"] == compact_flops
     assert m["compacted_speedup"] == pytest.approx(dense_flops / compact_flops)
@@ -219,7 +219,7 @@ def test_channel_pruning_then_compaction_end_to_end_on_resnet18():
     result = bk.compact(net, x, measure_latency=False)
     assert sum(result.removed.values()) > 0 and result.params_after < result.params_before
     assert_same_outputs(net, result, x)
-    m = bk.model_metrics(net, input_shape=(3, 32, 32))
+    m = bk.compacted_metrics(net, input_shape=(3, 32, 32))
     assert m["compacted_params"] == result.params_after
     assert 1 < m["compacted_speedup"] and m["compacted_flops"] == result.flops_prunable_after
 
@@ -276,8 +276,8 @@ def test_no_dead_channel_changes_nothing():
     x = torch.randn(2, 3, 8, 8)
     result = bk.compact(net, x, measure_latency=False)
     assert result.removed == {} and result.params_after == result.params_before
-    assert "compacted_params" not in bk.model_metrics(net, (3, 8, 8))
-    assert bk.model_metrics(net, (3, 8, 8), compacted=True)["compacted_params"] == result.params_before
+    assert bk.compacted_metrics(net, (3, 8, 8)) == {}
+    assert bk.compacted_metrics(net, (3, 8, 8), compacted=True)["compacted_params"] == result.params_before
 
 
 def test_coupling_it_cannot_see_is_refused():
@@ -298,12 +298,11 @@ def test_coupling_it_cannot_see_is_refused():
     kill(net, "a", [0])
     with pytest.raises(CompactionError, match="differs from the masked one"):
         bk.compact(net, torch.randn(2, 3, 4, 4), measure_latency=False)
-    # model_metrics: asked explicitly → the error; implied by a dead channel → a warning, no compacted_*
+    # compacted_metrics: asked explicitly → the error; implied by a dead channel → a warning, no compacted_*
     with pytest.raises(CompactionError):
-        bk.model_metrics(net, (3, 4, 4), compacted=True)
+        bk.compacted_metrics(net, (3, 4, 4), compacted=True)
     with pytest.warns(UserWarning, match="compacted_\\* metrics skipped"):
-        m = bk.model_metrics(net, (3, 4, 4))
-    assert "compacted_params" not in m and m["params_prunable"] == 3 * 4 + 4 * 2
+        assert bk.compacted_metrics(net, (3, 4, 4)) == {}
 
 
 def test_latency_ranks_models_and_restores_threads():

@@ -149,7 +149,7 @@ def test_caller_model_untouched():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     net.train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    bk.model_metrics(net, (3, 8, 8), compacted=False)
+    bk.model_metrics(net, (3, 8, 8))
     bk.layer_metrics(net, (3, 8, 8))
     assert net.training and net[1].training
     after = net.state_dict()
@@ -245,7 +245,7 @@ def test_sparse_storage_formats():
 def test_size_bytes_formula():
     net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     apply_masks(net, {"0.weight": keep_first((3, 2, 1, 1), 2), "3.weight": keep_first((2, 48), 3)})
-    m = bk.model_metrics(net, (2, 4, 4), compacted=False)
+    m = bk.model_metrics(net, (2, 4, 4))
     # params: conv 6 + 3, BN 3 + 3, linear 96 + 2; buffers: running mean 3, var 3, num_batches_tracked 1
     assert m["size_bytes_dense"] == 4 * (6 + 3 + 3 + 3 + 96 + 2 + 3 + 3 + 1)
     conv_w = min(4 * 2 + math.ceil(6 / 8), 8 * 2 + 4 * 4)   # bitmap 9 vs csr 32

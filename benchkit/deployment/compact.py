@@ -22,6 +22,8 @@ model must reproduce the masked model's outputs on ``example_inputs``.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +33,15 @@ from torch import Tensor, nn
 
 from benchkit import latency as _latency
 from benchkit.latency import Latency
-from benchkit.metrics import Inputs, as_tuple, count_flops, deepcopy_model
+from benchkit.metrics import (
+    Inputs,
+    as_tuple,
+    batched_shape,
+    count_flops,
+    dead_channels,
+    deepcopy_model,
+    dense_size_bytes,
+)
 from benchkit.pruning.layers import prunable_layers
 from benchkit.pruning.masks import make_permanent
 
@@ -279,3 +289,48 @@ def compact(
         latency_compact=latency_compact,
     )
 
+
+
+# ---------------------------------------------------------------------------------------------
+# figures built on compaction (one layer above benchkit.metrics, which never imports this module)
+
+
+def compacted_metrics(model: nn.Module, input_shape: Sequence[int], *, compacted: bool | None = None
+                      ) -> dict[str, int | float]:
+    """The ``compacted_*`` figures of a run, to merge beside :func:`benchkit.metrics.model_metrics`:
+    ``compacted_params`` (all parameters), ``compacted_params_prunable``, ``compacted_flops``
+    (prunable layers), ``compacted_flops_total_model``, ``compacted_speedup`` (= dense prunable FLOPs /
+    compacted_flops) and ``compacted_size_bytes`` (dense fp32).
+
+    ``compacted=True`` always compacts (a failure raises); the default ``None`` does so only when some
+    output channel is entirely dead, and then a failed compaction only warns and returns ``{}`` (the
+    keys are absent, never NaN, whenever not computed); ``False`` returns ``{}``.
+    """
+    auto = compacted is None
+    if auto:
+        compacted = any(n > 0 for n in dead_channels(model).values())
+    if not compacted:
+        return {}
+    shape = batched_shape(model, input_shape)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    try:
+        result = compact(model, example, measure_latency=False)
+    except Exception as err:  # noqa: BLE001 - asked for implicitly: report without compacted_*
+        if not auto:
+            raise
+        warnings.warn(f"compacted_* metrics skipped: compaction failed ({err})", stacklevel=2)
+        return {}
+    return compacted_figures(result)
+
+
+def compacted_figures(result: CompactResult) -> dict[str, int | float]:
+    """The ``compacted_*`` figures of :func:`compacted_metrics` from a compaction already done."""
+    return {
+        "compacted_params": result.params_after,
+        "compacted_params_prunable": sum(m.weight.numel() for m in prunable_layers(result.model).values()),
+        "compacted_flops": result.flops_prunable_after,
+        "compacted_flops_total_model": result.flops_after,
+        "compacted_speedup": result.flops_prunable_before / result.flops_prunable_after
+        if result.flops_prunable_after else math.inf,
+        "compacted_size_bytes": dense_size_bytes(result.model),
+    }

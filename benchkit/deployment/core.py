@@ -1,0 +1,376 @@
+"""``deploy``: a pruned (masked) model in the fastest form this device runs, chosen by measurement.
+
+    dep = bk.deploy(model, example_inputs, device="cpu", batch_size=64, threads=1)
+    dep.model(x)            # plain torch modules, same outputs as the masked model
+    dep.table()             # per layer: form chosen, why, measured times, theoretical vs measured speedup
+    dep.save("model.pt2")   # torch.export archive (TorchScript when a chosen form cannot export)
+
+Steps: (1) masks are folded into a copy; (2) whole dead channels are removed with Torch-Pruning
+(:func:`benchkit.deployment.compact.compact`); (3) every prunable layer is timed on its real input at
+``batch_size`` in each applicable form of :data:`benchkit.deployment.forms.FORMS` and takes the fastest
+one that beats its dense self by ``min_gain`` (:func:`benchkit.deployment.choose.pick`); (4) the whole
+model is timed three ways — dense (masks folded), compacted, deployed — and the fastest is kept by the
+same rule, so the result is never slower than the dense model within the timer's resolution;
+(5) the outputs are checked against the masked model's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, pick
+from benchkit.deployment.compact import CompactResult, _flatten_outputs, compact
+from benchkit.deployment.forms import DEFAULT_FORMS, FORMS, Form
+from benchkit.latency import with_batch_size
+from benchkit.metrics import Inputs, as_tuple, count_flops, dead_channels, effective
+from benchkit.pruning.layers import prunable_layers
+from benchkit.pruning.masks import deepcopy_model, make_permanent
+
+MODEL = "<model>"  # the timer label of whole-model comparisons
+VARIANTS = ("dense", "compacted", "deployed")  # whole-model candidates, simplest first
+
+
+class DeployError(ValueError):
+    """Bad arguments (named, with the fix) or a deployed model that does not reproduce the masked one."""
+
+
+@dataclass
+class Deployment:
+    """The deployed model and what was measured to choose it.
+
+    ``variant`` is the whole-model form kept (``dense``: masks folded, ``compacted``: dead channels
+    removed, ``deployed``: compacted plus the per-layer forms); ``times_ms`` are the whole-model medians
+    of the three at ``setting``. ``theoretical_speedup`` is ShrinkBench's (dense / non-zero FLOPs of
+    the prunable layers) and ``compacted_theoretical_speedup`` the FLOP ratio after compaction.
+    ``tolerance`` is the output agreement required of ``model`` (``max_abs_diff`` is what it got)."""
+
+    model: nn.Module
+    layers: list[LayerReport]
+    variant: str
+    reason: str
+    times_ms: dict[str, float]
+    setting: dict[str, object]
+    theoretical_speedup: float
+    compacted_theoretical_speedup: float | None
+    max_abs_diff: float
+    tolerance: float
+    example_inputs: tuple[Tensor, ...] = field(repr=False)
+    compaction: CompactResult | None = field(default=None, repr=False)
+
+    @property
+    def measured_speedup(self) -> float:
+        return self.times_ms["dense"] / self.times_ms[self.variant]
+
+    @property
+    def efficiency(self) -> float:
+        return self.measured_speedup / self.theoretical_speedup if self.theoretical_speedup > 0 else math.nan
+
+    @property
+    def forms(self) -> dict[str, str]:
+        return {r.layer: r.form for r in self.layers}
+
+    @property
+    def exportable(self) -> bool:
+        """Every chosen form goes through ``torch.export`` (else :meth:`save` uses TorchScript)."""
+        return all(FORMS.get(r.form).exportable for r in self.layers)
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([r.row() for r in self.layers])
+
+    def summary(self) -> dict[str, float | str]:
+        """Flat whole-model figures (``deploy_*``, ``latency_*_ms``) and the setting."""
+        out: dict[str, float | str] = {
+            "deploy_variant": self.variant,
+            "latency_dense_ms": self.times_ms["dense"],
+            "latency_deployed_ms": self.times_ms[self.variant],
+            "deploy_theoretical_speedup": self.theoretical_speedup,
+            "deploy_measured_speedup": self.measured_speedup,
+            "deploy_efficiency": self.efficiency,
+            "deploy_max_abs_diff": self.max_abs_diff,
+            "deploy_tolerance": self.tolerance,
+        }
+        if "compacted" in self.times_ms:
+            out["latency_compacted_ms"] = self.times_ms["compacted"]
+        if self.compacted_theoretical_speedup is not None:
+            out["deploy_compacted_theoretical_speedup"] = self.compacted_theoretical_speedup
+        out.update({f"deploy_{k}": v for k, v in self.setting.items()})
+        return out
+
+    def markdown(self) -> str:
+        s = self.setting
+        lines = [f"deployed as **{self.variant}** ({self.reason}); device {s['device']}, batch {s['batch_size']}, "
+                 f"threads {s['threads']}, dtype {s['dtype']}",
+                 "",
+                 f"whole model: dense {self.times_ms['dense']:.4g} ms, "
+                 + ", ".join(f"{k} {v:.4g} ms" for k, v in self.times_ms.items() if k != "dense")
+                 + f"; measured speedup {self.measured_speedup:.2f}x, theoretical {self.theoretical_speedup:.2f}x "
+                   f"(ShrinkBench), efficiency {self.efficiency:.2f}"
+                 + (f"; compacted theoretical {self.compacted_theoretical_speedup:.2f}x, efficiency "
+                    f"{self.measured_speedup / self.compacted_theoretical_speedup:.2f}"
+                    if self.compacted_theoretical_speedup else ""),
+                 "",
+                 "| layer | shape | density | form | dense ms | deployed ms | measured x | theoretical x | "
+                 "efficiency | why |",
+                 "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+        for r in self.layers:
+            lines.append(f"| {r.layer} | {'x'.join(map(str, r.shape))} | {r.density:.3f} | {r.form} | "
+                         f"{r.baseline_ms:.4g} | {r.measured_ms:.4g} | {r.measured_speedup:.2f} | "
+                         f"{r.theoretical_speedup:.2f} | {r.efficiency:.2f} | {r.reason.replace('|', '/')} |")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path):
+        """Write the model so that torch alone loads it back; see
+        :func:`benchkit.deployment.save.save_deployed`."""
+        from benchkit.deployment.save import save_deployed
+
+        return save_deployed(self.model, path, self.example_inputs, exportable=self.exportable,
+                             tolerance=self.tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeployError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeployError(f"device {device!r} asked for, but torch sees no CUDA device here; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise DeployError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, layers: dict[str, nn.Module], xs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """Each layer's first positional input on ``model(*xs)``."""
+    seen: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, args[0].detach())
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        model(*xs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _density(layer: nn.Module) -> float:
+    w = effective(layer)
+    return int(torch.count_nonzero(w)) / w.numel()
+
+
+@torch.no_grad()
+def _choose_layer(name: str, layer: nn.Module, x: Tensor, report: LayerReport, forms: Sequence[Form],
+                  timer: Timer, device: torch.device, min_gain: float, max_density: float,
+                  original: tuple[nn.Module, Tensor] | None, floor: tuple[float, float] = (0.0, 0.0)
+                  ) -> nn.Module:
+    ref = layer(x)
+    fns = {"dense": lambda: layer(x)}
+    if original is not None:
+        fns["original"] = lambda: original[0](original[1])
+    built: dict[str, nn.Module] = {}
+    density_now = int(torch.count_nonzero(layer.weight)) / layer.weight.numel()
+    for form in forms:
+        if form.name == "dense":
+            continue
+        why = form.check(layer, device)
+        if why is None and form.sparse and density_now > max_density:
+            why = f"density {density_now:.3f} > max_density {max_density}: a sparse kernel cannot pay"
+        if why is None:
+            try:
+                module = form.build(layer).eval()
+                diff = float((module(x) - ref).abs().max()) if ref.numel() else 0.0
+            except Exception as err:  # noqa: BLE001 - one form failing must not stop the others
+                why = f"failed: {type(err).__name__}: {err}"
+            else:
+                allowed = _tolerance([form], floor, float(ref.abs().max()) if ref.numel() else 0.0)
+                if not diff <= allowed:
+                    why = f"output differs from dense by {diff:.3g} > {allowed:.3g}"
+        if why is not None:
+            report.not_measured[form.name] = why
+            continue
+        built[form.name] = module
+        fns[form.name] = lambda m=module: m(x)
+    times = timer(name, fns)
+    report.times_ms = {k: float(times[k]) for k in fns}
+    candidates = {k: v for k, v in report.times_ms.items() if k != "original"}
+    report.form, report.reason = pick(candidates, "dense", min_gain)
+    if len(candidates) == 1 and report.not_measured:
+        report.reason = "dense: no other form applies (" + "; ".join(
+            f"{k}: {v}" for k, v in report.not_measured.items()) + ")"
+    return built.get(report.form, layer)
+
+
+@torch.no_grad()
+def deploy(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    device: str | torch.device = "cpu",
+    forms: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 20,
+    min_gain: float = 0.05,
+    max_density: float = 0.9,
+    compaction: bool = True,
+    timer: Timer | None = None,
+) -> Deployment:
+    """Deploy a pruned (``torch.nn.utils.prune``-masked, or plain) model; see the module docstring.
+
+    ``forms``: names in :data:`~benchkit.deployment.forms.FORMS` to measure (default
+    :data:`~benchkit.deployment.forms.DEFAULT_FORMS`; ``dense`` is always measured). ``batch_size``
+    (default: the example's) and ``threads`` (default: torch's) are the setting every time is measured
+    at. Sparse forms are not tried on layers denser than ``max_density``. ``timer`` replaces the
+    default :class:`~benchkit.deployment.choose.MedianTimer` (e.g. a fake one in tests).
+
+    Returns a :class:`Deployment` whose ``model`` (eval mode, on ``device``, in the model's dtype) gives
+    the masked model's outputs (computed in fp32 on CPU) within ``atol + rtol * max|output|`` of the
+    loosest form used (fp32 CPU forms: 1e-5 and 1e-4; on CUDA at least 1e-3 and 1e-2, TF32
+    convolutions; fp16/bf16 at least 1e-2 and 3e-2), checked here on ``example_inputs``; the caller's
+    model is untouched.
+    """
+    inputs = as_tuple(example_inputs)
+    dev = resolve_device(device)
+    names = list(dict.fromkeys(["dense", *(forms if forms is not None else DEFAULT_FORMS)]))
+    form_objs = [FORMS.get(n) for n in names]  # UnknownNameError lists the registered forms
+    batch_size = int(batch_size if batch_size is not None else inputs[0].shape[0])
+    if batch_size < 1:
+        raise DeployError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= min_gain < 1:
+        raise DeployError(f"min_gain must be in [0, 1), got {min_gain}")
+    if not prunable_layers(model):
+        raise DeployError(f"{type(model).__name__} has no Conv/Linear layer to deploy")
+    if threads is not None and threads < 1:
+        raise DeployError(f"threads must be >= 1, got {threads}")
+    timer = timer if timer is not None else MedianTimer(dev, threads, warmup, repeats)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    floor = _precision_floor(dtype, dev)
+    as32 = tuple(t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu() for t in inputs)
+    cpu_inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in as32)  # the model's dtype
+
+    # the reference, the compaction and the FLOP counts work on an fp32 CPU copy; the deployed model
+    # runs in the model's dtype on ``device``
+    masked = deepcopy_model(model).cpu().float().eval()
+    reference = _flatten_outputs(masked(*as32))
+    base = make_permanent(deepcopy_model(masked)).eval()
+    reports = {name: LayerReport(layer=name, type=type(m).__name__, shape=tuple(m.weight.shape),
+                                 deployed_shape=tuple(m.weight.shape), density=_density(m),
+                                 theoretical_speedup=math.inf)
+               for name, m in prunable_layers(masked).items()}
+    for r in reports.values():
+        r.theoretical_speedup = 1 / r.density if r.density > 0 else math.inf
+
+    result: CompactResult | None = None
+    if compaction and any(n > 0 for n in dead_channels(masked).values()):
+        result = compact(masked, as32, measure_latency=False)
+    net = (result.model if result is not None else deepcopy_model(base)).eval().to(dev, dtype)
+    base.to(dev, dtype)
+    compacted_dense = deepcopy_model(net) if result is not None else None
+    xs = tuple(t.to(dev) for t in with_batch_size(cpu_inputs, batch_size))
+
+    net_layers = prunable_layers(net)
+    base_layers = prunable_layers(base)
+    net_inputs = _layer_inputs(net, net_layers, xs)
+    base_inputs = _layer_inputs(base, base_layers, xs) if result is not None else {}
+    replacements: dict[str, nn.Module] = {}
+    for name, layer in net_layers.items():
+        report = reports[name]
+        report.deployed_shape = tuple(layer.weight.shape)
+        if name not in net_inputs:
+            report.reason = "dense: not called on these inputs"
+            continue
+        original = None
+        if result is not None and report.deployed_shape != report.shape and name in base_inputs:
+            original = (base_layers[name], base_inputs[name])
+        module = _choose_layer(name, layer, net_inputs[name], report, form_objs, timer, dev, min_gain,
+                               max_density, original, floor)
+        if module is not layer:
+            replacements[name] = module
+    for name, module in replacements.items():
+        net.set_submodule(name, module)
+
+    variants = {"dense": base, "compacted": compacted_dense, "deployed": net if replacements else None}
+    variants = {k: v for k, v in variants.items() if v is not None}
+    times = timer(MODEL, {k: (lambda m=m: m(*xs)) for k, m in variants.items()})
+    variant, why = pick({k: times[k] for k in variants}, "dense", min_gain)
+    if variant != "deployed":
+        for r in reports.values():
+            if r.form != "dense":
+                r.reason = f"dense: the whole model with the per-layer forms was not faster ({r.form}: {r.reason})"
+                r.form = "dense"
+    chosen = variants[variant].eval()
+    diff, tolerance = _check_outputs(chosen, cpu_inputs, reference, [FORMS.get(r.form) for r in reports.values()],
+                                     dev, reports, floor)
+
+    flops = count_flops(masked, tuple(t[:1] for t in as32)).by_module
+    dense_flops = sum(flops.get(n, 0) for n in reports)
+    nonzero_flops = sum(flops.get(n, 0) * r.density for n, r in reports.items())
+    theoretical = dense_flops / nonzero_flops if nonzero_flops else math.inf
+    compacted_theoretical = None
+    if result is not None:
+        after = result.flops_prunable_after
+        compacted_theoretical = result.flops_prunable_before / after if after else math.inf
+    setting = {"device": str(dev), "batch_size": batch_size,
+               "threads": int(threads if threads is not None else torch.get_num_threads()),
+               "dtype": str(dtype).removeprefix("torch."),
+               "warmup": getattr(timer, "warmup", warmup), "repeats": getattr(timer, "repeats", repeats)}
+    return Deployment(
+        model=chosen, layers=list(reports.values()), variant=variant, reason=why,
+        times_ms={k: float(times[k]) for k in variants}, setting=setting, theoretical_speedup=theoretical,
+        compacted_theoretical_speedup=compacted_theoretical, max_abs_diff=diff, tolerance=tolerance,
+        example_inputs=cpu_inputs, compaction=result,
+    )
+
+
+@torch.no_grad()
+def _precision_floor(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """(atol, rtol) below which no output comparison is asked: fp16/bf16 arithmetic, and CUDA, whose
+    convolutions run in TF32 by default (``torch.backends.cudnn.allow_tf32``), agree with an fp32 CPU
+    reference to about 1e-3 relative, not 1e-6."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 1e-2, 3e-2
+    if device.type == "cuda":
+        return 1e-3, 1e-2
+    return 0.0, 0.0
+
+
+def _tolerance(used: Sequence[Form], floor: tuple[float, float], scale: float) -> float:
+    """``atol + rtol * scale`` with the loosest of the used forms' and the precision floor's terms."""
+    atol = max([floor[0], *(f.atol for f in used)])
+    rtol = max([floor[1], *(f.rtol for f in used)])
+    return atol + rtol * scale
+
+
+def _check_outputs(model: nn.Module, inputs: tuple[Tensor, ...], reference: list[Tensor], used: list[Form],
+                   device: torch.device, reports: dict[str, LayerReport], floor: tuple[float, float]
+                   ) -> tuple[float, float]:
+    """(max |deployed - masked|, allowed): see :func:`_tolerance`, with the masked model's largest output."""
+    outs = _flatten_outputs(model(*tuple(t.to(device) for t in inputs)))
+    scale = max((float(t.abs().max()) for t in reference), default=0.0)
+    tolerance = _tolerance(used, floor, scale)
+    if len(outs) != len(reference) or any(a.shape != b.shape for a, b in zip(outs, reference)):
+        raise DeployError("the deployed model's outputs do not have the masked model's shapes")
+    diff = max((float((a.float().cpu() - b.float()).abs().max()) for a, b in zip(outs, reference)), default=0.0)
+    if not diff <= tolerance:
+        raise DeployError(f"the deployed model differs from the masked one by {diff:.3g} (allowed {tolerance:.3g}); "
+                          f"forms: {[(r.layer, r.form) for r in reports.values()]}. Deploy with forms=['dense'] "
+                          "and report the model.")
+    return diff, tolerance

@@ -1,0 +1,211 @@
+"""Theory versus practice, per granularity and kernel: the study behind ``experiments/deploy_study.py``.
+
+For each registered model (:data:`STUDY_MODELS`), granularity (element, N:M, kernel, channel) and
+sparsity (50-98%), the model is pruned layer-wise (magnitude; the classifier is left out of channel
+pruning, and of N:M where M does not divide its inputs) and deployed at each batch size with every
+kernel measured on every layer (``max_density=1``). One row per configuration holds:
+
+* ``theoretical_shrinkbench`` (dense / non-zero FLOPs) and, for channel pruning, ``theoretical_compacted``;
+* ``measured_deployed``: whole model, dense / what :func:`~benchkit.deployment.core.deploy` kept;
+* ``layers_<kernel>``: sum of the prunable layers' dense times / sum of their times in that kernel
+  (a layer the kernel cannot take counts as dense; NaN when it takes none): the kernel's own speed,
+  choice aside; ``coverage_<kernel>``: the share of the dense time in layers it takes.
+
+:func:`break_even` then gives, per model, granularity, batch and kernel, the lowest sparsity at which
+the kernel's layers run at least as fast as dense (linear interpolation between measured sparsities).
+
+Adding a model, e.g. the language model of the transformer issue, is one registration:
+
+    STUDY_MODELS.register("charlm", lambda: StudyModel(build_lm(), lambda b: (torch.randint(0, 65, (b, 128)),)))
+
+after which ``--models charlm`` runs it (granularities that do not apply to its layers are skipped).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from benchkit.config import ModelConfig
+from benchkit.deployment.core import deploy
+from benchkit.metrics import model_metrics
+from benchkit.pruning.granularity import GranularityError, get_granularity
+from benchkit.pruning.layers import prunable_layers
+from benchkit.registry import Registry
+
+KERNELS = ("csr", "torch_csr", "torch_bsr8")
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+NM = ("2:4", "1:4", "1:8", "1:16")  # 50%, 75%, 87.5%, 93.75%
+GRANULARITIES = ("element", "n:m", "kernel", "channel")
+BATCHES = (1, 64)
+
+
+@dataclass
+class StudyModel:
+    """A fresh model and a function giving a batch of its inputs (token ids for a language model)."""
+
+    model: nn.Module
+    inputs: Callable[[int], tuple[Tensor, ...]]
+    classifier: str | None = None  # left dense by channel pruning (its logits cannot be removed)
+
+
+STUDY_MODELS: Registry[Callable[[], StudyModel]] = Registry("study model")
+
+
+def _image_model(name: str, shape: tuple[int, int, int] = (1, 28, 28)) -> Callable[[], StudyModel]:
+    def make() -> StudyModel:
+        from benchkit.models import build_model
+
+        model = build_model(ModelConfig(name=name), shape, 10)
+        last = list(prunable_layers(model))[-1]
+        return StudyModel(model, lambda b: (torch.randn(b, *shape),), classifier=last)
+    return make
+
+
+STUDY_MODELS.register("lenet300", _image_model("lenet300"))
+STUDY_MODELS.register("lenet5", _image_model("lenet5"))
+STUDY_MODELS.register("resnet18", _image_model("resnet18"))  # torchvision's, first conv for 1 channel
+
+
+def _nm_exclusions(model: nn.Module, m: int) -> list[str]:
+    gran = get_granularity(f"1:{m}")
+    out = []
+    for name, layer in prunable_layers(model).items():
+        try:
+            gran.check_layer(name, layer.weight.shape)
+        except GranularityError:
+            out.append(name)
+    return out
+
+
+def settings(granularity: str, sparsities: Sequence[float]) -> list[tuple[str, float | None]]:
+    """(granularity as benchkit names it, sparsity) pairs: N:M fixes its own sparsity."""
+    if granularity == "n:m":
+        def level(nm: str) -> float:
+            n, m = (int(v) for v in nm.split(":"))
+            return 1 - n / m
+        return [(nm, None) for nm in NM if min(sparsities) <= level(nm) <= max(sparsities)]
+    return [(granularity, s) for s in sparsities]
+
+
+def prune_for(study: StudyModel, granularity: str, sparsity: float | None) -> bool:
+    """Prune ``study.model`` in place; False when the granularity has nothing to prune here."""
+    import benchkit as bk
+
+    model = study.model
+    exclude: list[str] = []
+    if granularity == "channel" and study.classifier:
+        exclude = [study.classifier]
+    if ":" in granularity:
+        exclude = _nm_exclusions(model, int(granularity.split(":")[1]))
+    if granularity == "kernel" and not any(isinstance(m, nn.Conv2d) for m in prunable_layers(model).values()):
+        return False  # a Linear layer's kernel is one weight: the same as element
+    if len(exclude) == len(prunable_layers(model)):
+        return False
+    bk.prune(model, sparsity=sparsity, granularity=granularity, scope="layer", exclude=exclude)
+    return True
+
+
+def run_study(models: Sequence[str], *, granularities: Sequence[str] = GRANULARITIES,
+              sparsities: Sequence[float] = SPARSITIES, batches: Sequence[int] = BATCHES,
+              kernels: Sequence[str] = KERNELS, threads: int = 1, warmup: int = 3, repeats: int = 20,
+              progress: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """One row per (model, granularity, sparsity, batch); see the module docstring."""
+    makers = {name: STUDY_MODELS.get(name) for name in models}  # unknown names fail before any work
+    for g in granularities:
+        if g not in GRANULARITIES:
+            raise ValueError(f"granularity {g!r}: allowed {', '.join(GRANULARITIES)}")
+    rows = []
+    for name, make in makers.items():
+        for granularity in granularities:
+            for gran, sparsity in settings(granularity, sparsities):
+                torch.manual_seed(0)
+                study = make()
+                if not prune_for(study, gran, sparsity):
+                    continue
+                sample = study.inputs(1)
+                metrics = model_metrics(study.model, tuple(sample[0].shape[1:])) if len(sample) == 1 else {}
+                for batch in batches:
+                    start = time.perf_counter()
+                    dep = deploy(study.model, study.inputs(batch), threads=threads, warmup=warmup, repeats=repeats,
+                                 forms=["dense", *kernels], max_density=1.0)
+                    row = {"model": name, "granularity": gran, "target_sparsity": sparsity,
+                           "sparsity": metrics.get("sparsity", math.nan), "batch": batch, "threads": threads,
+                           "theoretical_shrinkbench": dep.theoretical_speedup,
+                           "theoretical_compacted": dep.compacted_theoretical_speedup or math.nan,
+                           "measured_deployed": dep.measured_speedup, "deployed_variant": dep.variant,
+                           "efficiency": dep.efficiency}
+                    dense_total = sum(r.baseline_ms for r in dep.layers if r.times_ms)
+                    for kernel in kernels:
+                        covered = sum(r.baseline_ms for r in dep.layers if kernel in r.times_ms)
+                        total = sum(r.times_ms.get(kernel, r.baseline_ms) for r in dep.layers if r.times_ms)
+                        row[f"layers_{kernel}"] = dense_total / total if covered and total else math.nan
+                        row[f"coverage_{kernel}"] = covered / dense_total if dense_total else math.nan
+                    rows.append(row)
+                    if progress:
+                        progress(f"{name} {gran} {sparsity if sparsity is not None else ''} batch {batch}: "
+                                 f"measured {dep.measured_speedup:.2f}x vs theoretical {dep.theoretical_speedup:.2f}x "
+                                 f"({time.perf_counter() - start:.1f} s)")
+    return pd.DataFrame(rows)
+
+
+def break_even(df: pd.DataFrame, kernels: Sequence[str] = KERNELS) -> pd.DataFrame:
+    """Per model, granularity family, batch and kernel: the lowest measured sparsity where the kernel's
+    layers are at least as fast as dense, linearly interpolated from the point below ("< lowest" when
+    it already pays at the lowest sparsity measured, NaN when it never does)."""
+    rows = []
+    fam = df.assign(family=df["granularity"].where(~df["granularity"].str.contains(":"), "n:m"))
+    for (model, family, batch), part in fam.groupby(["model", "family", "batch"], sort=False):
+        part = part.sort_values("sparsity")
+        for kernel in kernels:
+            col = f"layers_{kernel}"
+            if col not in part:
+                continue
+            known = part[part[col].notna()]
+            s, v = known["sparsity"].tolist(), known[col].tolist()
+            if not v:
+                continue
+            value, note = math.nan, "never reached"
+            for i, (si, vi) in enumerate(zip(s, v)):
+                if vi >= 1:
+                    if i == 0:
+                        value, note = si, "at or below the lowest sparsity measured"
+                    else:
+                        s0, v0 = s[i - 1], v[i - 1]
+                        value = s0 + (1 - v0) * (si - s0) / (vi - v0) if vi != v0 else si
+                        note = "interpolated"
+                    break
+            rows.append({"model": model, "granularity": family, "batch": batch, "kernel": kernel,
+                         "break_even_sparsity": value, "note": note,
+                         "best_speedup": max(v) if v else math.nan})
+    return pd.DataFrame(rows)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    shown = df.copy()
+    for c in shown.columns:
+        if shown[c].dtype.kind == "f":
+            shown[c] = shown[c].map(lambda x: "" if x != x else f"{x:.3g}")
+    head = "| " + " | ".join(shown.columns) + " |"
+    rule = "|" + "|".join("---:" if df[c].dtype.kind in "fi" else "---" for c in df.columns) + "|"
+    rows = ["| " + " | ".join(str(v) for v in r) + " |" for r in shown.values.tolist()]
+    return "\n".join([head, rule, *rows])
+
+
+def write(df: pd.DataFrame, out: str | Path, *, header: str) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    be = break_even(df)
+    df.to_csv(out / "study.csv", index=False)
+    be.to_csv(out / "break_even.csv", index=False)
+    text = "\n".join([header, "", "## Measured vs theoretical speedup", "", markdown(df), "",
+                      "## Break-even sparsity of each kernel (prunable layers, vs dense)", "", markdown(be), ""])
+    (out / "study.md").write_text(text)
+    return [out / "study.csv", out / "break_even.csv", out / "study.md"]

@@ -1,0 +1,78 @@
+"""Theory vs practice (issue 19): theoretical and measured speedups of element, N:M, kernel and channel
+pruning at 50-98% sparsity on LeNet-300-100, LeNet-5 and torchvision's resnet18 (1x28x28 inputs, the
+Fashion-MNIST shape; random weights and inputs: speed does not depend on training), batch 1 and 64,
+one thread; and the break-even sparsity of each CPU kernel. Writes results/deploy/study.{csv,md} and
+break_even.csv. Needs a quiet machine: every figure is a ratio of times measured in the same run.
+
+    .venv/bin/python experiments/deploy_study.py                       # the full study (tens of minutes)
+    .venv/bin/python experiments/deploy_study.py --quick --out /tmp/s  # smoke test: tiny grid, NOT a measurement
+    .venv/bin/python experiments/deploy_study.py --models lenet5,charlm  # any name in STUDY_MODELS
+
+More models: register them in benchkit.deployment.study.STUDY_MODELS (see its docstring), e.g. the
+language model of the transformer issue, then pass its name to --models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchkit.deployment import study  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="lenet300,lenet5,resnet18",
+                   help=f"comma-separated names in STUDY_MODELS ({', '.join(study.STUDY_MODELS.names())})")
+    p.add_argument("--granularities", default=",".join(study.GRANULARITIES))
+    p.add_argument("--sparsities", default=",".join(str(s) for s in study.SPARSITIES))
+    p.add_argument("--batches", default=",".join(str(b) for b in study.BATCHES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "results" / "deploy"))
+    p.add_argument("--quick", action="store_true", help="LeNet-300-100 only, 2 sparsities, batch 1 and 8, 2 repeats")
+    args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    granularities = [g.strip().lower() for g in args.granularities.split(",") if g.strip()]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.quick:
+        models, sparsities, batches, args.repeats, args.warmup = ["lenet300"], [0.5, 0.9], [1, 8], 2, 1
+    for name in models:
+        study.STUDY_MODELS.get(name)  # an unknown name fails here, listing the registered ones
+    if not all(0 < s < 1 for s in sparsities) or not all(b >= 1 for b in batches):
+        p.error("sparsities must be in (0, 1) and batches >= 1")
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    df = study.run_study(models, granularities=granularities, sparsities=sparsities, batches=batches,
+                         threads=args.threads, warmup=args.warmup, repeats=args.repeats)
+    cmd = "python experiments/deploy_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = "\n".join([
+        "# Theory vs practice: measured speedups of pruned models on this CPU (issue 19)", "",
+        f"* command: `{cmd.strip()}` ({time.perf_counter() - start:.0f} s)"
+        + (" — --quick: a smoke test, NOT a measurement" if args.quick else ""),
+        f"* machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), torch "
+        f"{torch.__version__}; 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after; "
+        f"{args.repeats} interleaved calls per candidate after {args.warmup} warm-up, medians",
+        "* models: random weights, magnitude pruning layer by layer; inputs 1x28x28 (Fashion-MNIST's shape)",
+        "* columns: theoretical_* = FLOP ratios (ShrinkBench's dense/non-zero; after channel compaction), "
+        "measured_deployed = dense / bk.deploy's model (whole network), layers_<kernel> = prunable layers' "
+        "dense time / their time in that kernel (csr = CSR through F.embedding_bag, torch_csr = torch.sparse.mm "
+        "on CSR, torch_bsr8 = BSR 8x8)"])
+    for path in study.write(df, args.out, header=header):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""bk.deploy: every form reproduces the dense layer, the choice never takes a slower form (a fake timer
+makes it deterministic), saved models load with torch alone, and the compacted path agrees with the
+masked model. No wall-clock asserts: the timers here are fakes."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import benchkit as bk
+from benchkit.deployment.choose import pick
+from benchkit.deployment.core import MODEL, DeployError
+from benchkit.deployment.forms import FORMS, FormError, SparseConv2d, SparseLinear, is_two_four
+from benchkit.pruning.masks import apply_masks
+from benchkit.registry import UnknownNameError
+
+torch.set_num_threads(1)
+SPARSE_FORMS = ["csr", "torch_csr", "torch_bsr4", "torch_bsr8", "torch_bsr16"]
+
+
+def fake_timer(layer_ms: dict[str, float], model_ms: dict[str, float] | None = None, calls: list | None = None):
+    """Times by form name (missing: 1.0 ms); whole models by variant. Nothing is run or timed."""
+    model_ms = model_ms if model_ms is not None else {"dense": 3.0, "compacted": 2.0, "deployed": 1.0}
+
+    def timer(label, fns):
+        if calls is not None:
+            calls.append((label, sorted(fns)))
+        table = model_ms if label == MODEL else layer_ms
+        return {k: table.get(k, 1.0) for k in fns}
+    return timer
+
+
+def random_mask(shape, density: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) < density
+
+
+def sparse_layer(layer: nn.Module, density: float = 0.2, seed: int = 0, dead_rows=(1,)) -> nn.Module:
+    """The layer with a random mask folded in and whole rows zero (an empty CSR row / embedding bag)."""
+    with torch.no_grad():
+        layer.weight.mul_(random_mask(layer.weight.shape, density, seed))
+        for r in dead_rows:
+            layer.weight[r] = 0
+    return layer.eval()
+
+
+LAYERS = {
+    "linear_2d": (lambda: nn.Linear(32, 16), (5, 32)),
+    "linear_3d": (lambda: nn.Linear(32, 16, bias=False), (2, 3, 32)),
+    "linear_1d": (lambda: nn.Linear(32, 16), (32,)),
+    "conv3x3_stride2_pad1": (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1), (3, 8, 9, 9)),
+    "conv1x1": (lambda: nn.Conv2d(16, 16, 1), (2, 16, 5, 5)),
+    "conv_dilated_rect": (lambda: nn.Conv2d(4, 16, (3, 2), padding=(2, 1), dilation=2, bias=False), (2, 4, 7, 8)),
+    "conv_unbatched": (lambda: nn.Conv2d(8, 16, 3), (8, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("form_name", SPARSE_FORMS)
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_every_sparse_form_reproduces_the_dense_layer(form_name, case):
+    torch.manual_seed(0)
+    make, shape = LAYERS[case]
+    layer = sparse_layer(make())
+    x = torch.randn(shape)
+    form = FORMS.get(form_name)
+    reason = form.check(layer, torch.device("cpu"))
+    if reason is not None:  # only BSR may refuse, and only for shapes that are not whole blocks
+        assert form_name.startswith("torch_bsr") and "blocks" in reason
+        rows, cols = layer.weight.shape[0], layer.weight[0].numel()
+        assert rows % form.blocksize or cols % form.blocksize
+        return
+    module = form.build(layer)
+    assert isinstance(module, SparseLinear | SparseConv2d)
+    with torch.no_grad():
+        ref, got = layer(x), module(x)
+    assert got.shape == ref.shape
+    # fp32 sums in another order: the stated tolerance atol + rtol * max|dense|, and it is tight
+    assert (got - ref).abs().max().item() <= form.tolerance(ref)
+    assert form.tolerance(ref) < 1e-3
+
+
+def test_grouped_and_string_padded_convs_are_left_dense():
+    csr = FORMS.get("csr")
+    assert "grouped" in csr.check(nn.Conv2d(4, 4, 3, groups=2), torch.device("cpu"))
+    assert "padding" in csr.check(nn.Conv2d(4, 4, 3, padding="same"), torch.device("cpu"))
+    assert "only Linear and Conv2d" in csr.check(nn.Conv1d(4, 4, 3), torch.device("cpu"))
+
+
+def test_semi_structured_refuses_cpu_cleanly():
+    layer = nn.Linear(64, 32)
+    with torch.no_grad():
+        layer.weight.mul_(torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(32, 16))
+    assert is_two_four(layer.weight) and not is_two_four(torch.ones(4, 8))
+    form = FORMS.get("semi_structured")
+    assert "CUDA" in form.check(layer, torch.device("cpu"))
+    with pytest.raises(FormError, match="CUDA"):
+        form.build(layer)
+    if not torch.cuda.is_available():
+        with pytest.raises(DeployError, match="no CUDA"):
+            bk.deploy(nn.Sequential(layer), torch.randn(2, 64), device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
+def test_semi_structured_on_cuda_matches_dense():
+    layer = nn.Linear(128, 64).cuda().half()
+    with torch.no_grad():
+        layer.weight.mul_(torch.tensor([0.0, 1.0, 1.0, 0.0], device="cuda", dtype=torch.half).repeat(64, 32))
+    form = FORMS.get("semi_structured")
+    assert form.check(layer, torch.device("cuda")) is None
+    x = torch.randn(32, 128, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        ref, got = layer(x), form.build(layer)(x)
+    assert (got.float() - ref.float()).abs().max().item() <= form.tolerance(ref.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# the choice
+
+
+def test_pick_takes_the_fastest_only_when_it_beats_the_baseline_by_the_margin():
+    assert pick({"dense": 1.0, "csr": 1.2}, "dense", 0.05)[0] == "dense"        # slower: never
+    assert pick({"dense": 1.0, "csr": 0.96}, "dense", 0.05)[0] == "dense"       # inside the margin
+    assert pick({"dense": 1.0, "csr": 0.95}, "dense", 0.05)[0] == "csr"         # 1.05 * 0.95 <= 1
+    assert pick({"dense": 1.0, "csr": 0.5, "torch_csr": 0.4}, "dense", 0.05)[0] == "torch_csr"
+    assert pick({"dense": 1.0, "csr": math.nan, "torch_csr": math.inf}, "dense", 0.05)[0] == "dense"
+    chosen, why = pick({"dense": 2.0, "csr": 0.5}, "dense", 0.0)
+    assert chosen == "csr" and "4.00x" in why
+    with pytest.raises(ValueError, match="baseline"):
+        pick({"csr": 1.0}, "dense", 0.05)
+
+
+def mlp_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
+    )
+
+
+def pruned(density: float = 0.15) -> nn.Module:
+    net = mlp_cnn()
+    apply_masks(net, {f"{i}.weight": random_mask(net[i].weight.shape, density, i) for i in (0, 2, 6, 8)})
+    return net
+
+
+@pytest.mark.parametrize("form_name", ["csr", "torch_csr", "torch_bsr4"])
+def test_deployed_model_reproduces_the_masked_one(form_name):
+    net = pruned()
+    x = torch.randn(4, 3, 6, 6)
+    dep = bk.deploy(net, x, forms=[form_name], timer=fake_timer({form_name: 0.1}))
+    expected = {"0": form_name, "2": form_name, "6": form_name, "8": form_name}
+    if form_name == "torch_bsr4":
+        expected["0"] = expected["8"] = "dense"  # 8 x 27 and 10 x 32 weights: not whole 4x4 blocks
+        assert "blocks" in dep.layers[0].not_measured["torch_bsr4"] and "10x32" in dep.layers[3].not_measured["torch_bsr4"]
+    assert dep.forms == expected and dep.variant == "deployed"
+    assert dep.exportable == (form_name == "csr")
+    # on inputs it never saw, at another batch size
+    x2 = torch.randn(7, 3, 6, 6)
+    with torch.no_grad():
+        ref, got = net.eval()(x2), dep.model(x2)
+    assert (got - ref).abs().max().item() <= 1e-5 + 1e-4 * ref.abs().max().item()
+    with torch.no_grad():
+        scale = net(x).abs().max().item()
+    assert dep.max_abs_diff <= dep.tolerance and dep.tolerance == pytest.approx(1e-5 + 1e-4 * scale)
+    assert any(isinstance(m, SparseLinear | SparseConv2d) for m in dep.model.modules())
+    assert net[0].weight_orig.shape == (8, 3, 3, 3) and hasattr(net[0], "weight_mask")  # caller untouched
+
+
+def test_a_slower_form_is_never_chosen():
+    net = pruned()
+    calls: list = []
+    dep = bk.deploy(net, torch.randn(4, 3, 6, 6), timer=fake_timer({"dense": 1.0, "csr": 1.5, "torch_csr": 1.01},
+                                                                    calls=calls))
+    assert set(dep.forms.values()) == {"dense"} and dep.variant == "dense"
+    assert not any(isinstance(m, SparseLinear | SparseConv2d) for m in dep.model.modules())
+    # every layer was measured with both CPU sparse forms; 2:4 says why not
+    layer_calls = [c for c in calls if c[0] != MODEL]
+    assert [c[0] for c in layer_calls] == ["0", "2", "6", "8"]
+    assert all(c[1] == ["csr", "dense", "torch_csr"] for c in layer_calls)
+    assert all("CUDA" in r.not_measured["semi_structured"] for r in dep.layers)
+    assert all("not 5% faster" in r.reason for r in dep.layers)
+    assert calls[-1] == (MODEL, ["dense"])  # nothing else to compare at the model level
+    assert dep.measured_speedup == 1.0
+
+
+def test_fastest_form_per_layer_and_the_whole_model_check():
+    net = pruned()
+    x = torch.randn(4, 3, 6, 6)
+    times = {"dense": 1.0, "csr": 0.5, "torch_csr": 0.3}
+    dep = bk.deploy(net, x, timer=fake_timer(times))
+    assert set(dep.forms.values()) == {"torch_csr"} and dep.variant == "deployed"
+    assert dep.layers[0].times_ms == {"dense": 1.0, "csr": 0.5, "torch_csr": 0.3}
+    assert dep.layers[0].measured_speedup == pytest.approx(1.0 / 0.3)
+    assert dep.measured_speedup == pytest.approx(3.0)
+    # per layer faster, but the assembled model is not: the dense model is kept and every layer says why
+    dep = bk.deploy(net, x, timer=fake_timer(times, {"dense": 1.0, "deployed": 1.2}))
+    assert dep.variant == "dense" and set(dep.forms.values()) == {"dense"}
+    assert all("whole model" in r.reason for r in dep.layers)
+    assert not any(isinstance(m, SparseLinear | SparseConv2d) for m in dep.model.modules())
+
+
+def test_layers_too_dense_are_not_tried_and_say_so():
+    net = pruned(density=0.95)
+    calls: list = []
+    dep = bk.deploy(net, torch.randn(2, 3, 6, 6), max_density=0.9, timer=fake_timer({"csr": 0.1}, calls=calls))
+    assert set(dep.forms.values()) == {"dense"}
+    assert all("max_density" in r.not_measured["csr"] for r in dep.layers)
+    assert all(c[1] == ["dense"] for c in calls if c[0] != MODEL)
+
+
+def test_bad_arguments_are_refused_before_work():
+    net = pruned()
+    with pytest.raises(UnknownNameError, match="unknown deploy form 'cssr'; allowed: csr, dense"):
+        bk.deploy(net, torch.randn(2, 3, 6, 6), forms=["cssr"])
+    with pytest.raises(DeployError, match="batch_size"):
+        bk.deploy(net, torch.randn(2, 3, 6, 6), batch_size=0)
+    with pytest.raises(DeployError, match="no Conv/Linear"):
+        bk.deploy(nn.Sequential(nn.ReLU()), torch.randn(2, 3))
+    with pytest.raises(DeployError, match="device"):
+        bk.deploy(net, torch.randn(2, 3, 6, 6), device="tpu")
+    with pytest.raises(TypeError, match="example inputs"):
+        bk.deploy(net, "not a tensor")
+
+
+# ---------------------------------------------------------------------------------------------
+# compaction inside deploy
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_compaction_then_sparse_forms_reproduce_the_masked_model():
+    torch.manual_seed(0)
+    net = Block()
+    with torch.no_grad():
+        net.bn1.running_mean.uniform_(-0.5, 0.5)
+        net.bn1.running_var.uniform_(0.5, 1.5)
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[0, 3, 5, 9, 12]] = False
+    rows = keep[:, None, None, None].expand(16, 3, 3, 3)
+    apply_masks(net, {"conv1.weight": rows.clone(), "conv1.bias": keep.clone(), "bn1.weight": keep.clone(),
+                      "bn1.bias": keep.clone(), "conv2.weight": random_mask((16, 16, 3, 3), 0.2, 1),
+                      "fc.weight": random_mask((10, 16), 0.3, 2)})
+    x = torch.randn(3, 3, 5, 5)
+    dep = bk.deploy(net, x, timer=fake_timer({"csr": 0.2}, {"dense": 3.0, "compacted": 2.0, "deployed": 1.0}))
+    assert dep.variant == "deployed" and dep.compaction is not None
+    conv1, conv2 = dep.layers[0], dep.layers[1]
+    assert conv1.shape == (16, 3, 3, 3) and conv1.deployed_shape == (11, 3, 3, 3)
+    assert conv2.deployed_shape == (16, 11, 3, 3) and "original" in conv2.times_ms
+    assert conv1.compacted_speedup == pytest.approx(16 / 11) and dep.layers[2].compacted_speedup == 1.0
+    assert conv1.form == "dense" and "max_density" in conv1.not_measured["csr"]  # compacted rows are dense
+    assert conv2.form == "csr" and dep.layers[2].form == "csr"
+    assert dep.compacted_theoretical_speedup == pytest.approx(dep.compaction.flops_speedup)
+    x2 = torch.randn(5, 3, 5, 5)
+    with torch.no_grad():
+        ref, got = net.eval()(x2), dep.model(x2)
+    assert (got - ref).abs().max().item() <= 1e-5 + 1e-4 * ref.abs().max().item()
+    # the compacted model alone is kept when the sparse forms do not pay as a whole
+    dep = bk.deploy(net, x, timer=fake_timer({"csr": 0.2}, {"dense": 3.0, "compacted": 2.0, "deployed": 2.5}))
+    assert dep.variant == "compacted" and set(dep.forms.values()) == {"dense"}
+    assert dep.model.conv1.out_channels == 11 and dep.measured_speedup == pytest.approx(1.5)
+    # and the dense one when compaction does not pay either
+    dep = bk.deploy(net, x, timer=fake_timer({}, {"dense": 1.0, "compacted": 1.0}))
+    assert dep.variant == "dense" and dep.model.conv1.out_channels == 16
+
+
+def test_the_report_table_and_summary():
+    net = pruned()
+    dep = bk.deploy(net, torch.randn(4, 3, 6, 6), threads=1, batch_size=8,
+                    timer=fake_timer({"dense": 2.0, "csr": 0.5, "torch_csr": 1.0}))
+    table = dep.table()
+    assert list(table["layer"]) == ["0", "2", "6", "8"] and set(table["form"]) == {"csr"}
+    assert table["measured_speedup"].tolist() == [4.0] * 4
+    density = table["density"]
+    assert table["theoretical_speedup"].tolist() == pytest.approx((1 / density).tolist())
+    assert table["efficiency"].tolist() == pytest.approx((4.0 * density).tolist())
+    assert {"csr_ms", "torch_csr_ms"} <= set(table.columns)
+    s = dep.summary()
+    assert s["deploy_variant"] == "deployed" and s["deploy_batch_size"] == 8 and s["deploy_threads"] == 1
+    assert s["deploy_measured_speedup"] == 3.0
+    assert s["deploy_efficiency"] == pytest.approx(3.0 / s["deploy_theoretical_speedup"])
+    m = bk.model_metrics(net, (3, 6, 6))
+    assert s["deploy_theoretical_speedup"] == pytest.approx(m["theoretical_speedup"])
+    assert "| 0 | 8x3x3x3 |" in dep.markdown()
+
+
+def test_deploy_name_survives_importing_the_package():
+    """The package is benchkit.deployment: a package named deploy would shadow bk.deploy once imported."""
+    import benchkit.deployment.artifacts  # noqa: F401
+    import benchkit.deployment.core  # noqa: F401
+    import benchkit.deployment.report  # noqa: F401
+
+    assert callable(bk.deploy) and bk.deploy.__module__ == "benchkit.deployment.core"
+
+
+# ---------------------------------------------------------------------------------------------
+# saving: torch alone loads it back
+
+
+LOADER = """
+import sys, torch
+path, xpath, ypath = sys.argv[1:]
+if path.endswith(".pt2"):
+    m = torch.export.load(path).module()
+else:
+    m = torch.jit.load(path)
+y = m(torch.load(xpath))
+assert not [k for k in sys.modules if k.startswith("benchkit")], "benchkit was imported"
+torch.save(y, ypath)
+"""
+
+
+@pytest.mark.parametrize("form_name,suffix", [("csr", ".pt2"), ("torch_csr", ".ts")])
+def test_saved_model_loads_with_torch_alone(tmp_path, form_name, suffix):
+    net = pruned()
+    dep = bk.deploy(net, torch.randn(4, 3, 6, 6), forms=[form_name], timer=fake_timer({form_name: 0.1}))
+    saved = dep.save(tmp_path / "model")
+    assert saved.path.suffix == suffix and saved.path.exists() and saved.dynamic_batch
+    assert saved.format == ("torch.export" if suffix == ".pt2" else "torchscript")
+    x = torch.randn(5, 3, 6, 6)
+    torch.save(x, tmp_path / "x.pt")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no PYTHONPATH: benchkit is not importable
+    r = subprocess.run([sys.executable, "-c", LOADER, str(saved.path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with torch.no_grad():
+        ref = net.eval()(x)
+    got = torch.load(tmp_path / "y.pt")
+    assert (got - ref).abs().max().item() <= 1e-5 + 1e-4 * ref.abs().max().item()
