@@ -10,8 +10,8 @@ from benchkit.timing.during import AGPSchedule, DuringConfig, GradualPruning
 from benchkit.timing.dynamic import DropSchedule, DynamicConfig, DynamicSparse
 from benchkit.timing.lottery import LotteryConfig, LotteryTicket
 from benchkit.timing.post import DistillationLoss, DistillConfig, FinetuneConfig, PostConfig, PostTraining
-from benchkit.timing.pre import PruneAtInit
+from benchkit.timing.pre import PreConfig, PruneAtInit
 
-__all__ = ["TIMINGS", "Timing", "RunContext", "register_timing", "PruneAtInit", "GradualPruning", "AGPSchedule",
-           "DuringConfig", "PostTraining", "PostConfig", "FinetuneConfig", "DistillConfig", "DistillationLoss",
-           "LotteryTicket", "LotteryConfig", "DynamicSparse", "DynamicConfig", "DropSchedule"]
+__all__ = ["TIMINGS", "Timing", "RunContext", "register_timing", "PruneAtInit", "PreConfig", "GradualPruning",
+           "AGPSchedule", "DuringConfig", "PostTraining", "PostConfig", "FinetuneConfig", "DistillConfig",
+           "DistillationLoss", "LotteryTicket", "LotteryConfig", "DynamicSparse", "DynamicConfig", "DropSchedule"]
