@@ -324,3 +324,26 @@ def test_a_schedule_that_would_never_update_is_refused_before_training(tmp_path,
     with pytest.raises(ConfigError, match=r"prune\.dynamic\.delta_t: 500 steps is more than t_end × training steps"):
         PruningExperiment(tiny(tmp_path, **{"prune.dynamic.delta_t": 500})).run()
     assert not trained
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_drop_and_grow_equals_the_reference_with_many_ties(seed):
+    """Integer-valued weights and gradients: most decisions are ties, which go to the lower index as in TF."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (37, 23) if seed % 2 else (5, 4, 3, 3)
+    alive = torch.rand(shape, generator=g) < (0.1 + 0.15 * seed)
+    weight = torch.randint(1, 4, shape, generator=g).float() * torch.where(torch.rand(shape, generator=g) < 0.5, -1, 1)
+    weight = weight * alive  # survivors nonzero, pruned entries zero (as stored)
+    grad = torch.randint(0, 3, shape, generator=g).float() * torch.where(torch.rand(shape, generator=g) < 0.5, -1, 1)
+    for fraction in (0.05, 0.3, 0.5, 0.999):
+        new, n = dynamic.drop_and_grow(weight, alive, grad.abs(), fraction)
+        assert n == int(int(alive.sum()) * fraction)
+        assert torch.equal(new, rigl_reference(weight, alive, grad, fraction))
+
+
+def test_largest_breaks_ties_like_top_k():
+    v = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 2.0, 0.0])
+    for k in range(0, 8):
+        expected = torch.zeros(7, dtype=torch.bool)
+        expected[torch.sort(v, descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(dynamic.largest(v, k), expected), k
