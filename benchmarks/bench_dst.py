@@ -65,7 +65,7 @@ def epoch(base: nn.Module, data: DataBundle, cfg: TrainConfig, method: str, delt
     model = deepcopy_model(base)
     paths = list(get_masks(model))
     steps = len(data.train)
-    schedule = DropSchedule(alpha=0.3, delta_t=delta_t, end=steps)
+    schedule = DropSchedule(alpha=0.3, delta_t=delta_t, end=steps + 1)  # an update at every multiple of delta_t
     grow = grow_scorer(method, paths, dataset=data.train.dataset, batch_size=cfg.batch_size, seed=1,
                        device=torch.device("cpu"))
     updater = MaskUpdater(model, paths, schedule, grow, [p.rpartition(".")[0] for p in paths])

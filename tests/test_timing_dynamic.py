@@ -78,7 +78,7 @@ def test_updates_follow_the_cosine_schedule_and_stop_at_t_end(tmp_path, monkeypa
     result = PruningExperiment(cfg).run()
     T = total_steps(cfg)
     end = round(0.6 * T)
-    expected_steps = [s for s in range(1, end + 1) if s % 5 == 0]
+    expected_steps = [s for s in range(1, end) if s % 5 == 0]  # at T_end itself the fraction is 0: no update
     assert len(expected_steps) >= 5
     assert [r["step"] for r in result.levels] == expected_steps
     assert [r["update"] for r in result.levels] == list(range(1, len(expected_steps) + 1))
@@ -93,7 +93,7 @@ def test_updates_follow_the_cosine_schedule_and_stop_at_t_end(tmp_path, monkeypa
     changed = [r["step"] for prev, r in zip([{"masks": watch.start}] + watch.steps, watch.steps)
                if any(not torch.equal(prev["masks"][p], r["masks"][p]) for p in PATHS)]
     assert changed and set(changed) <= set(expected_steps) and max(changed) <= end
-    assert len(changed) >= len(expected_steps) - 1  # regrowth really happens (the last, tiny fraction may be 0)
+    assert len(changed) >= len(expected_steps) - 1  # regrowth really happens (the last fraction may floor to 0)
     assert result.metrics["dynamic_updates"] == len(expected_steps)
 
 

@@ -97,7 +97,9 @@ class DropSchedule:
         return self.alpha * 0.5 * (1.0 + math.cos(math.pi * min(step, self.end) / self.end))
 
     def update_steps(self) -> list[int]:
-        return list(range(self.delta_t, self.end + 1, self.delta_t))
+        """Every ``delta_t``-th step up to ``T_end``, except ``T_end`` itself, where the fraction is 0 (their TF2
+        code skips a zero-fraction update too)."""
+        return list(range(self.delta_t, self.end, self.delta_t))
 
 
 # ------------------------------------------------------------------------------------------------ the update
