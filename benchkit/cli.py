@@ -111,6 +111,7 @@ def _version() -> str:
 
 # --------------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
+    import benchkit.timing  # noqa: F401  (registers every timing's settings section before the file is read)
     from benchkit.config import ExperimentConfig
     from benchkit.sweep import PlanEntry, format_plan, plan_notes, plan_sweep
     from benchkit.tracking import Tracker

@@ -59,6 +59,7 @@ class RunResult:
     notes: list[str] = field(default_factory=list)  # what the pruning decided on its own (logged as a tag)
     collapsed: dict[str, str] = field(default_factory=dict)  # layer -> why it counts as nearly collapsed
     resolved: dict[str, Any] = field(default_factory=dict)  # settings resolved at run time (logged as params)
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # per-step figures (MLflow steps)
 
     def history_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.history)
@@ -125,6 +126,7 @@ class PruningExperiment:
             timings=dict(ctx.timings), dense_cache_hit=(bool(ctx.metrics["dense_cache_hit"])
                                                         if "dense_cache_hit" in ctx.metrics else None),
             model=model, notes=sorted(ctx.notes), collapsed=dict(ctx.collapsed), resolved=dict(ctx.resolved),
+            series={k: list(v) for k, v in ctx.series.items()},
         )
         if self.write:
             result.output_dir = write_result(result, Path(cfg.output_dir) / result.config_hash)

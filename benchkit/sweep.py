@@ -91,7 +91,10 @@ class SweepSpec:
 
 
 def config_keys() -> set[str]:
-    """Every dotted config key, the sections of every timing included."""
+    """Every dotted config key, the sections of every timing included (importing the timings registers them:
+    the CLI reads a sweep file before anything else imported them)."""
+    import benchkit.timing  # noqa: F401
+
     return set(flatten(ExperimentConfig().to_dict()))
 
 

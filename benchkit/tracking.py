@@ -496,7 +496,8 @@ def result_metric_rows(result: Any) -> list[tuple[str, float, int]]:
       ``finetune_r1/val_acc1``, ``level_3/val_acc1``), so the UI draws one curve per phase;
     * per round / level / gradual update as ``level_<metric>`` with step = that index
       (``<branch>_level_<metric>`` for the lottery controls, e.g. ``reinit_level_test_acc1``), so the
-      UI plots accuracy against the pruning level.
+      UI plots accuracy against the pruning level;
+    * per-step series a timing recorded (``dynamic/sparsity`` at each mask update) at their training step.
     """
     metrics = dict(result.metrics or {})
     rows: list[tuple[str, float, int]] = [(k, v, 0) for k, v in metrics.items()]
@@ -504,6 +505,7 @@ def result_metric_rows(result: Any) -> list[tuple[str, float, int]]:
         rows += [(f"time_{k}_s", v, 0) for k, v in (getattr(result, "timings", None) or {}).items()]
     rows += history_rows(result.history or [])
     rows += level_rows(getattr(result, "levels", None) or [])
+    rows += [(k, v, step) for k, points in (getattr(result, "series", None) or {}).items() for step, v in points]
     return rows
 
 

@@ -28,3 +28,14 @@ def test_oneshot_benchmark_times_every_method_and_prints_the_ratio():
     assert [line.split("|")[1].strip() for line in r.stdout.splitlines() if line.startswith("| ") and "method" not in
             line] == ["magnitude", "wanda", "sparsegpt"]
     assert "sparsegpt / wanda: whole call" in r.stdout
+
+
+
+def test_dst_overhead_benchmark_runs_both_arms_and_gives_a_verdict():
+    r = subprocess.run([sys.executable, "benchmarks/bench_dst.py", "--models", "lenet300", "--blocks", "1",
+                        "--train-subset", "240", "--batch-size", "60", "--delta-t", "2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| lenet300 |")]
+    assert len(rows) == 1 and rows[0].split("|")[2].strip() == "2"  # 4 steps/epoch, an update every 2
+    assert "rigl / static wall time" in r.stdout and "1.10 goal" in r.stdout

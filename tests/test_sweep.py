@@ -37,7 +37,7 @@ def test_grid_is_the_cartesian_product_and_zip_moves_together(tmp_path):
     p = write(tmp_path, BASE + """\
 grid:
   prune.criterion: [magnitude, random]
-  prune.scope: [global, layer]
+  prune.allocation: [global, uniform]
   seed: [0, 1, 2]
 zip:
   prune.compression: [2, 8]
@@ -46,8 +46,9 @@ zip:
     spec = load_sweep(p)
     combos = combinations(spec)
     expected = [
-        {"prune.criterion": c, "prune.scope": s, "seed": seed, "prune.compression": comp, "prune.post.finetune.epochs": ep}
-        for c, s, seed in itertools.product(["magnitude", "random"], ["global", "layer"], [0, 1, 2])
+        {"prune.criterion": c, "prune.allocation": s, "seed": seed, "prune.compression": comp,
+         "prune.post.finetune.epochs": ep}
+        for c, s, seed in itertools.product(["magnitude", "random"], ["global", "uniform"], [0, 1, 2])
         for comp, ep in [(2, 1), (8, 3)]
     ]
     assert combos == expected  # 2 × 2 × 3 × 2 (zip), file order
@@ -393,3 +394,20 @@ def test_ctrl_c_while_a_serial_run_is_created_or_closed_leaves_no_running_run(tm
     client = Tracker(uri).client
     runs = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
     assert [r.info.status for r in runs] == ["KILLED" if moment == "creating" else "FINISHED"]
+
+
+@pytest.mark.parametrize("study", ["sparse_training", "at_init_sanity", "timing"])
+def test_a_fresh_process_reads_axes_of_any_timing_section(study):
+    """The CLI reads a sweep before anything imported the timings: keys of their sections (prune.dynamic.method,
+    prune.pre.controls, prune.post.rounds) must still be known, and every combination of the studies valid."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (f"from benchkit.sweep import load_sweep, expand; spec = load_sweep('experiments/{study}.yaml'); "
+            "plan = expand(spec); print(len(plan), sum(e.status == 'excluded' for e in plan))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(repo)})
+    assert r.returncode == 0, r.stderr
+    total, excluded = map(int, r.stdout.split())
+    assert total == {"sparse_training": 240, "at_init_sanity": 36, "timing": 21}[study] and excluded == 0

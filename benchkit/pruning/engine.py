@@ -798,6 +798,28 @@ def _prune_calibrated(model: nn.Module, plan: PrunePlan, t0: float) -> PruneRepo
     return out
 
 
+def score(
+    model: nn.Module,
+    criterion: str | Criterion | type[Criterion] = "magnitude",
+    *,
+    batch: tuple[Tensor, Tensor] | None = None,
+    loader: Iterable | None = None,
+    exclude: Iterable[str] | str = (),
+    loss_fn=None,
+    seed: int | None = None,
+    score_batches: int = 1,
+    input_shape: tuple[int, ...] | None = None,
+) -> dict[str, Tensor]:
+    """The criterion's element scores (higher = more important) of every non-excluded prunable layer, from one
+    scoring pass on the model as it is (a masked weight scores on its zeroed value), as ``prune`` ranks them
+    with ``iterations=1``; the model is not modified. For controls and analyses that need the scores
+    themselves (e.g. keeping the *lowest*-scoring weights, Frankle et al. 2021)."""
+    plan = plan_pruning(model, 1.0, criterion=criterion, batch=batch, loader=loader, exclude=exclude,
+                        loss_fn=loss_fn, seed=seed, score_batches=score_batches, input_shape=input_shape,
+                        iterations=1, allow_layer_collapse=True)
+    return _scores(model, plan, {})
+
+
 def _units_alive(module: nn.Module, mask: Tensor | None) -> int:
     """Output units (rows) of a layer with at least one surviving weight."""
     rows = param_value(module, "weight").shape[0]
@@ -860,5 +882,6 @@ __all__ = [
     "compute_masks",
     "plan_pruning",
     "prune",
+    "score",
     "scoring_copy",
 ]

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from benchkit.timing.base import TIMINGS, RunContext, Timing, register_timing
 from benchkit.timing.during import AGPSchedule, DuringConfig, GradualPruning
+from benchkit.timing.dynamic import DropSchedule, DynamicConfig, DynamicSparse
 from benchkit.timing.lottery import LotteryConfig, LotteryTicket
 from benchkit.timing.post import DistillationLoss, DistillConfig, FinetuneConfig, PostConfig, PostTraining
-from benchkit.timing.pre import PruneAtInit
+from benchkit.timing.pre import PreConfig, PruneAtInit
 
-__all__ = ["TIMINGS", "Timing", "RunContext", "register_timing", "PruneAtInit", "GradualPruning", "AGPSchedule",
-           "DuringConfig", "PostTraining", "PostConfig", "FinetuneConfig", "DistillConfig", "DistillationLoss",
-           "LotteryTicket", "LotteryConfig"]
+__all__ = ["TIMINGS", "Timing", "RunContext", "register_timing", "PruneAtInit", "PreConfig", "GradualPruning",
+           "AGPSchedule", "DuringConfig", "PostTraining", "PostConfig", "FinetuneConfig", "DistillConfig",
+           "DistillationLoss", "LotteryTicket", "LotteryConfig", "DynamicSparse", "DynamicConfig", "DropSchedule"]

@@ -113,6 +113,7 @@ class RunContext:
     notes: set[str] = field(default_factory=set)  # decisions the engine took on its own (logged as a tag)
     collapsed: dict[str, str] = field(default_factory=dict)  # layer -> why it counts as collapsed (last call)
     resolved: dict[str, Any] = field(default_factory=dict)  # settings resolved at run time (logged as params)
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # name -> (training step, value)
     _clock_stack: list[float] = field(default_factory=list, repr=False)
 
     # ---------------------------------------------------------------------------- building blocks

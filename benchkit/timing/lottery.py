@@ -9,10 +9,12 @@ after iteration k of the dense training (captured by a training callback), and t
 the rest of the run from there: steps k+1…T, each at the learning rate it had in the dense run
 (Frankle et al. 2020; OpenLTH's ``start_step``), so every level trains for as long as the dense
 network did after iteration k.
-Controls, trained at every level from the ticket's masks:
+Controls, trained at every level from the ticket's masks (:mod:`benchkit.timing.controls`):
 
 * ``reinit``: the same masks on a fresh initialisation drawn from a different seed;
-* ``random``: random masks with the ticket's per-layer sparsities, on the rewound weights.
+* ``random``: random masks with the ticket's per-layer sparsities, on the rewound weights;
+* ``shuffle``: the ticket's masks permuted within each layer, on the rewound weights (the contrast of Frankle
+  et al. 2021: tickets found after training *are* harmed by it, masks found at initialisation are not).
 
 With ``prune.compression`` the rate is derived so that ``levels`` levels reach it
 (``rate = 1 − C^(−1/levels)``); otherwise ``lottery.rate`` (default 0.2).
@@ -29,9 +31,9 @@ from typing import Any
 
 from torch import nn
 
-from benchkit.config import ConfigError, ExperimentConfig, stable_hash
+from benchkit.config import ConfigError, ExperimentConfig
 from benchkit.pruning.layers import prunable_layers, resolve_patterns
-from benchkit.pruning.masks import apply_masks, get_masks, load_weights, plain_state_dict
+from benchkit.pruning.masks import get_masks, load_weights, plain_state_dict
 from benchkit.timing.base import (
     RunContext,
     Timing,
@@ -40,9 +42,10 @@ from benchkit.timing.base import (
     per_layer_values,
     register_timing,
 )
+from benchkit.timing.controls import control_seed, random_control, reinit_control, shuffle_control
 
 CRITERIA = ("magnitude", "random")
-CONTROLS = ("reinit", "random")
+CONTROLS = ("reinit", "random", "shuffle")
 DEFAULT_RATE = 0.2
 
 
@@ -60,7 +63,7 @@ class LotteryConfig:
     rate: float | None = _exclusive()  # fraction of survivors pruned per level; default 0.2, or from compression
     layer_rates: dict[str, float] = _exclusive(factory=dict)  # per-layer (glob) rates, e.g. {fc3: 0.1}
     rewind_iteration: int = _exclusive(0)  # 0 = rewind to initialisation; k = to the weights after iteration k
-    controls: list[str] = _exclusive(factory=list)  # reinit | random: controls trained at every level
+    controls: list[str] = _exclusive(factory=list)  # reinit | random | shuffle: controls trained at every level
 
 
 def lottery_rate(cfg: ExperimentConfig) -> float:
@@ -71,11 +74,6 @@ def lottery_rate(cfg: ExperimentConfig) -> float:
     if target is not None:
         return 1.0 - target ** (-1.0 / lt.levels)
     return DEFAULT_RATE
-
-
-def control_seed(seed: int, control: str, level: int) -> int:
-    """A seed for a control branch, distinct from the run seed and from every other branch."""
-    return int(stable_hash([seed, control, level], length=8), 16)
 
 
 @register_timing("lottery", config=LotteryConfig)
@@ -154,28 +152,10 @@ class LotteryTicket(Timing):
         bad = [c for c in lt.controls if c not in CONTROLS]
         if bad:
             yield "prune.lottery.controls", f"unknown control {bad[0]!r}; allowed: {', '.join(CONTROLS)}"
+        if "shuffle" in lt.controls and p.granularity != "element":
+            yield "prune.lottery.controls", (f"shuffle permutes single weights within a layer; granularity "
+                                             f"{p.granularity!r} is not supported with it (use element)")
 
 
-def reinit_control(ctx: RunContext, masks: dict, rewind: dict, level: int) -> nn.Module:
-    """The ticket's masks on a fresh random initialisation (different seed)."""
-    model = ctx.build_model(seed=control_seed(ctx.cfg.seed, "reinit", level))
-    apply_masks(model, masks)
-    return model
-
-
-def random_control(ctx: RunContext, masks: dict, rewind: dict, level: int) -> nn.Module:
-    """Random masks with the ticket's per-layer sparsities, on the ticket's rewound weights."""
-    model = ctx.build_model()
-    load_weights(model, rewind)
-    per_layer: dict[str, float] = {}
-    for name in prunable_layers(model):
-        mask = masks.get(f"{name}.weight")
-        if mask is not None and int(mask.sum()) < mask.numel():
-            per_layer[name] = mask.numel() / max(int(mask.sum()), 1)
-    if per_layer:
-        ctx.prune(model, 1.0, per_layer, criterion="random", allocation="uniform",
-                  seed=control_seed(ctx.cfg.seed, "random", level))
-    return model
-
-
-CONTROL_BUILDERS: dict[str, Any] = {"reinit": reinit_control, "random": random_control}
+CONTROL_BUILDERS: dict[str, Any] = {"reinit": reinit_control, "random": random_control, "shuffle": shuffle_control}
+__all__ = ["LotteryConfig", "LotteryTicket", "lottery_rate", "control_seed", "CONTROL_BUILDERS"]
