@@ -4,6 +4,7 @@
     benchkit sweep experiments/quickstart.yaml --workers 2
     benchkit sweep experiments/quickstart.yaml --dry-run
     benchkit report --experiment quickstart --filter "params.prune.criterion = 'magnitude'" --format markdown
+    benchkit verify strategies            (a reproduction card's claims, checked against the runs)
     benchkit ui
 
 Torch, MLflow and Ray are imported inside the commands, so ``--help`` answers at once.
@@ -76,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--sort", default=None, metavar="COLUMN", help="sort by this column; descending with a leading minus: --sort=-test_acc1")
     rep.add_argument("--all", action="store_true", help="include FAILED / KILLED / RUNNING runs (default: FINISHED)")
     store(rep)
+
+    v = sub.add_parser("verify", help="check a study's reproduction card (or the ShrinkBench checklist) against runs",
+                       description="Evaluate the claims of experiments/<STUDY>.card.yaml on the study's runs and print, "
+                                   "per claim, PASS / FAIL / KNOWN (a listed difference) with the numbers that decided "
+                                   "it; exit status 1 on a failed claim. --checklist: ShrinkBench's reporting rules.")
+    v.add_argument("studies", nargs="*", metavar="STUDY",
+                   help="a card (experiments/<STUDY>.card.yaml, by study or experiment name, or its path); with "
+                        "--checklist, an MLflow experiment")
+    v.add_argument("--all", action="store_true", help="every card in --cards")
+    v.add_argument("--cards", default="experiments", metavar="DIR", help="where the cards are (default: experiments)")
+    v.add_argument("--markdown", action="store_true",
+                   help="print each card's agree/differ text as Markdown (between <!-- verify:NAME --> markers)")
+    v.add_argument("--write", metavar="FILE", default=None,
+                   help="with --markdown: replace the marked blocks of FILE (e.g. results/README.md)")
+    v.add_argument("--checklist", action="store_true",
+                   help="ShrinkBench's reporting checklist on the runs of each STUDY (an experiment name)")
+    v.add_argument("--metric", default="test_acc1", help="--checklist: the metric whose seed spread is reported")
+    v.add_argument("--quiet", "-q", action="store_true", help="print only the points that fail")
+    store(v)
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the same store",
                        description="Start `mlflow ui` bound to 127.0.0.1 on the store the other commands use.")
@@ -299,7 +319,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui}
+def cmd_verify(args: argparse.Namespace) -> int:
+    from benchkit.verify.command import run
+
+    return run(args)
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "verify": cmd_verify, "ui": cmd_ui}
 
 
 class _UsageError(Exception):
