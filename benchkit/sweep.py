@@ -91,7 +91,10 @@ class SweepSpec:
 
 
 def config_keys() -> set[str]:
-    """Every dotted config key, the sections of every timing included."""
+    """Every dotted config key, the sections of every timing included (importing the timings registers them:
+    without it a sweep file's ``prune.post.*`` keys read as unknown)."""
+    import benchkit.timing  # noqa: F401
+
     return set(flatten(ExperimentConfig().to_dict()))
 
 

@@ -288,7 +288,7 @@ def load_history(
 # Per-level metrics (benchkit.tracking.level_rows), logged with step = level (or round):
 # `level_<quantity>` or `ticket_level_<quantity>` for the ticket, `<control>_level_<quantity>` for each
 # control (reinit, random). Curves (`level_3/val_acc1`) contain a slash and are not level metrics.
-LEVEL_KEY = re.compile(r"^(?:(?P<branch>[a-z0-9]+)_)?level_(?P<quantity>[^/]+)$")
+LEVEL_KEY = re.compile(r"^(?:(?P<branch>[a-z0-9_]+?)_)?level_(?P<quantity>[^/]+)$")  # branch: reinit, scratch_b
 TICKET = "ticket"
 
 

@@ -8,6 +8,7 @@ A card, in full::
     paper: Blalock et al. 2020, "What is the State of Neural Network Pruning?" (MLSys)
     sweep: strategies.yaml              # the sweep that makes the runs (beside the card)
     store: ../results/studies/mlflow.db # where the committed runs are (used without --tracking-uri)
+    pending: why the runs are not in the store yet   # only for a study set up but not run
     protocol:                           # how these runs differ from the paper's protocol
       - Fashion-MNIST instead of MNIST
     defaults: {metric: test_acc1, scale: 100, unit: "%"}   # for every claim below
@@ -55,6 +56,7 @@ class Card:
     sweep: str | None = None
     store: str | None = None
     protocol: list[str] = field(default_factory=list)
+    pending: str | None = None  # the study is set up but not run: its absence from a store is reported, not failed
 
     def store_uri(self) -> str | None:
         """The card's own store as a tracking URI (``sqlite:///`` for a .db file), relative to the card."""
@@ -66,7 +68,7 @@ class Card:
         return f"sqlite:///{path}" if path.suffix == ".db" else str(path)
 
 
-CARD_KEYS = ("experiment", "title", "paper", "sweep", "store", "protocol", "defaults", "claims")
+CARD_KEYS = ("experiment", "title", "paper", "sweep", "store", "pending", "protocol", "defaults", "claims")
 CLAIM_FIELDS = {f.name: f for f in dataclasses.fields(Claim) if f.name not in ("settings",)}
 
 
@@ -100,7 +102,8 @@ def load_card(path: str | Path) -> Card:
         protocol = [protocol]
     return Card(name=path.name.removesuffix(CARD_SUFFIX), path=path, experiment=str(data["experiment"]),
                 title=str(data["title"]), paper=str(data["paper"]), claims=claims, sweep=data.get("sweep"),
-                store=data.get("store"), protocol=[str(p) for p in protocol])
+                store=data.get("store"), protocol=[str(p) for p in protocol],
+                pending=str(data["pending"]) if data.get("pending") else None)
 
 
 def build_claim(raw: Any, defaults: dict[str, Any] | None = None, where: str = "claim", line: int | None = None) -> Claim:

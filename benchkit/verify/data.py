@@ -78,6 +78,15 @@ class StudyData:
     def runs(self) -> pd.DataFrame:
         return self.frame("runs")
 
+    def available(self) -> bool:
+        """Whether the store holds a FINISHED run of the experiment."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        return exp is not None and bool(client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                                           max_results=1))
+
 
 @SOURCES.register("runs")
 def load_study_runs(study: StudyData) -> pd.DataFrame:

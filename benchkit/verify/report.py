@@ -3,7 +3,8 @@
 
 Status of a claim: PASS (holds), FAIL (does not), KNOWN (does not, and the card names why: a known
 difference), XPASS (listed as a known difference but holds now: update the card), ERROR (the claim cannot be
-evaluated on these runs: a card or store problem). FAIL and ERROR make ``benchkit verify`` exit non-zero.
+evaluated on these runs: a card or store problem). FAIL and ERROR make ``benchkit verify`` exit non-zero. A card
+marked ``pending`` whose experiment is not in the store is reported as such (nothing to check yet), not failed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class CardResult:
     card: Card
     tracking_uri: str | None
     outcomes: list[Outcome]
+    pending: bool = False  # a pending card whose experiment is not in this store
 
     @property
     def fatal(self) -> list[Outcome]:
@@ -67,6 +69,8 @@ def verify_card(card: Card, tracking_uri: str | None = None, study: StudyData | 
     """Every claim of ``card`` on the runs of its experiment in ``tracking_uri`` (default: the card's store)."""
     uri = tracking_uri or card.store_uri()
     study = study or StudyData(card.experiment, uri)
+    if card.pending and not study.available():
+        return CardResult(card, uri, [], pending=True)
     ctx = ClaimContext(study)
     return CardResult(card, uri, [evaluate_claim(c, ctx) for c in card.claims])
 
@@ -76,6 +80,10 @@ def format_result(result: CardResult, verbose: bool = True) -> str:
     card = result.card
     lines = [f"{card.name}: {card.title}", f"  paper: {card.paper}",
              f"  runs: experiment {card.experiment!r} in {result.tracking_uri}"]
+    if result.pending:
+        lines.append(f"  PENDING  no finished run of {card.experiment!r} in this store: {card.pending}")
+        lines += [f"         to check: {c.id}: {c.says}" for c in card.claims]
+        return "\n".join(lines)
     for o in result.outcomes:
         lines.append(f"  {o.status:<5}  {o.claim.id}: {o.claim.says}")
         if o.requirement:
@@ -110,6 +118,13 @@ def markdown(result: CardResult, link_base: str | Path | None = None) -> str:
         raise ClaimError(f"{card.name}: claim {bad.claim.id!r} cannot be evaluated ({bad.error}); fix the card or the "
                          "store before generating the README text")
     link = os.path.relpath(card.path.resolve(), Path(link_base).resolve()) if link_base else str(card.path)
+    if result.pending:
+        out = [f"**Against the paper** ({card.paper}): not run yet ({card.pending}). The claims its card "
+               f"[`{card.path.name}`]({link}) will check:", ""]
+        out += [f"- {c.says}" for c in card.claims]
+        if card.protocol:
+            out += ["", "Protocol here vs the paper: " + "; ".join(p.rstrip(".") for p in card.protocol) + "."]
+        return "\n".join(out) + "\n"
     conf = {o.claim.confidence for o in result.outcomes}
     head = (f"**Against the paper** ({card.paper}). Generated from [`{card.path.name}`]({link}) by `benchkit verify "
             f"{card.name}` on these runs: {len(result.outcomes)} claims; differences of two strategies are paired by "
