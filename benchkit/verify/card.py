@@ -139,6 +139,9 @@ def build_claim(raw: Any, defaults: dict[str, Any] | None = None, where: str = "
     _check_types(kind.settings, settings, label)
     claim = Claim(**merged, settings=kind.settings(**settings))
     claim.kind = kind.name
+    problem = kind.check(claim.settings)
+    if problem:
+        raise CardError(f"{label}: a {kind.name} claim {problem}")
     if not 0 < claim.confidence < 1:
         raise CardError(f"{label}: confidence must be in (0, 1), e.g. 0.95; got {claim.confidence}")
     if claim.reduce not in (None, "mean"):
@@ -150,7 +153,7 @@ def _check_types(cls: type, values: dict[str, Any], label: str) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if not _fits(value, hints.get(key, Any)):
-            raise CardError(f"{label}: {key} must be {str(hints[key]).replace('typing.', '')}, got {value!r}")
+            raise CardError(f"{label}: {key} must be {_type_name(hints[key])}, got {value!r}")
 
 
 def _fits(value: Any, tp: Any) -> bool:
@@ -174,6 +177,10 @@ def _fits(value: Any, tp: Any) -> bool:
     if origin is dict:
         return isinstance(value, dict)
     return True
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _line(lines: dict[str, int], key: str) -> str:

@@ -30,6 +30,9 @@ from benchkit.verify.data import current_names
 
 MIN_POINTS, LOW, HIGH, MIN_SEEDS = 5, 2.0, 32.0, 3
 AXES = ("model", "data", "timing", "criterion", "granularity", "allocation")
+#: budgets, not methods: a sweep whose methods differ in these fails equal-budgets instead of comparing "methods"
+BUDGET_KEYS = frozenset({"train.epochs", "train.iterations", "prune.post.finetune.epochs",
+                         "prune.post.finetune.iterations"})
 ALIASES = frozenset({"prune.criterion", "prune.granularity", "prune.allocation", "prune.timing", "model.name",
                      "data.name", "prune.compression", "prune.sparsity", "seed"}) | NON_SEMANTIC_KEYS
 
@@ -53,15 +56,21 @@ class Sweep:
         self.runs = current_names(self.runs).reset_index(drop=True)
         if self.runs.empty:
             raise ValueError("no runs to check")
-        self.method_columns = [c for c in AXES if c in self.runs] + [
+        candidates = [c for c in AXES if c in self.runs] + [
             c for c in self.runs.columns if "." in c and not c.startswith(("tags.", "metrics."))
-            and c not in ALIASES and not any(c.startswith(f"{k}.") for k in ("prune.collapse",))
-            and self.runs[c].astype(str).nunique(dropna=False) > 1]
+            and c not in ALIASES and c not in BUDGET_KEYS and not c.startswith("prune.collapse.")]
+        pruned = self.runs[self._points() > 1.0 + 1e-9]
+        self.method_columns = [c for c in candidates if c in pruned and pruned[c].astype(str).nunique(dropna=False) > 1]
         self.runs["method"] = self.runs.apply(
-            lambda r: " · ".join(str(r[c]) for c in self.method_columns), axis=1)
-        requested = self.runs["compression"] if "compression" in self.runs else pd.Series(math.nan, index=self.runs.index)
-        achieved = self.runs.get("compression_ratio", pd.Series(math.nan, index=self.runs.index))
-        self.runs["point"] = requested.where(requested.notna(), achieved).astype(float)
+            lambda r: " · ".join(str(r[c]) for c in self.method_columns) or "all runs", axis=1)
+        self.runs["point"] = self._points()
+
+    def _points(self) -> pd.Series:
+        """The requested compression of each run, else the achieved one."""
+        nan = pd.Series(math.nan, index=self.runs.index)
+        requested = self.runs["compression"] if "compression" in self.runs else nan
+        achieved = self.runs["compression_ratio"] if "compression_ratio" in self.runs else nan
+        return requested.where(requested.notna(), achieved).astype(float)
 
     @property
     def pruned(self) -> pd.DataFrame:

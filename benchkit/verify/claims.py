@@ -112,21 +112,34 @@ class ClaimKind:
     settings: type
     evaluate: Callable[[Claim, ClaimContext], list[Check]]
     requirement: Callable[[Claim], str]
+    check: Callable[[Any], str | None]  # settings -> what is wrong with them (None: fine), asked when a card is read
 
 
 CLAIM_KINDS: Registry[ClaimKind] = Registry("claim kind")
 
 
-def register_claim(name: str, settings: type, requirement: Callable[[Claim], str] | None = None):
-    """Decorator: ``evaluate(claim, ctx) -> list[Check]`` becomes claim kind ``name`` with its settings dataclass."""
+def register_claim(name: str, settings: type, requirement: Callable[[Claim], str] | None = None,
+                   check: Callable[[Any], str | None] | None = None):
+    """Decorator: ``evaluate(claim, ctx) -> list[Check]`` becomes claim kind ``name`` with its settings dataclass,
+    the sentence saying what it requires, and ``check(settings)`` naming a setting problem before anything is read."""
     if not dataclasses.is_dataclass(settings):
         raise TypeError(f"the settings of claim kind {name!r} must be a dataclass, got {settings!r}")
 
     def add(fn: Callable[[Claim, ClaimContext], list[Check]]):
-        CLAIM_KINDS.register(name, ClaimKind(name, settings, fn, requirement or (lambda c: "")))
+        CLAIM_KINDS.register(name, ClaimKind(name, settings, fn, requirement or (lambda c: ""),
+                                             check or (lambda s: None)))
         return fn
 
     return add
+
+
+def _needs_bounds(s: Any) -> str | None:
+    return None if s.min is not None or s.max is not None else "needs min and/or max"
+
+
+def _needs_direction(s: Any) -> str | None:
+    return None if s.direction in ("increasing", "decreasing") else \
+        f"direction must be increasing or decreasing, got {s.direction!r}"
 
 
 # --------------------------------------------------------------------------------------------- rows
@@ -310,6 +323,8 @@ def _used(claim: Claim, point: Any, *used: Any) -> str:
 
 
 def _bounds_text(lo: float | None, hi: float | None, fmt: Callable[[float], str]) -> str:
+    if lo is None and hi is None:
+        return "(no bounds)"
     if lo is not None and hi is not None:
         return f"in [{fmt(lo)}, {fmt(hi)}]"
     return f">= {fmt(lo)}" if lo is not None else f"<= {fmt(hi)}"
@@ -380,7 +395,7 @@ def _gap_requirement(c: Claim) -> str:
     return f"{what} {_bounds_text(s.min, s.max, fmt)}" + (f", its {c.confidence:.0%} interval too" if s.significant else "")
 
 
-@register_claim("gap", GapSettings, _gap_requirement)
+@register_claim("gap", GapSettings, _gap_requirement, _needs_bounds)
 def gap(claim: Claim, ctx: ClaimContext) -> list[Check]:
     s: GapSettings = claim.settings
     _need_bounds(claim, s.min, s.max)
@@ -424,7 +439,8 @@ def _within_requirement(c: Claim) -> str:
     return " and ".join(parts)
 
 
-@register_claim("within", WithinSettings, _within_requirement)
+@register_claim("within", WithinSettings, _within_requirement,
+                lambda s: None if s.tolerance is not None or s.k_std is not None else "needs tolerance and/or k_std")
 def within(claim: Claim, ctx: ClaimContext) -> list[Check]:
     s: WithinSettings = claim.settings
     if s.tolerance is None and s.k_std is None:
@@ -462,7 +478,7 @@ def _threshold_requirement(c: Claim) -> str:
     return f"mean over seeds {_bounds_text(c.settings.min, c.settings.max, c.value)} at every point"
 
 
-@register_claim("threshold", SingleSettings, _threshold_requirement)
+@register_claim("threshold", SingleSettings, _threshold_requirement, _needs_bounds)
 def threshold(claim: Claim, ctx: ClaimContext) -> list[Check]:
     s: SingleSettings = claim.settings
     _need_bounds(claim, s.min, s.max)
@@ -481,7 +497,7 @@ def _bounds_requirement(c: Claim) -> str:
     return f"every selected row {_bounds_text(c.settings.min, c.settings.max, lambda v: f'{v:g}')}"
 
 
-@register_claim("bounds", SingleSettings, _bounds_requirement)
+@register_claim("bounds", SingleSettings, _bounds_requirement, _needs_bounds)
 def bounds(claim: Claim, ctx: ClaimContext) -> list[Check]:
     s: SingleSettings = claim.settings
     _need_bounds(claim, s.min, s.max)
@@ -495,16 +511,21 @@ def bounds(claim: Claim, ctx: ClaimContext) -> list[Check]:
         rows = rows[keep]
     y = metric_values(rows, a.metric) * claim.scale
     bad = y[~y.map(lambda v: _within(v, s.min, s.max))]
-    text = (f"{len(y)} rows of {a.label}: {a.metric} from {y.min():.6g} to {y.max():.6g}"
-            + (f"; {len(bad)} outside, e.g. {bad.iloc[0]:.6g}" if len(bad) else ""))
-    return [Check("every row", bad.empty, text, f"{y.min():.4g}–{y.max():.4g}")]
+    text = (f"{len(y)} rows of {a.label}: {a.metric} from {_num(y.min())} to {_num(y.max())}"
+            + (f"; {len(bad)} outside, e.g. {_num(bad.iloc[0])}" if len(bad) else ""))
+    return [Check("every row", bad.empty, text, f"{_num(y.min())} to {_num(y.max())} over {len(y)} rows")]
+
+
+def _num(v: float) -> str:
+    """Plain for ordinary magnitudes (1.0000), scientific for tiny or huge ones (1.84e-06)."""
+    return "0" if v == 0 else (f"{v:.4f}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}")
 
 
 def _spread_requirement(c: Claim) -> str:
     return f"std over seeds {_bounds_text(c.settings.min, c.settings.max, c.value)} at every point"
 
 
-@register_claim("spread", SingleSettings, _spread_requirement)
+@register_claim("spread", SingleSettings, _spread_requirement, _needs_bounds)
 def spread(claim: Claim, ctx: ClaimContext) -> list[Check]:
     s: SingleSettings = claim.settings
     _need_bounds(claim, s.min, s.max)
@@ -533,7 +554,9 @@ def _crossing_requirement(c: Claim) -> str:
     return f"walking x {s.direction}, a stays below b from an x in [{c.point(lo)}, {c.point(hi)}] on"
 
 
-@register_claim("crossing", CrossingSettings, _crossing_requirement)
+@register_claim("crossing", CrossingSettings, _crossing_requirement,
+                lambda s: "needs between: [low, high], the x range of the crossing" if len(s.between) != 2
+                else _needs_direction(s))
 def crossing(claim: Claim, ctx: ClaimContext) -> list[Check]:
     s: CrossingSettings = claim.settings
     if len(s.between) != 2:
@@ -580,7 +603,7 @@ def _trend_requirement(c: Claim) -> str:
     return f"{what} {'falls' if s.direction == 'decreasing' else 'rises'} at every step along {c.x}{slack}"
 
 
-@register_claim("trend", TrendSettings, _trend_requirement)
+@register_claim("trend", TrendSettings, _trend_requirement, _needs_direction)
 def trend(claim: Claim, ctx: ClaimContext) -> list[Check]:
     s: TrendSettings = claim.settings
     if s.direction not in ("increasing", "decreasing"):
@@ -620,7 +643,8 @@ def _best_requirement(c: Claim) -> str:
             + ", ".join(f"{k} = {v}" for k, v in s.expect.items()) + " at every point")
 
 
-@register_claim("best", BestSettings, _best_requirement)
+@register_claim("best", BestSettings, _best_requirement,
+                lambda s: None if s.among and s.expect else "needs among: [columns] and expect: {column: value}")
 def best(claim: Claim, ctx: ClaimContext) -> list[Check]:
     s: BestSettings = claim.settings
     if not s.among or not s.expect:

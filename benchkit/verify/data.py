@@ -46,6 +46,11 @@ def current_names(frame: pd.DataFrame) -> pd.DataFrame:
         if mapping:
             values = values.map(lambda v, m=mapping: m.get(v.lower(), v) if isinstance(v, str) else v)
         out[new] = values if new not in out else out[new].where(out[new].notna(), values)
+    for short, key in _SHORT_RENAMES.values():  # runs logged under the new name: the short column from its param
+        new_key = RENAMED_KEYS.get(key)
+        if new_key in out:
+            short_values = out[short] if short in out else pd.Series(None, index=out.index, dtype=object)
+            out[short] = short_values.where(short_values.notna(), out[new_key])
     return out
 
 

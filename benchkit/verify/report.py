@@ -105,9 +105,12 @@ def format_result(result: CardResult, verbose: bool = True) -> str:
 
 # --------------------------------------------------------------------------------------------- markdown
 def _numbers(o: Outcome) -> str:
-    parts = [f"{c.point}: {c.short or c.text}" if c.point not in ("every row", "crossing", "all") else (c.short or c.text)
-             for c in o.checks]
-    return "; ".join(parts)
+    """The numbers that decided a claim, short: one per point (or one for a claim over every row)."""
+    shorts = [c.short or c.text for c in o.checks]
+    if len(shorts) > 1 and len(set(shorts)) == 1:
+        return f"{shorts[0]} at every point, {o.checks[0].point} to {o.checks[-1].point}"
+    return "; ".join(f"{c.point}: {c.short or c.text}" if c.point not in ("every row", "crossing", "all", "trend")
+                     else (c.short or c.text) for c in o.checks)
 
 
 def markdown(result: CardResult, link_base: str | Path | None = None) -> str:
@@ -119,33 +122,38 @@ def markdown(result: CardResult, link_base: str | Path | None = None) -> str:
                          "store before generating the README text")
     link = os.path.relpath(card.path.resolve(), Path(link_base).resolve()) if link_base else str(card.path)
     if result.pending:
-        out = [f"**Against the paper** ({card.paper}): not run yet ({card.pending}). The claims its card "
+        out = [f"**Against the paper** — {card.paper}. Not run yet: {card.pending}. The claims its card "
                f"[`{card.path.name}`]({link}) will check:", ""]
         out += [f"- {c.says}" for c in card.claims]
-        if card.protocol:
-            out += ["", "Protocol here vs the paper: " + "; ".join(p.rstrip(".") for p in card.protocol) + "."]
-        return "\n".join(out) + "\n"
+        out += ["", *_protocol(card)]
+        return "\n".join(out).rstrip() + "\n"
     conf = {o.claim.confidence for o in result.outcomes}
-    head = (f"**Against the paper** ({card.paper}). Generated from [`{card.path.name}`]({link}) by `benchkit verify "
-            f"{card.name}` on these runs: {len(result.outcomes)} claims; differences of two strategies are paired by "
-            f"seed, with {'/'.join(f'{c:.0%}' for c in sorted(conf))} t-intervals (\"within noise\": the seeds cannot "
-            "tell the difference from zero).")
+    head = (f"**Against the paper** — {card.paper}. Checked by `benchkit verify {card.name}` on these runs, from "
+            f"[`{card.path.name}`]({link}): {len(result.outcomes)} claims; two strategies are compared seed by seed, "
+            f"with {'/'.join(f'{c:.0%}' for c in sorted(conf))} t-intervals over the seeds (\"within noise\": the seeds "
+            "cannot tell the difference from zero).")
     agrees = [o for o in result.outcomes if o.holds]
     differs = [o for o in result.outcomes if not o.holds]
     out = [head, ""]
     if agrees:
         out.append("Agrees:")
-        out += [f"- {o.claim.says} ({_numbers(o)})" for o in agrees]
+        out += [f"- {o.claim.says} — {_numbers(o)}." for o in agrees]
         out.append("")
     if differs:
         out.append("Differs:")
         for o in differs:
-            why = f" Why: {o.claim.known_difference}" if o.claim.known_difference else " (not a known difference)"
+            reason = (o.claim.known_difference or "").strip().rstrip(".")
+            why = f" Why: {reason}." if reason else " (not a known difference)"
             out.append(f"- {o.claim.says} — measured {_numbers(o)}.{why}")
         out.append("")
-    if card.protocol:
-        out.append("Protocol here vs the paper: " + "; ".join(p.rstrip(".") for p in card.protocol) + ".")
+    out += _protocol(card)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _protocol(card: Card) -> list[str]:
+    if not card.protocol:
+        return []
+    return ["Protocol here vs the paper:", *(f"- {p.rstrip('.')}." for p in card.protocol)]
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -91,7 +91,8 @@ def paired_difference(a: Mapping | pd.Series, b: Mapping | pd.Series, confidence
         std = p = math.nan
     else:
         std = float(diff.std(ddof=1))
-        if std == 0.0:  # identical differences: scipy's statistic is undefined; the interval is the point
+        if std <= 1e-12 * max(1.0, abs(mean)):  # identical differences (up to rounding): no t statistic
+            std, low, high = 0.0, mean, mean
             p = 1.0 if mean == 0.0 else 0.0
         else:
             p = float(stats.ttest_rel(va, vb).pvalue)
