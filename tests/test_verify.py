@@ -10,7 +10,18 @@ import pytest
 from fake_runs import LOTTERY, SWEEP, build_store, log_fake_runs
 
 from benchkit.cli import main
-from benchkit.verify import ERROR, FAIL, KNOWN, PASS, XPASS, StudyData, find_cards, load_card, read_blocks, verify_card
+from benchkit.verify import (
+    ERROR,
+    FAIL,
+    KNOWN,
+    PASS,
+    XPASS,
+    StudyData,
+    find_cards,
+    load_card,
+    read_blocks,
+    verify_card,
+)
 from benchkit.verify.report import markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +62,7 @@ def test_every_claim_holds_or_is_a_known_difference(committed, path):
 def test_the_readme_text_is_what_the_cards_generate(committed):
     readme = REPO / "results" / "README.md"
     blocks = read_blocks(readme.read_text())
-    for name, result in committed.items():
+    for result in committed.values():
         card = result.card.name
         assert card in blocks, f"results/README.md has no <!-- verify:{card} --> block"
         assert blocks[card] == markdown(result, readme.parent), (
