@@ -232,7 +232,9 @@ def dense_baseline(sweep: Sweep) -> RuleResult:
             return RuleResult("dense-baseline", True, f"{len(dense)} dense run(s) (compression 1)")
     if logged and len(pruned) and pruned[logged].notna().all(axis=1).all():
         return RuleResult("dense-baseline", True, f"every pruned run logs its dense network's {', '.join(logged)}")
-    return RuleResult("dense-baseline", False, f"{len(dense)} dense run(s); dense metrics logged: {logged or 'none'}",
+    some = (f"; {', '.join(logged)} logged by {int(pruned[logged].notna().all(axis=1).sum())} of {len(pruned)} pruned "
+            "runs" if logged and len(pruned) else "; no dense metric logged")
+    return RuleResult("dense-baseline", False, f"{len(dense)} dense run(s){some}",
                       ["the unpruned network's accuracy: add prune.compression: 1 to the grid (or log dense_test_acc1)"])
 
 
