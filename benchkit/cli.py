@@ -113,6 +113,7 @@ def _version() -> str:
 
 # --------------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
+    import benchkit.timing  # noqa: F401  (registers the timings' sections, prune.post...: the config reads them)
     from benchkit.config import ExperimentConfig
     from benchkit.sweep import PlanEntry, format_plan, plan_notes, plan_sweep
     from benchkit.tracking import Tracker
