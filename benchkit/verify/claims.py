@@ -143,7 +143,6 @@ def _needs_direction(s: Any) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- rows
-RESERVED_SIDE_KEYS = ("metric", "source", "label", "at")
 OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": same_value,
     "!=": lambda v, w: not same_value(v, w),
@@ -186,6 +185,8 @@ class ClaimContext:
 
     # ------------------------------------------------------------------ selection
     def side(self, claim: Claim, spec: dict[str, Any] | None = None, name: str = "a") -> Side:
+        """The rows of one side: the claim's ``where`` and the side's own filters; the side's reserved keys
+        ``metric``, ``source``, ``label`` and ``at`` (a point of its own) override the claim's."""
         spec = dict(spec or {})
         source = spec.pop("source", None) or claim.source
         metric = spec.pop("metric", None) or claim.metric
@@ -217,7 +218,7 @@ class ClaimContext:
         if isinstance(at, dict):  # every x present on all sides that satisfies the condition
             present = None
             for s in [s for s in sides if s.at is None]:
-                xs = {float(v) for v in self._x(claim, s).dropna()}
+                xs = {float(v) for v in self.x_values(claim, s).dropna()}
                 present = xs if present is None else present & xs
             found = sorted(x for x in present or () if all(_compare(x, op, w) for op, w in at.items()))
             if not found:
@@ -225,7 +226,8 @@ class ClaimContext:
             return found
         return list(at) if isinstance(at, (list, tuple)) else [at]
 
-    def _x(self, claim: Claim, side: Side) -> pd.Series:
+    def x_values(self, claim: Claim, side: Side) -> pd.Series:
+        """The claim's x column on a side's rows, as numbers."""
         if claim.x not in side.rows:
             raise ClaimError(f"no column {claim.x!r} (the claim's x) in the {side.source} rows")
         return pd.to_numeric(side.rows[claim.x], errors="coerce")
@@ -251,14 +253,15 @@ class ClaimContext:
             if not at.any():
                 raise ClaimError(f"side {side.label}: no row with {claim.x} = {point!r}")
             return self._per_seed(claim, side, rows[at], y[at], point), point
-        x = self._x(claim, side)
+        x = self.x_values(claim, side)
         if claim.interpolate:
             return self._interpolated(claim, side, rows, x, y, float(point)), float(point)
-        used = self._nearest(claim, side, x, float(point))
+        used = self.nearest(claim, side, x, float(point))
         at = np.isclose(x, used, rtol=1e-9, atol=0.0)
         return self._per_seed(claim, side, rows[at], y[at], point), used
 
-    def _nearest(self, claim: Claim, side: Side, x: pd.Series, point: float) -> float:
+    def nearest(self, claim: Claim, side: Side, x: pd.Series, point: float) -> float:
+        """The x value present closest to ``point`` (relative distance), if within ``claim.x_tolerance``."""
         xs = np.unique(x.dropna().to_numpy(dtype=float))
         if len(xs) == 0:
             raise ClaimError(f"side {side.label}: no {claim.x} values")
@@ -504,10 +507,10 @@ def bounds(claim: Claim, ctx: ClaimContext) -> list[Check]:
     a = ctx.side(claim, s.a, "a")
     rows = a.rows
     if claim.at is not None:
-        x = ctx._x(claim, a)
+        x = ctx.x_values(claim, a)
         keep = np.zeros(len(rows), dtype=bool)
         for p in ctx.points(claim, [a]):
-            keep |= np.isclose(x.to_numpy(float), ctx._nearest(claim, a, x, float(p)), rtol=1e-9, atol=0.0)
+            keep |= np.isclose(x.to_numpy(float), ctx.nearest(claim, a, x, float(p)), rtol=1e-9, atol=0.0)
         rows = rows[keep]
     y = metric_values(rows, a.metric) * claim.scale
     bad = y[~y.map(lambda v: _within(v, s.min, s.max))]
@@ -565,7 +568,7 @@ def crossing(claim: Claim, ctx: ClaimContext) -> list[Check]:
         raise ClaimError(f"claim {claim.id!r}: direction must be increasing or decreasing, got {s.direction!r}")
     a, b = ctx.side(claim, s.a, "a"), ctx.side(claim, s.b, "b")
     if claim.at is None:
-        xs = sorted(set(ctx._x(claim, a).dropna().round(9)) & set(ctx._x(claim, b).dropna().round(9)))
+        xs = sorted(set(ctx.x_values(claim, a).dropna().round(9)) & set(ctx.x_values(claim, b).dropna().round(9)))
     else:
         xs = [float(p) for p in ctx.points(claim, [a, b])]
     xs = sorted(xs, reverse=s.direction == "decreasing")
@@ -612,7 +615,7 @@ def trend(claim: Claim, ctx: ClaimContext) -> list[Check]:
     b = ctx.side(claim, s.b, "b") if s.b is not None else None
     sides = [a] if b is None else [a, b]
     if claim.at is None:
-        xs = sorted(set.intersection(*({float(v) for v in ctx._x(claim, x).dropna()} for x in sides if x.at is None)))
+        xs = sorted(set.intersection(*({float(v) for v in ctx.x_values(claim, x).dropna()} for x in sides if x.at is None)))
     else:
         xs = sorted(float(p) for p in ctx.points(claim, sides))
     if len(xs) < 2:
