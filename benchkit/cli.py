@@ -5,6 +5,7 @@
     benchkit sweep experiments/quickstart.yaml --dry-run
     benchkit report --experiment quickstart --filter "params.prune.criterion = 'magnitude'" --format markdown
     benchkit deploy runs/<hash> --batch-size 64 --threads 1
+    benchkit verify strategies            (a reproduction card's claims, checked against the runs)
     benchkit ui
 
 Torch, MLflow and Ray are imported inside the commands, so ``--help`` answers at once.
@@ -94,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--warmup", type=int, default=3)
     d.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime check")
     d.add_argument("--no-sizes", action="store_true", help="skip writing the storage formats")
+    v = sub.add_parser("verify", help="check a study's reproduction card (or the ShrinkBench checklist) against runs",
+                       description="Evaluate the claims of experiments/<STUDY>.card.yaml on the study's runs and print, "
+                                   "per claim, PASS / FAIL / KNOWN (a listed difference) with the numbers that decided "
+                                   "it; exit status 1 on a failed claim. --checklist: ShrinkBench's reporting rules.")
+    v.add_argument("studies", nargs="*", metavar="STUDY",
+                   help="a card (experiments/<STUDY>.card.yaml, by study or experiment name, or its path); with "
+                        "--checklist, an MLflow experiment")
+    v.add_argument("--all", action="store_true", help="every card in --cards")
+    v.add_argument("--cards", default="experiments", metavar="DIR", help="where the cards are (default: experiments)")
+    v.add_argument("--markdown", action="store_true",
+                   help="print each card's agree/differ text as Markdown (between <!-- verify:NAME --> markers)")
+    v.add_argument("--write", metavar="FILE", default=None,
+                   help="with --markdown: replace the marked blocks of FILE (e.g. results/README.md)")
+    v.add_argument("--checklist", action="store_true",
+                   help="ShrinkBench's reporting checklist on the runs of each STUDY (an experiment name)")
+    v.add_argument("--metric", default="test_acc1", help="--checklist: the metric whose seed spread is reported")
+    v.add_argument("--quiet", "-q", action="store_true", help="print only the points that fail")
+    store(v)
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the same store",
                        description="Start `mlflow ui` bound to 127.0.0.1 on the store the other commands use.")
@@ -336,7 +355,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui, "deploy": cmd_deploy}
+def cmd_verify(args: argparse.Namespace) -> int:
+    from benchkit.verify.command import run
+
+    return run(args)
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "ui": cmd_ui, "deploy": cmd_deploy,
+            "verify": cmd_verify}
 
 
 class _UsageError(Exception):

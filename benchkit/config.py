@@ -343,17 +343,27 @@ RENAMED_KEYS: dict[str, str] = {
 RENAMED_VALUES: dict[str, dict[Any, Any]] = {"prune.scope": {"layer": "uniform"}}
 
 
-def rename_legacy_key(key: str, value: Any = None) -> tuple[str, Any]:
-    """``(key, value)`` in today's spelling (unchanged when the key is current)."""
+def current_key(key: str, value: Any = None) -> tuple[str, Any]:
+    """``(key, value)`` in today's spelling (unchanged when the key is current), silently: what a reader of
+    stored runs needs (:mod:`benchkit.analysis`, :mod:`benchkit.verify`)."""
     for old, new in RENAMED_KEYS.items():
         if key == old or key.startswith(old + "."):
             if key == old and old in RENAMED_VALUES and isinstance(value, (str, list)):
                 mapping = RENAMED_VALUES[old]
                 value = [mapping.get(_lower(v), v) for v in value] if isinstance(value, list) else \
                     mapping.get(_lower(value), value)
-            _warn_renamed(old, new)
             return new + key[len(old):], value
     return key, value
+
+
+def rename_legacy_key(key: str, value: Any = None) -> tuple[str, Any]:
+    """:func:`current_key`, with a warning when the key was renamed (a config being read: the user should
+    update the file)."""
+    new_key, new_value = current_key(key, value)
+    if new_key != key:
+        old = next(o for o in RENAMED_KEYS if key == o or key.startswith(o + "."))
+        _warn_renamed(old, RENAMED_KEYS[old])
+    return new_key, new_value
 
 
 def rename_legacy(d: dict[str, Any], lines: dict[str, int] | None = None) -> dict[str, Any]:

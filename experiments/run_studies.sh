@@ -3,6 +3,8 @@
 # Fashion-MNIST from ../shared/data. Re-running resumes (finished configs are skipped).
 #   bash experiments/run_studies.sh [study ...]     # default: all, in this order
 # Then render the tables and figures: .venv/bin/python notebooks/render.py
+# and re-check the cards, regenerating results/README.md's agree/differ text:
+#   .venv/bin/benchkit verify --all --markdown --write results/README.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BENCHKIT_DATA="${BENCHKIT_DATA:-$(cd ../shared/data && pwd)}"
@@ -12,9 +14,9 @@ mkdir -p results/studies
 declare -A ARGS=(
   [fashion_lenet300]="--workers 2" [lottery]="--workers 2" [timing]="--workers 2" [iterative]="--workers 2"
   [strategies]="--workers 2" [strategies_lenet5]="--workers 2" [granularity]="--workers 1"
-  [granularity_4x]="--workers 1"
+  [granularity_4x]="--workers 1" [rethinking]="--workers 2"
 )
-ORDER=(fashion_lenet300 lottery timing iterative strategies strategies_lenet5 granularity granularity_4x)
+ORDER=(fashion_lenet300 lottery timing iterative strategies strategies_lenet5 granularity granularity_4x rethinking)
 status=0
 for study in "${@:-${ORDER[@]}}"; do
   echo "== $study  $(date -u +%FT%TZ)  $(nproc) cores, $(uname -m)"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+import benchkit.timing  # noqa: F401  (registers the timings' sections: prune.post, prune.lottery, ...)
 from benchkit.config import ExperimentConfig
 from benchkit.tracking import TAG_HASH, TAG_SWEEP, Tracker
 
@@ -169,3 +170,21 @@ def build_store(root: Path, *, with_lottery: bool = True) -> FakeStore:
             tracker.end_run(run_id)
             store.lottery_ids[seed] = run_id
     return store
+
+
+def log_fake_runs(uri: str, experiment: str, runs: list[tuple[dict[str, Any], dict[str, float]]],
+                  base: dict[str, Any] | None = None) -> list[str]:
+    """Finished runs of ``experiment`` with the params of ``base`` + each run's dotted overrides and the given final
+    metrics, and nothing else (no artifacts): the quickest store a checklist or a card can read."""
+    tracker = Tracker(uri)
+    exp = tracker.ensure_experiment(experiment)
+    base = {"experiment": experiment, "data": {"name": "digits"}, "model": {"name": "lenet300"}, "progress": False,
+            **(base or {})}
+    ids = []
+    for overrides, metrics in runs:
+        cfg = ExperimentConfig.from_dict(base, overrides)
+        run_id = _start(tracker, exp, cfg, experiment)
+        tracker.log_metrics(run_id, [(k, v, 0) for k, v in metrics.items()])
+        tracker.end_run(run_id)
+        ids.append(run_id)
+    return ids

@@ -23,7 +23,7 @@ import ast
 import math
 import re
 import tempfile
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,14 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus, ViewType
 
-from benchkit.config import ExperimentConfig
+from benchkit.config import RENAMED_KEYS, ExperimentConfig, current_key
+from benchkit.config import RENAMED_VALUES as CONFIG_RENAMED_VALUES
 
-# Config keys renamed since runs were logged (round 2's config rework): old logged name → today's name; a
-# name ending in ".*" renames every key under it. Runs from any store reach pandas under today's names.
-RENAMED_PARAMS: dict[str, str] = {
-    "prune.scope": "prune.allocation",
-    "prune.rounds": "prune.post.rounds",
-    "prune.lr_rewind": "prune.post.lr_rewind",
-    "prune.finetune.*": "prune.post.finetune.*",
-    "prune.distill.*": "prune.post.distill.*",
-    "prune.schedule.*": "prune.during.*",
-}
-# Values renamed with their key, by the old key: the 'layer' scope is the 'uniform' allocation.
-RENAMED_VALUES: dict[str, dict[Any, Any]] = {"prune.scope": {"global": "global", "layer": "uniform"}}
+# Config keys renamed since runs were logged (round 2's config rework): one table, the config's own
+# (benchkit.config.RENAMED_KEYS: an old key also renames every key under it; RENAMED_VALUES: the 'layer' scope
+# is the 'uniform' allocation). Runs from any store reach pandas under today's names.
+RENAMED_PARAMS: dict[str, str] = RENAMED_KEYS
+RENAMED_VALUES: dict[str, dict[Any, Any]] = CONFIG_RENAMED_VALUES
 
 # Dotted config key → short column name. ``compression`` is derived (see ``_requested_compression``).
 SHORT_NAMES: dict[str, str] = {
@@ -93,17 +87,9 @@ def parse_param(text: str | None) -> Any:
 
 
 def current_param(key: str, value: Any) -> tuple[str, Any]:
-    """The name and value a logged param has in today's config (:data:`RENAMED_PARAMS`,
-    :data:`RENAMED_VALUES`): ``("prune.scope", "layer")`` → ``("prune.allocation", "uniform")``."""
-    values = RENAMED_VALUES.get(key)
-    if values is not None and isinstance(value, Hashable) and value in values:
-        value = values[value]
-    if key in RENAMED_PARAMS:
-        return RENAMED_PARAMS[key], value
-    for old, new in RENAMED_PARAMS.items():
-        if old.endswith(".*") and key.startswith(old[:-1]):
-            return new[:-1] + key[len(old) - 1:], value
-    return key, value
+    """The name and value a logged param has in today's config (:func:`benchkit.config.current_key`):
+    ``("prune.scope", "layer")`` → ``("prune.allocation", "uniform")``."""
+    return current_key(key, value)
 
 
 def _current_params(logged: dict[str, str]) -> dict[str, Any]:
@@ -328,7 +314,7 @@ def load_history(
 # Per-level metrics (benchkit.tracking.level_rows), logged with step = level (or round):
 # `level_<quantity>` or `ticket_level_<quantity>` for the ticket, `<control>_level_<quantity>` for each
 # control (reinit, random). Curves (`level_3/val_acc1`) contain a slash and are not level metrics.
-LEVEL_KEY = re.compile(r"^(?:(?P<branch>[a-z0-9]+)_)?level_(?P<quantity>[^/]+)$")
+LEVEL_KEY = re.compile(r"^(?:(?P<branch>[a-z0-9_]+?)_)?level_(?P<quantity>[^/]+)$")  # branch: reinit, scratch_b
 TICKET = "ticket"
 
 

@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 VGG_PLANS: dict[str, list[int | str]] = {
+    # six 3×3 convs with BatchNorm, 16-32-64 wide: a VGG-style net small enough for a CPU (7.4M multiply-adds and
+    # 73K parameters at 28×28, ~3× LeNet-5's FLOPs); the "rethinking" study's second architecture
+    "vgg_small": [16, 16, "M", 32, 32, "M", 64, 64, "M"],
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],

@@ -13,6 +13,10 @@ Han et al. 2015) with a constant schedule, unless
 * ``distill.enabled`` (Hinton et al. 2015): the loss is
   ``α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α)·CE(z_s, y)`` with the dense model as the
   teacher, in eval mode and without gradients.
+
+``controls: [scratch_e, scratch_b]`` (channel granularity) also trains the final pruned architecture from a fresh
+initialisation, for as long as the dense training or for the same compute (Liu et al. 2019;
+:mod:`benchkit.timing.scratch`), logged as rows of their own ``branch`` beside the last round.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from benchkit.timing.base import (
     prunes_anything,
     register_timing,
 )
+from benchkit.timing.scratch import check_controls, run_scratch_controls
 
 
 @dataclass
@@ -70,6 +75,9 @@ class PostConfig:
     lr_rewind: bool = field(default=False, metadata={"exclusive": True})  # Renda et al. 2020
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # Liu et al. 2019: the pruned architecture trained from scratch, scratch_e (same epochs) / scratch_b (same FLOPs)
+    controls: list[str] = field(default_factory=list, metadata={"exclusive": True})
+    scratch_b_cap: float | None = field(default=2.0, metadata={"exclusive": True})  # max Scratch-B / dense epochs
 
 
 class DistillationLoss:
@@ -116,6 +124,7 @@ class PostTraining(Timing):
             row["best_step"] = history.best_step if history is not None else None
             row.update(ctx.evaluate_splits(model))
             ctx.levels.append(row)
+        run_scratch_controls(ctx, model, post.controls, post.scratch_b_cap, {"round": post.rounds})
         return model
 
     def finetune(self, ctx: RunContext, model: nn.Module, phase: str, teacher: nn.Module | None):
@@ -139,6 +148,7 @@ class PostTraining(Timing):
 
     def check(self, cfg: ExperimentConfig):
         p = cfg.prune.post
+        yield from check_controls(p.controls, p.scratch_b_cap, cfg.prune.granularity)
         if p.rounds < 1:
             yield "prune.post.rounds", f"must be >= 1, got {p.rounds}"
         if p.rounds > 1 and is_n_m(cfg.prune.granularity):
