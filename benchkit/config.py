@@ -148,7 +148,7 @@ class PruneConfig:
 
     timing: str = "post"  # pre | during | post | lottery | dynamic (registry benchkit.timing.TIMINGS)
     criterion: str = "magnitude"
-    granularity: str = "element"  # element | N:M | vector | kernel | channel
+    granularity: str = "element"  # element | N:M | vector | kernel | channel | head | neuron
     allocation: str = "global"  # global | uniform | uniform+ | er | erk | lamp | owl
     normalize: str = "auto"  # global ranking of groups: none | mean | max | l2 | lamp; auto = mean for groups
     comparison: str = "auto"  # element scores compared per layer or per output row; auto = row for wanda

@@ -34,6 +34,7 @@ from benchkit.pruning.criteria import CRITERIA
 from benchkit.pruning.granularity import GranularityError, get_granularity
 from benchkit.pruning.layers import LayerSelectionError, prunable_layers, resolve_patterns
 from benchkit.pruning.masks import get_masks
+from benchkit.pruning.units import STRUCTURES, StructureError, Units, find_units, restrict
 from benchkit.seeding import resolve_device, seed_everything
 from benchkit.timing import TIMINGS, RunContext
 from benchkit.timing.base import prunes_anything
@@ -134,7 +135,8 @@ class PruningExperiment:
 
     def _preflight(self, ctx: RunContext) -> None:
         """Checks that need the model's layer names, run on a throwaway model before any training."""
-        check_layers(ctx.cfg, layer_shapes(ctx.build_model()))
+        model = ctx.build_model()
+        check_layers(ctx.cfg, layer_shapes(model), layer_structure(model))
 
 
 def layer_shapes(model: nn.Module) -> dict[str, torch.Size]:
@@ -142,10 +144,24 @@ def layer_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return {name: module.weight.shape for name, module in prunable_layers(model).items()}
 
 
-def check_layers(cfg: ExperimentConfig, shapes: dict[str, torch.Size]) -> None:
+def layer_structure(model: nn.Module) -> dict[str, Units | str]:
+    """For each structure a granularity can be bound to (``attention``: head, ``mlp``: neuron), the model's
+    units, or why it has none (what the model-dependent checks need besides the shapes)."""
+    out: dict[str, Units | str] = {}
+    for structure in STRUCTURES:
+        try:
+            out[structure] = find_units(model, structure)
+        except StructureError as e:
+            out[structure] = str(e)
+    return out
+
+
+def check_layers(cfg: ExperimentConfig, shapes: dict[str, torch.Size],
+                 structure: dict[str, Units | str] | None = None) -> None:
     """Raise :class:`ConfigError` if a layer pattern matches no prunable layer, every prunable layer is
     excluded from a run that prunes, or the granularity cannot group some pruned layers (all of them named
-    at once); ``shapes`` as given by :func:`layer_shapes`."""
+    at once); ``shapes`` as given by :func:`layer_shapes`, ``structure`` by :func:`layer_structure` (a head or
+    neuron granularity needs the model to hold attention modules or MLPs, and exclusions of whole ones)."""
     p = cfg.prune
     names = list(shapes)
     for key, patterns in (("prune.exclude", p.exclude), ("prune.overrides", list(p.overrides)),
@@ -165,6 +181,14 @@ def check_layers(cfg: ExperimentConfig, shapes: dict[str, torch.Size]) -> None:
             raise ConfigError(f"prune.exclude: {p.criterion} prunes Linear layers (as the papers' code); exclude "
                               f"the others: {conv}")
     granularity = get_granularity(p.granularity)
+    if granularity.structure is not None and structure is not None and prunes_anything(p):
+        units = structure[granularity.structure]
+        if isinstance(units, str):
+            raise ConfigError(f"prune.granularity: {units}")
+        try:
+            restrict(units, sorted(excluded), "prune.exclude", granularity.name)
+        except StructureError as e:
+            raise ConfigError(str(e)) from None  # names prune.exclude
     problems = []
     for name, shape in shapes.items():  # e.g. N:M needs M to divide every pruned layer's input dim
         if name not in excluded:
@@ -201,20 +225,22 @@ def plan_preflight(cfg: ExperimentConfig, memo: dict[str, Any] | None = None) ->
     if model_key not in memo:
         try:
             with torch.random.fork_rng(devices=[]):  # a throwaway model: leave the caller's RNG alone
-                memo[model_key] = layer_shapes(build_model(cfg.model, shape, classes))
+                model = build_model(cfg.model, shape, classes)
+                memo[model_key] = (layer_shapes(model), layer_structure(model))
         except Exception as e:  # noqa: BLE001 - every run of this model would fail the same way
             memo[model_key] = str(e) if str(e).startswith("model.") else (
                 f"model.name: {cfg.model.name!r} cannot be built for data {cfg.data.name!r} (input {list(shape)}, "
                 f"{classes} classes): {type(e).__name__}: {e}")
-    shapes = memo[model_key]
-    if isinstance(shapes, str):
-        raise ConfigError(shapes)
+    built = memo[model_key]
+    if isinstance(built, str):
+        raise ConfigError(built)
+    shapes, structure = built
     p = cfg.prune
     key = json.dumps([model_key, p.exclude, sorted(p.overrides), _section_patterns(cfg), p.granularity,
                       prunes_anything(p), p.criterion, p.comparison], default=str)
     if key not in memo:
         try:
-            check_layers(cfg, shapes)
+            check_layers(cfg, shapes, structure)
             memo[key] = None
         except ConfigError as e:
             memo[key] = str(e)

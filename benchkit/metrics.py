@@ -245,13 +245,17 @@ def count_flops(model: nn.Module, inputs: Inputs) -> FlopCount:
 def batched_shape(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
     """``input_shape`` with a leading batch dimension of 1, checked against the first prunable layer:
     ``(C, H, W)`` for a Conv2d network becomes ``(1, C, H, W)``; ``(1, C, H, W)`` is kept. For a
-    network starting with Linear (rank is no guide) a shape is kept only if it leads with 1."""
+    network starting with Linear (rank is no guide) a shape is kept only if it leads with 1, unless the model
+    declares the rank of one sample (``input_rank``, e.g. a vision transformer's 3)."""
     try:
         shape = tuple(int(s) for s in input_shape)
     except (TypeError, ValueError):
         raise ValueError(f"input_shape must be a sequence of ints like (1, 3, 32, 32), got {input_shape!r}") from None
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"input_shape must be non-empty positive sizes like (1, 3, 32, 32), got {shape}")
+    rank = getattr(model, "input_rank", None)  # a model that declares the rank of one sample (the ViT)
+    if isinstance(rank, int) and len(shape) in (rank, rank + 1):
+        return (1, *shape) if len(shape) == rank else _batch_one(shape)
     first = next(iter(_require_prunable(model).values()))
     if isinstance(first, nn.Linear):
         # an MLP may flatten images: (784,), (1, 28, 28) and (3, 32, 32) are all sample shapes unless
@@ -266,6 +270,10 @@ def batched_shape(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ..
                 f"input_shape {shape} does not fit {type(first).__name__}: give (C, ...) with {sample_rank} "
                 f"dims or (1, C, ...) with {sample_rank + 1}"
             )
+    return _batch_one(shape)
+
+
+def _batch_one(shape: tuple[int, ...]) -> tuple[int, ...]:
     if shape[0] != 1:
         raise ValueError(
             f"input_shape {shape} has batch size {shape[0]}; metrics are per input sample, pass "
@@ -316,6 +324,24 @@ def example_inputs_for(model: nn.Module, input_shape: Sequence[int] | None = Non
         return xs
     dtype = getattr(model, "input_dtype", torch.float32)
     return (torch.zeros(batched_shape(model, input_shape), dtype=dtype),)
+
+
+def random_inputs(model: nn.Module, shape: Sequence[int], seed: int = 0) -> Tensor:
+    """A random input batch of ``shape`` (batch dimension included) for checks and timings that need
+    non-trivial activations: N(0, 1) floats, or for a model that takes token ids (an integer
+    ``input_dtype``, as a language model declares) ids drawn uniformly from its vocabulary (``vocab_size``,
+    else its first ``nn.Embedding``'s size)."""
+    shape = tuple(int(s) for s in shape)
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(model, "input_dtype", torch.float32)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g)
+    vocab = getattr(model, "vocab_size", None) or next(
+        (m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if vocab is None:
+        raise ValueError(f"{type(model).__name__} takes {dtype} inputs but has no vocab_size or nn.Embedding to "
+                         "draw token ids from; pass example inputs instead")
+    return torch.randint(0, int(vocab), shape, generator=g, dtype=dtype)
 
 
 def _flops_for(model: nn.Module, xs: tuple[Tensor, ...]) -> FlopCount:

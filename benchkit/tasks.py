@@ -28,9 +28,18 @@ IGNORE_INDEX = -100
 
 
 class Task:
-    """``loss(logits, y, x) -> scalar`` for training; ``evaluate(model, loader, device) -> {name: number}``."""
+    """``loss(logits, y, x) -> scalar`` for training; ``evaluate(model, loader, device) -> {name: number}``;
+    ``selection``: the validation metric best-checkpoint selection (``train.select_best``) keeps the best of,
+    and whether higher (``max``) or lower (``min``) is better."""
 
     name = ""
+    selection: tuple[str, str] = ("acc1", "max")
+
+    def better(self, metrics: dict[str, float], best: float | None) -> bool:
+        """True when ``metrics`` (one evaluation) beats the best selection value so far (None: none yet)."""
+        key, mode = self.selection
+        value = metrics[key]
+        return best is None or (value > best if mode == "max" else value < best)
 
     def loss(self, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -91,6 +100,8 @@ class Classification(Task):
 @TASKS.register("language_model")
 class LanguageModel(Task):
     name = "language_model"
+    # the papers' figure is perplexity; next-token top-1 moves in coarse steps and can rise while it worsens
+    selection = ("loss", "min")
 
     def loss(self, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """Mean next-token cross-entropy over the scored positions (targets ``-100`` are skipped)."""

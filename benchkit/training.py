@@ -102,9 +102,11 @@ class History:
     """What happened during one ``train`` call. ``records`` has one dict per evaluation."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
-    best_step: int | None = None  # step of the best validation accuracy (the restored one with select_best)
-    best_val_acc1: float | None = None
-    best_val_loss: float | None = None
+    best_step: int | None = None  # step of the best validation value (the restored one with select_best)
+    best_val_acc1: float | None = None  # validation top-1 at best_step
+    best_val_loss: float | None = None  # lowest validation loss (what patience watches)
+    selected_by: str = "val_acc1"  # what best_step is best in: the task's selection (val_loss for a language model)
+    best_selection: float | None = None  # its value at best_step
     seconds: float = 0.0
     steps: int = 0
     stopped_early: bool = False
@@ -155,8 +157,10 @@ def train(
     ``data.val = None`` turns validation off (no selection, no early stopping). Validation runs
     every epoch, or every ``cfg.eval_every`` iterations, and at the last step.
 
-    ``select_best`` restores the best-validation-accuracy state (masks included) among evaluations
-    made since the masks last changed, so a callback that prunes during training is never undone.
+    ``select_best`` restores the state (masks included) with the best validation value by the task's
+    selection (:attr:`benchkit.tasks.Task.selection`: top-1 accuracy for classification, loss for a language
+    model) among evaluations made since the masks last changed, so a callback that prunes during training is
+    never undone.
 
     ``start_step`` resumes this training length at that step, as lottery-ticket rewinding to iteration
     k retrains (Frankle et al. 2020; OpenLTH's ``start_step``): only steps k+1… run, with the learning
@@ -182,13 +186,14 @@ def train(
     model.to(dev)
     opt = OPTIMIZERS.get(optimizer or cfg.optimizer)(model.parameters(), cfg, base_lr)
     multiplier = SCHEDULES.get(schedule or cfg.schedule)(cfg, schedule_offset + length)
-    loss_fn = loss_fn or task_of(data).loss  # classification: default_loss
+    task = task_of(data)
+    loss_fn = loss_fn or task.loss  # classification: default_loss
     val_loader = data.val
     on_step = [cb.on_step for cb in callbacks if hasattr(cb, "on_step")]
     on_eval = [cb.on_eval for cb in callbacks if hasattr(cb, "on_eval")]
     bar = _progress_bar(progress, total_steps - start_step, desc)
 
-    history = History()
+    history = History(selected_by=f"val_{task.selection[0]}")
     start = time.perf_counter()
     best_state: dict[str, Tensor] | None = None
     best_masks = _mask_signature(model)
@@ -232,9 +237,10 @@ def train(
             masks_now = _mask_signature(model)
             if masks_now != best_masks:  # a callback pruned: earlier weights are no longer candidates
                 best_masks, history.best_val_acc1, history.best_step, best_state = masks_now, None, None, None
-                history.best_val_loss, evals_without_improvement = None, 0
-            if history.best_val_acc1 is None or metrics["acc1"] > history.best_val_acc1:
+                history.best_val_loss, history.best_selection, evals_without_improvement = None, None, 0
+            if task.better(metrics, history.best_selection):
                 history.best_val_acc1, history.best_step = metrics["acc1"], step
+                history.best_selection = metrics[task.selection[0]]
                 if cfg.select_best:
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if history.best_val_loss is None or metrics["loss"] < history.best_val_loss:

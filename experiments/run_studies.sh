@@ -14,9 +14,11 @@ mkdir -p results/studies
 declare -A ARGS=(
   [fashion_lenet300]="--workers 2" [lottery]="--workers 2" [timing]="--workers 2" [iterative]="--workers 2"
   [strategies]="--workers 2" [strategies_lenet5]="--workers 2" [granularity]="--workers 1"
-  [granularity_4x]="--workers 1" [rethinking]="--workers 2"
+  [granularity_4x]="--workers 1" [rethinking]="--workers 2" [at_init_sanity]="--workers 2"
+  [sparse_training]="--workers 2" [lm_pruning]="--workers 2" [lm_heads]="--workers 1" [vit_pruning]="--workers 2"
 )
-ORDER=(fashion_lenet300 lottery timing iterative strategies strategies_lenet5 granularity granularity_4x rethinking)
+ORDER=(fashion_lenet300 lottery timing iterative strategies strategies_lenet5 granularity granularity_4x
+       at_init_sanity sparse_training rethinking lm_pruning lm_heads vit_pruning)
 status=0
 for study in "${@:-${ORDER[@]}}"; do
   echo "== $study  $(date -u +%FT%TZ)  $(nproc) cores, $(uname -m)"

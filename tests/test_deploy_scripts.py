@@ -79,5 +79,5 @@ def test_break_even_interpolates_between_measured_sparsities():
 
 
 def test_study_refuses_unknown_models_before_work():
-    r = run("experiments/deploy_study.py", "--models", "lenet300,charlm", timeout=120)
-    assert r.returncode != 0 and "unknown study model 'charlm'" in r.stderr
+    r = run("experiments/deploy_study.py", "--models", "lenet300,nosuchmodel", timeout=120)
+    assert r.returncode != 0 and "unknown study model 'nosuchmodel'" in r.stderr and "charlm" in r.stderr

@@ -219,7 +219,7 @@ X, Y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
 
 ERRORS = [
     (dict(compression=2, criterion="foo"), "unknown criterion 'foo'; allowed: activation, gradient, grasp, magnitude"),
-    (dict(compression=2, granularity="blocks"), "unknown granularity 'blocks'; allowed: channel, element, kernel"),
+    (dict(compression=2, granularity="blocks"), "unknown granularity 'blocks'; allowed: channel, element, head, kernel"),
     (dict(compression=2, scope="local"), "unknown allocation 'local'; allowed: er, erk, global, lamp, owl, uniform"),
     (dict(compression=2, allocation="lamp", scope="layer"), "give allocation= or its old name scope=, not both"),
     (dict(compression=2, normalize="median"), "unknown normalize 'median'; allowed: auto, none, mean, max, l2, lamp"),

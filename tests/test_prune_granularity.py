@@ -104,7 +104,7 @@ def test_granularity_parsing_and_errors():
         get_granularity("5:4")
     with pytest.raises(GranularityError, match="1 <= N < M"):
         get_granularity("0:4")
-    with pytest.raises(KeyError, match="allowed: channel, element, kernel, n:m, vector.*2:4"):
+    with pytest.raises(KeyError, match="allowed: channel, element, head, kernel, n:m, neuron, vector.*2:4"):
         get_granularity("block")
     with pytest.raises(GranularityError, match=r"layer 'fc'.*in=10"):
         NM(2, 4).check_layer("fc", torch.Size([3, 10]))

@@ -29,6 +29,7 @@ from benchkit.deployment.core import Deployment, deploy, resolve_device
 from benchkit.deployment.flops import channel_metrics
 from benchkit.deployment.forms import FORMS
 from benchkit.deployment.sizes import size_metrics, write_formats
+from benchkit.metrics import random_inputs
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def deploy_checkpoint(source: str | Path, out: str | Path, *, config: str | Path
     model, shape, _ = load_model(checkpoint, config_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    example = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(0))
+    example = random_inputs(model, (batch_size, *shape))
     dep: Deployment = deploy(model, example, device=device, batch_size=batch_size, threads=threads, forms=forms,
                              warmup=warmup, repeats=repeats)
     saved = dep.save(out / "deployed")

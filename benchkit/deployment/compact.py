@@ -18,6 +18,13 @@ input contributes nothing. Any other parametrised member (LayerNorm, GroupNorm, 
 add whose two sides are dead at different indices therefore keeps both sets. Groups that reach the
 model output (the final classifier's logits) are never touched. The result is checked: the compact
 model must reproduce the masked model's outputs on ``example_inputs``.
+
+Attention heads (:mod:`benchkit.pruning.units`): Torch-Pruning's graph couples the rows of ``q_proj``,
+``k_proj`` and ``v_proj`` and the columns of ``out_proj`` through ``scaled_dot_product_attention`` (they
+share one index space), so removing a dead head's rows is one group; only whole heads are removed (rows of
+a partly dead head stay, or the remaining rows would regroup into the wrong heads), and the module's head
+count (``n_head`` / ``num_heads``) is lowered, the head size kept. Torch-Pruning's dependency graph does the
+removal; the head count is benchkit's (as Torch-Pruning's own ViT examples set ``num_heads`` after pruning).
 """
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ from benchkit.metrics import (
     dead_channels,
     deepcopy_model,
     dense_size_bytes,
+    random_inputs,
 )
 from benchkit.pruning.layers import prunable_layers
 from benchkit.pruning.masks import make_permanent
+from benchkit.pruning.units import Attention, attentions
 
 
 class CompactionError(RuntimeError):
@@ -167,8 +176,31 @@ def _reaches_output(group, dg: tp.DependencyGraph) -> bool:
     )
 
 
+def _remove_dead_heads(model: nn.Module, dg: tp.DependencyGraph, layer: nn.Module, att: Attention,
+                       dead: Tensor) -> None:
+    """Remove the heads whose rows are dead in q, k and v (Torch-Pruning's group also takes out_proj's
+    columns), then update the attention's head count: the head size stays, the count shrinks. Rows of a
+    partly dead head stay (removing them would regroup the others' rows into the wrong heads)."""
+    d = att.head_dim
+    dead_heads = dead.reshape(-1, d).all(dim=1)
+    if bool(dead_heads.all()):
+        dead_heads[0] = False  # keep one (all-zero) head: zero-width tensors break most ops
+    heads = torch.nonzero(dead_heads).flatten()
+    if not heads.numel():
+        return
+    idxs = (heads[:, None] * d + torch.arange(d)).flatten().tolist()
+    prune_out = dg.get_pruner_of_module(layer).prune_out_channels
+    group = dg.get_pruning_group(layer, prune_out, idxs)
+    if not dg.check_pruning_group(group):
+        return
+    group.prune()
+    module = model.get_submodule(att.name)
+    setattr(module, att.head_attr, getattr(module, att.head_attr) - int(heads.numel()))
+
+
 def _remove_dead_channels(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    head_rows = {model.get_submodule(n): att for att in attentions(model) for n in att.rows}
     for layer in prunable_layers(model).values():
         if layer not in dg.module2node:
             continue  # never called on these inputs
@@ -176,6 +208,9 @@ def _remove_dead_channels(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         n = layer.weight.shape[0]
         group = dg.get_pruning_group(layer, prune_out, list(range(n)))
         if _reaches_output(group, dg):
+            continue
+        if layer in head_rows:  # q/k/v rows come out a whole head at a time
+            _remove_dead_heads(model, dg, layer, head_rows[layer], _dead_roots(group, dg, n))
             continue
         idxs = torch.nonzero(_dead_roots(group, dg, n)).flatten().tolist()
         if len(idxs) == n:
@@ -311,8 +346,7 @@ def compacted_metrics(model: nn.Module, input_shape: Sequence[int], *, compacted
         compacted = any(n > 0 for n in dead_channels(model).values())
     if not compacted:
         return {}
-    shape = batched_shape(model, input_shape)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    example = random_inputs(model, batched_shape(model, input_shape))
     try:
         result = compact(model, example, measure_latency=False)
     except Exception as err:  # noqa: BLE001 - asked for implicitly: report without compacted_*

@@ -28,7 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from benchkit.deployment.compact import CompactResult, compact, compacted_figures
-from benchkit.metrics import Inputs, as_tuple, batched_shape, count_flops, dead_channels, effective
+from benchkit.metrics import (
+    Inputs,
+    as_tuple,
+    batched_shape,
+    count_flops,
+    dead_channels,
+    effective,
+    random_inputs,
+)
 from benchkit.pruning.layers import prunable_layers
 from benchkit.pruning.masks import deepcopy_model, make_permanent
 
@@ -111,8 +119,7 @@ def structured_flops(model: nn.Module, input_shape: Sequence[int], *, result: Co
                      ) -> dict[str, float]:
     """``structured_flops_dense`` and, for each of :data:`CONVENTIONS`, ``structured_flops_<name>`` and
     ``structured_speedup_<name>`` (= dense / that count). ``result`` reuses a compaction already done."""
-    shape = batched_shape(model, input_shape)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    example = random_inputs(model, batched_shape(model, input_shape))
     layers = prunable_layers(model)
     per_module = count_flops(model, example).by_module
     zero_in = zero_input_channels(model, example)
@@ -143,8 +150,7 @@ def channel_metrics(model: nn.Module, input_shape: Sequence[int]) -> dict[str, f
     compaction. ``{}`` when no channel is dead; a compaction that fails warns and returns ``{}``."""
     if not any(n > 0 for n in dead_channels(model).values()):
         return {}
-    shape = batched_shape(model, input_shape)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    example = random_inputs(model, batched_shape(model, input_shape))
     try:
         result = compact(model, example, measure_latency=False)
     except Exception as err:  # noqa: BLE001 - implied by a dead channel, not asked for: warn, go on

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from benchkit.deployment.core import Deployment, deploy
-from benchkit.metrics import batched_shape
+from benchkit.metrics import batched_shape, random_inputs
 
 LAYER_COLUMNS = ["layer", "deploy_form", "deploy_reason", "latency_dense_ms", "latency_deployed_ms",
                  "measured_speedup", "efficiency"]
@@ -58,8 +58,7 @@ def run_figures(model: nn.Module, input_shape: Sequence[int], *, batch_size: int
                 forms: Sequence[str] | None = None) -> tuple[dict[str, float], pd.DataFrame]:
     """Deploy ``model`` on a random input of ``input_shape`` (one sample's, batched to ``batch_size``)
     and return (whole-model metrics, per-layer table); see the module docstring."""
-    shape = batched_shape(model, input_shape)
-    example = torch.randn((batch_size, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    example = random_inputs(model, (batch_size, *batched_shape(model, input_shape)[1:]))
     dep = deploy(model, example, device=device, batch_size=batch_size, threads=threads, warmup=warmup,
                  repeats=repeats, forms=forms)
     return deployment_metrics(dep), deployment_layers(dep)

@@ -1,9 +1,11 @@
 """Theory versus practice, per granularity and kernel: the study behind ``experiments/deploy_study.py``.
 
-For each registered model (:data:`STUDY_MODELS`), granularity (element, N:M, kernel, channel) and
-sparsity (50-98%), the model is pruned layer-wise (magnitude; the classifier is left out of channel
-pruning, and of N:M where M does not divide its inputs) and deployed at each batch size with every
-kernel measured on every layer (``max_density=1``). One row per configuration holds:
+For each registered model (:data:`STUDY_MODELS`), granularity (element, N:M, kernel, channel, and for
+transformers attention heads and MLP neurons) and sparsity (50-98%), the model is pruned layer-wise
+(magnitude; the classifier is left out of channel pruning, and of N:M where M does not divide its inputs)
+and deployed at each batch size with every kernel measured on every layer (``max_density=1``). A
+granularity a model has no units of (heads in a CNN), or a sparsity its units cannot reach (90% of 4 heads
+keeping one per attention), gives no row. One row per configuration holds:
 
 * ``theoretical_shrinkbench`` (dense / non-zero FLOPs) and, for channel pruning, ``theoretical_compacted``;
 * ``measured_deployed``: whole model, dense / what :func:`~benchkit.deployment.core.deploy` kept;
@@ -14,9 +16,10 @@ kernel measured on every layer (``max_density=1``). One row per configuration ho
 :func:`break_even` then gives, per model, granularity, batch and kernel, the lowest sparsity at which
 the kernel's layers run at least as fast as dense (linear interpolation between measured sparsities).
 
-Adding a model, e.g. the language model of the transformer issue, is one registration:
+Adding a model is one registration, as the character language model of the transformer studies
+(``charlm``: experiments/lm_pruning.yaml's GPT, random weights, batches of 128 token ids) is:
 
-    STUDY_MODELS.register("charlm", lambda: StudyModel(build_lm(), lambda b: (torch.randint(0, 65, (b, 128)),)))
+    STUDY_MODELS.register("charlm", _language_model)
 
 after which ``--models charlm`` runs it (granularities that do not apply to its layers are skipped).
 """
@@ -38,12 +41,14 @@ from benchkit.deployment.core import deploy
 from benchkit.metrics import model_metrics
 from benchkit.pruning.granularity import GranularityError, get_granularity
 from benchkit.pruning.layers import prunable_layers
+from benchkit.pruning.selection import CompressionError
+from benchkit.pruning.units import StructureError, find_units
 from benchkit.registry import Registry
 
 KERNELS = ("csr", "torch_csr", "torch_bsr8")
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 NM = ("2:4", "1:4", "1:8", "1:16")  # 50%, 75%, 87.5%, 93.75%
-GRANULARITIES = ("element", "n:m", "kernel", "channel")
+GRANULARITIES = ("element", "n:m", "kernel", "channel", "head", "neuron")
 BATCHES = (1, 64)
 
 
@@ -73,6 +78,20 @@ STUDY_MODELS.register("lenet300", _image_model("lenet300"))
 STUDY_MODELS.register("lenet5", _image_model("lenet5"))
 STUDY_MODELS.register("resnet18", _image_model("resnet18"))  # torchvision's, first conv for 1 channel
 
+CHARLM = {"context": 128, "vocab": 85, "kwargs": {"n_layer": 4, "n_embd": 128, "n_head": 4}}  # lm_pruning.yaml's
+
+
+def _language_model() -> StudyModel:
+    """The character GPT of experiments/lm_pruning.yaml (Shakespeare's 85 characters, context 128)."""
+    from benchkit.models import build_model
+
+    context, vocab = CHARLM["context"], CHARLM["vocab"]
+    model = build_model(ModelConfig(name="gpt", kwargs=dict(CHARLM["kwargs"])), (context,), vocab)
+    return StudyModel(model, lambda b: (torch.randint(0, vocab, (b, context)),), classifier="lm_head")
+
+
+STUDY_MODELS.register("charlm", _language_model)
+
 
 def _nm_exclusions(model: nn.Module, m: int) -> list[str]:
     gran = get_granularity(f"1:{m}")
@@ -100,6 +119,14 @@ def prune_for(study: StudyModel, granularity: str, sparsity: float | None) -> bo
     import benchkit as bk
 
     model = study.model
+    structure = get_granularity(granularity).structure
+    if structure is not None:  # heads / MLP neurons: only where the model has them, at a reachable sparsity
+        try:
+            find_units(model, structure)
+            bk.prune(model, sparsity=sparsity, granularity=granularity, scope="layer")
+        except (StructureError, CompressionError):
+            return False
+        return True
     exclude: list[str] = []
     if granularity == "channel" and study.classifier:
         exclude = [study.classifier]

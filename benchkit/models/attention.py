@@ -40,15 +40,15 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        h = self.n_head
+        b, t, _ = x.shape
+        h = self.n_head  # the head size follows from q_proj's width, so removing heads only updates n_head
 
         def heads(y: Tensor) -> Tensor:
-            return y.view(b, t, h, c // h).transpose(1, 2)
+            return y.view(b, t, h, -1).transpose(1, 2)
 
         y = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
                                            dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class SplitMultiheadAttention(nn.Module):
@@ -111,7 +111,7 @@ class SplitMultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:  # (L, N, E) -> (N, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        n, tgt, e = query.shape
+        n, tgt = query.shape[:2]
         src = key.shape[1]
         h, d = self.num_heads, self.head_dim
         if is_causal and attn_mask is None:
@@ -132,7 +132,7 @@ class SplitMultiheadAttention(nn.Module):
             y = weights @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        out = self.out_proj(y.transpose(1, 2).reshape(n, tgt, e))
+        out = self.out_proj(y.transpose(1, 2).reshape(n, tgt, h * d))  # h·d = e until heads are removed
         if not batched:
             out = out.squeeze(0)
         elif not self.batch_first:

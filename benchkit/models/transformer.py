@@ -123,6 +123,8 @@ class ViT(nn.Module):
     Linear on the flattened patches), a learned class token and position embeddings, ``n_layer``
     bidirectional :class:`Block` s, a final LayerNorm and a Linear ``head`` on the class token."""
 
+    input_rank = 3  # one sample is (C, H, W): metrics batch a shape by this, not by the first layer's type
+
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, patch_size: int = 4,
                  n_layer: int = 4, n_embd: int = 64, n_head: int = 4, mlp_ratio: int = 2, dropout: float = 0.0,
                  bias: bool = True):

@@ -72,6 +72,7 @@ from benchkit.pruning.selection import (
     n_to_prune,
     prune_lowest,
 )
+from benchkit.pruning.units import Attention, StructureError, Units, find_units, restrict
 
 # Selection units with at least this many surviving weights use the streaming threshold (element
 # granularity); smaller ones use the reference sort. Both give identical masks; tests flip this.
@@ -118,6 +119,7 @@ class PrunePlan:
     comparison: str = "layer"  # element scores compared per layer (or per allocation unit) or per output row
     kept_outputs: list[str] = field(default_factory=list)  # output layers spared by a structured granularity
     tied: dict[str, list[str]] = field(default_factory=dict)  # layer -> other modules sharing its weight
+    units: Units | None = None  # structured granularities (head, neuron): the units the model holds
 
     @property
     def scope_name(self) -> str:  # the old name of the allocation axis
@@ -132,6 +134,19 @@ class PrunePlan:
     def scored(self) -> list[str]:
         inside = {n for p in self.parts for n in p.names}
         return [n for n in self.layers if n in inside]
+
+    @property
+    def coupled(self) -> dict[str, Attention]:
+        """Scored anchors whose groups span several layers (a head: q/k/v rows and out_proj columns)."""
+        if self.units is None:
+            return {}
+        return {n: self.units.coupled[n] for n in self.scored if n in self.units.coupled}
+
+    @property
+    def measured(self) -> list[str]:
+        """Every layer the criterion scores: the scored layers and the other members of coupled groups."""
+        members = {m for att in self.coupled.values() for m in att.layers} | set(self.scored)
+        return [n for n in self.layers if n in members]
 
 
 @dataclass
@@ -262,8 +277,9 @@ def _alive(module: nn.Module) -> Tensor | None:
     return current_mask(module, "weight")
 
 
-def _counts(name: str, module: nn.Module, gran: Granularity) -> LayerCount:
-    alive = _alive(module)
+def _counts(name: str, module: nn.Module, gran: Granularity, alive: Tensor | None = None) -> LayerCount:
+    """Surviving groups of a layer (``alive``: the stacked survivors of a coupled group instead)."""
+    alive = _alive(module) if alive is None else alive
     w = param_value(module, "weight")
     if isinstance(gran, Element):  # no per-group tensors for the 100M-weight case
         n = count(alive) if alive is not None else w.numel()
@@ -273,6 +289,15 @@ def _counts(name: str, module: nn.Module, gran: Granularity) -> LayerCount:
     if not sizes.numel():
         return LayerCount(name, 0, 0, 0, 0)
     return LayerCount(name, sizes.numel(), int(sizes.sum()), int(sizes.min()), int(sizes.max()))
+
+
+def _stacked_alive(layers: Mapping[str, nn.Module], att: Attention) -> Tensor:
+    """The current survivors of an attention's four projections in its stacked (per-head) view."""
+    alive = {}
+    for n in att.layers:
+        mask = _alive(layers[n])
+        alive[n] = mask if mask is not None else torch.ones_like(param_value(layers[n], "weight"), dtype=torch.bool)
+    return att.stack(alive)
 
 
 def _allocation(allocation: str | Allocation | None, scope: str | None) -> tuple[Allocation, str]:
@@ -371,8 +396,16 @@ def plan_pruning(
     if isinstance(exclude, str):
         exclude = [exclude]
     excluded = resolve_patterns(list(exclude or ()), names, "exclusion")
+    units = None
+    if gran.structure is not None:  # heads / MLP neurons: only their anchors are scored, the rest left alone
+        try:
+            units = find_units(model, gran.structure)
+            skipped = restrict(units, excluded, "exclusion", gran.name)
+        except StructureError as e:
+            raise PruneError(str(e)) from None
+        excluded = [n for n in names if n not in units.anchors or n in skipped]
     kept_outputs: list[str] = []
-    if gran.removes_outputs and keep_outputs and names[-1] not in excluded:
+    if gran.removes_outputs and keep_outputs and names[-1] not in excluded and units is None:
         # the output layer's rows are the classes (tokens): removing one silently deletes an output
         kept_outputs = [names[-1]]
     if overrides is not None and not isinstance(overrides, Mapping):
@@ -380,7 +413,15 @@ def plan_pruning(
     override_of: dict[str, float] = {}
     for pattern, value in dict(overrides or {}).items():
         c = _check_compression(f"override {pattern!r}", value)
-        for n in resolve_patterns([pattern], names, "override"):
+        hits = resolve_patterns([pattern], names, "override")
+        if units is not None:  # a pattern naming any projection of an attention sets its heads' compression
+            anchor_of = units.anchor_of()
+            outside = [n for n in hits if n not in anchor_of]
+            if outside:
+                raise PruneError(f"override {pattern!r} names {', '.join(outside)}, which granularity {gran.name!r} "
+                                 f"does not prune (it prunes {', '.join(units.anchors)} and their coupled layers)")
+            hits = list(dict.fromkeys(anchor_of[n] for n in hits))
+        for n in hits:
             if n in excluded:
                 raise PruneError(f"layer {n!r} is both excluded and overridden (override {pattern!r}); choose one")
             if n in override_of and override_of[n] != c:
@@ -451,8 +492,10 @@ def plan_pruning(
 
     # feasibility (from shapes and current masks only)
     if not gran.within_group and not regrow:
+        coupled = units.coupled if units is not None else {}
         for part in parts:
-            counts = [_counts(n, layers[n], gran) for n in part.names]
+            counts = [_counts(n, layers[n], gran, _stacked_alive(layers, coupled[n]) if n in coupled else None)
+                      for n in part.names]
             check_feasible(counts, part.sparsity, allow_layer_collapse, unit=gran.name or "group")
 
     plan = PrunePlan(
@@ -474,6 +517,7 @@ def plan_pruning(
         kept_outputs=kept_outputs,
         tied=tied_layers(model),
         comparison=comparison,
+        units=units,
     )
     if gran.masks_following:  # only affine BatchNorms have entries to mask
         plan.followers = {
@@ -536,10 +580,10 @@ def scoring_copy(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
 def _scores(model: nn.Module, plan: PrunePlan, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     crit = plan.criterion
     work = scoring_copy(model, masks) if crit.runs_model else model
-    layers = {n: work.get_submodule(n) for n in plan.scored}
+    layers = {n: work.get_submodule(n) for n in plan.measured}
     scores = crit.scores(work, layers, plan.data)
     out = {}
-    for n in plan.scored:
+    for n in plan.measured:
         shape = param_value(plan.layers[n], "weight").shape
         s = scores.get(n)
         if s is None or tuple(s.shape) != tuple(shape):
@@ -628,11 +672,12 @@ def compute_masks(model: nn.Module, plan: PrunePlan) -> tuple[dict[str, Tensor],
     mask for every module tied to a layer's weight — and the surviving weights per layer before the call.
     Does not modify ``model``."""
     gran = plan.granularity
-    weights = {n: param_value(plan.layers[n], "weight") for n in plan.scored}
-    existing = {n: _alive(plan.layers[n]) for n in plan.scored}  # None: nothing pruned yet
+    coupled = plan.coupled
+    weights = {n: param_value(plan.layers[n], "weight") for n in plan.measured}
+    existing = {n: _alive(plan.layers[n]) for n in plan.measured}  # None: nothing pruned yet
     before = {n: count(m) if m is not None else weights[n].numel() for n, m in existing.items()}
     if plan.regrow:  # every weight is a candidate again
-        existing = {n: None for n in plan.scored}
+        existing = {n: None for n in plan.measured}
     parts = [p for p in plan.parts if p.sparsity > 0 or plan.regrow]
     if not parts:
         return {}, before
@@ -649,13 +694,33 @@ def compute_masks(model: nn.Module, plan: PrunePlan) -> tuple[dict[str, Tensor],
     alive = {
         n: m.clone() if m is not None else torch.ones_like(weights[n], dtype=torch.bool) for n, m in existing.items()
     }
+    # a coupled group's anchor holds the stacked survivors of all its layers (one row per head)
+    shapes = {n: w.shape for n, w in weights.items()}
+    biases = {n: is_masked(plan.layers[n], "bias") or getattr(plan.layers[n], "bias", None) is not None
+              for n in plan.measured}
+    for a, att in coupled.items():
+        alive[a] = att.stack(alive)
+        for m in att.layers[1:]:
+            del alive[m]
+
+    def element_masks(layers: Iterable[str]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for n in layers:
+            if n in coupled:
+                out.update(coupled[n].masks(alive[n], shapes, biases))
+            else:
+                out[f"{n}.weight"] = alive[n]
+        return out
+
     start = {id(p): sum(count(alive[n]) for n in p.names) for p in parts}
     extras: dict[str, Tensor] = {}
     names = [n for n in plan.scored if any(n in p.names for p in parts)]
     n_iter = plan.iterations
     for step in range(1, n_iter + 1):
-        current = {f"{n}.weight": a for n, a in alive.items()} | extras
+        current = element_masks(list(alive)) | extras
         scores = _scores(model, plan, current)
+        for a, att in coupled.items():
+            scores[a] = att.stack(scores)
         if isinstance(gran, NM):
             n_keep = gran.n if n_iter == 1 else min(gran.m, max(gran.n, round(gran.m * (gran.n / gran.m) ** (step / n_iter))))
             for n in names:
@@ -680,7 +745,7 @@ def compute_masks(model: nn.Module, plan: PrunePlan) -> tuple[dict[str, Tensor],
                 alive.update(keep)
         if gran.masks_following:  # the next round scores a network whose dead channels are fully dead
             extras = _following_masks(plan, names, alive)
-    masks = {f"{n}.weight": alive[n] for n in names}
+    masks = element_masks(names)
     masks.update(extras)
     return _with_tied(plan, masks), before
 
@@ -828,6 +893,8 @@ def _units_alive(module: nn.Module, mask: Tensor | None) -> int:
 
 def build_report(plan: PrunePlan, masks: Mapping[str, Tensor], before: Mapping[str, int], seconds: float) -> PruneReport:
     role = {n: p.role for p in plan.parts for n in p.names}
+    for a, att in plan.coupled.items():  # a head's q/k/v/out are pruned with it
+        role.update({m: role[a] for m in att.layers})
     rows = []
     for n, module in plan.layers.items():
         w = param_value(module, "weight")
@@ -857,6 +924,11 @@ def build_report(plan: PrunePlan, masks: Mapping[str, Tensor], before: Mapping[s
     reference = total if plan.regrow else k_before
     notes = [f"output layer {n!r} kept whole: its {plan.granularity.name} units are the model's outputs "
              "(keep_outputs=False prunes them)" for n in plan.kept_outputs]
+    if plan.units is not None:
+        n = len(plan.units.anchors)
+        what = {"attention": f"the heads of {n} attention modules", "mlp": f"the hidden neurons of {n} MLPs"}
+        notes.append(f"granularity {plan.granularity.name!r} prunes {what.get(plan.granularity.structure, 'units')}; "
+                     "the other layers are left as they are")
     return PruneReport(
         criterion=plan.criterion_name,
         granularity=plan.granularity.name,

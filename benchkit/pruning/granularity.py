@@ -75,6 +75,10 @@ class Granularity:
     #: True when a group is a whole output unit: on the output layer that is a class (a token), so the
     #: engine spares the output layer unless asked (``keep_outputs=False``).
     removes_outputs: bool = False
+    #: The model structure whose units this granularity removes (``attention``: heads, ``mlp``: hidden
+    #: neurons; see :mod:`benchkit.pruning.units`), or None for every prunable layer. Other layers are left
+    #: as they are.
+    structure: str | None = None
 
     def group_size(self, shape: tuple[int, ...] | torch.Size) -> int:
         """Weights per group of a layer of this shape (1: the groups are single weights)."""
@@ -166,6 +170,34 @@ class Channel(Granularity):
         return g.reshape(shape)
 
 
+@GRANULARITIES.register("head")
+class Head(Granularity):
+    """One attention head: its rows of ``q_proj``, ``k_proj`` and ``v_proj`` (weights and biases) and its
+    columns of ``out_proj``. The engine scores it on the stacked view of the four projections
+    (:meth:`benchkit.pruning.units.Attention.stack`, ``[heads, head_dim, ...]``), whose rows are the heads;
+    only attention modules are pruned, at least one head kept in each unless ``allow_layer_collapse``."""
+
+    name = "head"
+    structure = "attention"
+
+    def group(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], -1)
+
+    def ungroup(self, g: Tensor, shape: torch.Size) -> Tensor:
+        return g.reshape(shape)
+
+
+@GRANULARITIES.register("neuron")
+class Neuron(Channel):
+    """One hidden neuron of a transformer MLP: a row (and bias entry) of its first Linear ``fc``, whose
+    matching column of the second Linear ``proj`` then only sees zero (compaction removes both). The same
+    masks as ``channel`` with every layer but the MLPs' first excluded; the output layer is never one."""
+
+    name = "neuron"
+    structure = "mlp"
+    removes_outputs = False
+
+
 class NM(Granularity):
     """At most N non-zeros in every M consecutive weights along the input dimension, at each kernel
     position (groups ``w[o, i0:i0+M, r, c]``), as NVIDIA's 2:4 sparse tensor cores expect."""
@@ -221,7 +253,8 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def get_granularity(spec: str | Granularity) -> Granularity:
-    """``"element" | "vector" | "kernel" | "channel" | "N:M"`` (e.g. ``"2:4"``) or a registered name."""
+    """``"element" | "vector" | "kernel" | "channel" | "head" | "neuron" | "N:M"`` (e.g. ``"2:4"``) or a
+    registered name."""
     if isinstance(spec, Granularity):
         return spec
     match = _NM.match(str(spec))

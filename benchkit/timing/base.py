@@ -49,8 +49,10 @@ from benchkit.pruning.engine import PruneReport, prune
 from benchkit.pruning.granularity import get_granularity
 from benchkit.pruning.layers import prunable_layers, resolve_patterns
 from benchkit.pruning.masks import get_masks, plain_state_dict
+from benchkit.pruning.units import find_units, restrict
 from benchkit.registry import Registry
 from benchkit.seeding import make_generator, seed_everything
+from benchkit.tasks import Task, task_of
 from benchkit.textdata import external_tokens, random_windows
 from benchkit.training import History, evaluate, train
 
@@ -323,16 +325,19 @@ class CaptureWeights:
 
 class BestAfter:
     """Best-validation selection restricted to evaluations at or after ``step`` (gradual pruning:
-    an earlier, less sparse checkpoint must never be selected). Restore with :meth:`restore`."""
+    an earlier, less sparse checkpoint must never be selected), by the task's selection (top-1 accuracy,
+    or a language model's loss). Restore with :meth:`restore`."""
 
-    def __init__(self, model: nn.Module, step: int):
+    def __init__(self, model: nn.Module, step: int, task: Task | None = None):
         self.model, self.step = model, step
-        self.best_acc, self.best_step, self.state = float("-inf"), None, None
+        self.task = task if task is not None else task_of(None)
+        self.best, self.best_step, self.state = None, None, None
 
     def on_eval(self, step: int, record: dict[str, Any]) -> None:
-        acc = record.get("val_acc1")
-        if step >= self.step and acc is not None and acc > self.best_acc:
-            self.best_acc, self.best_step = acc, step
+        key = self.task.selection[0]
+        value = record.get(f"val_{key}")
+        if step >= self.step and value is not None and self.task.better({key: value}, self.best):
+            self.best, self.best_step = value, step
             self.state = copy.deepcopy(self.model.state_dict())
 
     def restore(self) -> int | None:
@@ -359,10 +364,32 @@ def pruned_groups(model: nn.Module, p: PruneConfig) -> tuple[list[str], dict[str
     """Layer names of the jointly-pruned set, and each overridden layer with its compression."""
     names = list(prunable_layers(model))
     excluded = set(resolve_patterns(p.exclude, names, "prune.exclude"))
-    if p.keep_outputs and get_granularity(p.granularity).removes_outputs:
+    gran = get_granularity(p.granularity)
+    if gran.structure is not None:
+        return _unit_groups(model, p, gran.structure, gran.name, names, excluded)
+    if p.keep_outputs and gran.removes_outputs:
         excluded.add(names[-1])  # as the engine does: the output layer's units are the outputs
     overrides = per_layer_values(p.overrides, names, excluded, "prune.overrides")
     main = [n for n in names if n not in excluded and n not in overrides]
+    return main, overrides
+
+
+def _unit_groups(model: nn.Module, p: PruneConfig, structure: str, granularity: str, names: list[str],
+                 excluded: set[str]) -> tuple[list[str], dict[str, float]]:
+    """:func:`pruned_groups` for heads and MLP neurons, as the engine prunes them: the pruned set is every
+    layer of the units pruned jointly (a head's q/k/v/out shrink together), overrides are keyed by each
+    unit's anchor (q_proj, fc), whichever of its layers the pattern names."""
+    units = find_units(model, structure)
+    skipped = set(restrict(units, sorted(excluded), "prune.exclude", granularity))
+    anchor_of = units.anchor_of()
+    overrides: dict[str, float] = {}
+    for pattern, value in p.overrides.items():
+        for name in resolve_patterns([pattern], names, "prune.overrides"):
+            anchor = anchor_of.get(name)
+            if anchor is not None and anchor not in skipped:
+                overrides.setdefault(anchor, float(value))
+    members = {a: units.coupled[a].layers if a in units.coupled else (a,) for a in units.anchors}
+    main = [m for a in units.anchors if a not in skipped and a not in overrides for m in members[a]]
     return main, overrides
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from benchkit.config import ExperimentConfig
 from benchkit.pruning.masks import make_permanent
+from benchkit.tasks import task_of
 from benchkit.timing.base import (
     BestAfter,
     RunContext,
@@ -132,7 +133,7 @@ class GradualPruning(Timing):
         pruner = _ScheduledPruning(ctx, model, schedule, steps, override_finals, soft)
         if 0 in pruner.steps:  # t0 = 0: the initial sparsity applies before the first step
             pruner.update(0, None)
-        best = BestAfter(model, schedule.end)
+        best = BestAfter(model, schedule.end, task_of(ctx.data))
         callbacks: list[Any] = [pruner] if soft else [pruner, best]
         ctx.fit(model, "train", train_cfg=dataclasses.replace(ctx.cfg.train, select_best=False),
                 callbacks=callbacks)

@@ -52,6 +52,7 @@ from benchkit.data import TensorBatches
 from benchkit.pruning.layers import tied_layers
 from benchkit.pruning.masks import get_masks, param_value, reset_optimizer_state, resolve, set_masks
 from benchkit.seeding import make_generator
+from benchkit.tasks import task_of
 from benchkit.timing.base import (
     BestAfter,
     RunContext,
@@ -316,7 +317,7 @@ class DynamicSparse(Timing):
                            seed=phase_seed(cfg.seed, f"dynamic_{s.method}"), device=ctx.device) if paths else None
         updater = MaskUpdater(model, paths, schedule, grow, main + list(overridden))
         last = max(schedule.update_steps(), default=0)
-        best = BestAfter(model, last)  # the same evaluations are candidates for every method
+        best = BestAfter(model, last, task_of(ctx.data))  # the same evaluations are candidates for every method
         ctx.fit(model, "train", train_cfg=dataclasses.replace(cfg.train, select_best=False),
                 callbacks=[updater, best])
         if cfg.train.select_best:
