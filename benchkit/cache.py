@@ -44,6 +44,7 @@ DENSE_SOURCE = (
     "timing/base.py:RunContext.build_model", "timing/base.py:RunContext.fit", "timing/base.py:RunContext.reseed",
     "timing/base.py:RunContext.evaluate", "timing/base.py:RunContext.evaluate_splits",
     "timing/base.py:RunContext.dense", "timing/base.py:phase_seed", "timing/base.py:CaptureWeights",
+    "timing/base.py:_state_fingerprint",
     "pruning/masks.py:plain_state_dict", "config.py:stable_hash",
 )
 PACKAGE_ROOT = Path(__file__).resolve().parent

@@ -426,3 +426,32 @@ def test_planning_data_shapes_match_the_loaded_data():
     for cfg in (DataConfig(name="digits"), DataConfig(name="synthetic", input_shape=[3, 5, 4], num_classes=7)):
         source = DATASETS.get(cfg.name)(cfg)
         assert known_shape(cfg) == (tuple(source.input_shape), source.num_classes)
+
+
+def test_an_unchanged_model_is_evaluated_once_and_any_change_evaluates_again(tmp_path, monkeypatch):
+    """RunContext.evaluate reuses the figures of a model unchanged since its last evaluation on that split
+    (a post run's last round and its final metrics); a training step, pruning or a loaded state evaluates again."""
+    from benchkit.data import load_data
+    from benchkit.pruning.masks import apply_masks
+    from benchkit.timing.base import RunContext
+
+    cfg = tiny(tmp_path)
+    ctx = RunContext(cfg=cfg, data=load_data(cfg.data, 64, 1000, 0), device=torch.device("cpu"))
+    calls = []
+    real = base.evaluate
+    monkeypatch.setattr(base, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = ctx.build_model()
+    first = ctx.evaluate(model, "val")
+    assert ctx.evaluate(model, "val") == first and len(calls) == 1
+    ctx.evaluate(model, "test")
+    assert len(calls) == 2  # another split
+    apply_masks(model, {"fc1.weight": torch.rand_like(model.fc1.weight) > 0.5})
+    pruned = ctx.evaluate(model, "val")
+    assert len(calls) == 3 and pruned != first
+    with torch.no_grad():
+        model.fc2.bias.add_(1.0)  # any in-place change
+    ctx.evaluate(model, "val")
+    model.load_state_dict(model.state_dict())
+    ctx.evaluate(model, "val")
+    assert len(calls) == 5
+    assert ctx.evaluate(ctx.build_model(), "val") == first and len(calls) == 6  # another model object
