@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from benchkit.plugins import PluginError, load_plugins, resolve_specs
+
 
 class ConfigError(ValueError):
     """A config problem found before any work starts. The message names the key and the fix."""
@@ -204,6 +206,7 @@ class ExperimentConfig:
     output_dir: str = "runs"  # each run writes to <output_dir>/<config hash>
     cache_dir: str | None = None  # dense-model cache; default $BENCHKIT_CACHE or ~/.cache/benchkit
     progress: bool = True  # epoch progress bar (silent when not attached to a terminal)
+    plugins: list[str] = field(default_factory=list)  # modules / .py files imported first (benchkit.plugins)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -218,6 +221,7 @@ class ExperimentConfig:
         d = copy.deepcopy(d or {})
         for key, value in _parse_overrides(overrides).items():
             set_dotted(d, key, value)
+        _import_plugins(d.get("plugins"), lines or {})  # before anything looks a name up in a registry
         cfg = _build(cls, d, prefix="", lines=lines or {})
         if validate:
             cfg.validate(lines=lines)
@@ -227,12 +231,18 @@ class ExperimentConfig:
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> ExperimentConfig:
         """Load one run. A sweep file (with ``base:``) gives its base run, experiment name included."""
         data, lines = load_yaml(path)
+        folder = Path(path).resolve().parent
         if "base" in data or "grid" in data:
             base = dict(data.get("base") or {})
             if "experiment" in data:
                 base.setdefault("experiment", data["experiment"])
-            lines = {k[len("base."):]: v for k, v in lines.items() if k.startswith("base.")}
+            if isinstance(base.get("plugins"), list) or isinstance(data.get("plugins"), list):
+                base["plugins"] = plugin_specs(data.get("plugins"), folder) + plugin_specs(base.get("plugins"), folder)
+            lines = {k[len("base."):]: v for k, v in lines.items() if k.startswith("base.")} | \
+                {k: v for k, v in lines.items() if k == "plugins"}
             data = base
+        elif isinstance(data.get("plugins"), list):
+            data["plugins"] = plugin_specs(data["plugins"], folder)
         return cls.from_dict(data, overrides, lines=lines)
 
     # ------------------------------------------------------------------------------ views
@@ -263,7 +273,8 @@ class ExperimentConfig:
 
 # Keys that never change a run's numbers: where it is written, how it is displayed, its labels.
 NON_SEMANTIC_KEYS = frozenset(
-    {"experiment", "name", "output_dir", "cache_dir", "progress", "data.root", "data.num_workers", "data.download"}
+    {"experiment", "name", "output_dir", "cache_dir", "progress", "data.root", "data.num_workers", "data.download",
+     "plugins"}
 )
 
 
@@ -286,6 +297,24 @@ def non_semantic_keys(cfg: ExperimentConfig) -> frozenset[str]:
 # Free-form dicts: their keys are user names (layer globs such as ``features.0``, model kwargs), not
 # config sections, so a dotted key splits only up to them (``prune.overrides.layer1.0.conv1``).
 FREE_FORM = ("prune.overrides", "model.kwargs", "prune.lottery.layer_rates")
+
+
+# --------------------------------------------------------------------------------------------- plugins
+def plugin_specs(specs: Any, folder: Path) -> list[str]:
+    """A YAML's ``plugins:`` with file paths made absolute relative to the YAML's folder (module names kept)."""
+    if not isinstance(specs, list):
+        return [] if specs is None else specs  # a wrong type is reported by _build, naming the key
+    return resolve_specs([str(s) for s in specs], folder)
+
+
+def _import_plugins(specs: Any, lines: dict[str, int]) -> None:
+    """Import the config's plugins (and the installed entry points) before the config is built."""
+    if specs is not None and not (isinstance(specs, list) and all(isinstance(s, str) for s in specs)):
+        return  # _build refuses it with the key and line
+    try:
+        load_plugins(specs or ())
+    except PluginError as e:
+        raise ConfigError(f"plugins{where('plugins', lines)}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------- helpers

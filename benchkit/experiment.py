@@ -51,6 +51,9 @@ class RunResult:
     timings: dict[str, float]  # seconds per phase kind (dense, prune, finetune, train, eval, total)
     output_dir: Path | None = None
     dense_cache_hit: bool | None = None  # None: the timing uses no dense model
+    #: What the run resolved that the config does not say (logged as params): the data's classes, input
+    #: shape and split sizes, and the steps its first training phase (the `train` section) really took.
+    resolved: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)  # the final model (not serialised)
 
     def history_frame(self) -> pd.DataFrame:
@@ -112,7 +115,7 @@ class PruningExperiment:
                                                                for k, v in model.state_dict().items()},
             timings=dict(ctx.timings), dense_cache_hit=(bool(ctx.metrics["dense_cache_hit"])
                                                         if "dense_cache_hit" in ctx.metrics else None),
-            model=model,
+            model=model, resolved=resolved_facts(data, ctx.history),
         )
         if self.write:
             result.output_dir = write_result(result, Path(cfg.output_dir) / result.config_hash)
@@ -121,6 +124,19 @@ class PruningExperiment:
     def _preflight(self, ctx: RunContext) -> None:
         """Checks that need the model's layer names, run on a throwaway model before any training."""
         check_layers(ctx.cfg, layer_shapes(ctx.build_model()))
+
+
+def resolved_facts(data: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Facts of the run that its config leaves open: the loaded data's classes, input shape and split
+    sizes, and the optimizer steps of its first training phase (iterations or epochs, early stopping
+    included), from the history records' step counter."""
+    out: dict[str, Any] = {"data.num_classes": int(data.num_classes), "data.input_shape": list(data.input_shape)}
+    out.update({f"data.{split}_samples": int(n) for split, n in data.sizes.items()})
+    first = history[0].get("phase") if history else None
+    steps = [r["step"] for r in history if r.get("phase") == first and r.get("step") is not None]
+    if steps:
+        out["train.steps"] = int(max(steps))
+    return out
 
 
 def layer_shapes(model: nn.Module) -> dict[str, torch.Size]:
