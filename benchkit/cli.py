@@ -123,11 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchkit.sweep import PlanEntry, format_plan, plan_notes, plan_sweep, preflight
     from benchkit.tracking import Tracker
 
+    tracker = Tracker(args.tracking_uri)
+    tracker.check()  # a dead server or a broken store: one line now, before torch is even imported
     load_plugins(args.plugin)  # before the config names what they register
     cfg = ExperimentConfig.from_yaml(args.config, args.overrides)
     cfg.plugins = list(dict.fromkeys([*cfg.plugins, *resolve_specs(args.plugin)]))  # logged with the run
-    tracker = Tracker(args.tracking_uri)
-    tracker.check()
     overrides = dict(o.split("=", 1) for o in args.overrides if "=" in o)
     entries = plan_sweep([PlanEntry(0, overrides, cfg, cfg.config_hash())], tracker, cfg.experiment)
     print(format_plan(entries, cfg.experiment, tracker.uri, plan_notes(tracker, cfg.experiment)), flush=True)
@@ -196,6 +196,7 @@ def _execute(entries, experiment: str, tracker, *, workers: int, executor: str, 
               f"thread{'s' * (threads != 1)} each", flush=True)
     summary = run_sweep(entries, experiment=experiment, tracker=tracker, executor=executor, workers=workers,
                         sweep_file=sweep_file, executor_options=options, plots=plots)
+    _ignore_late_ctrl_c()  # the runs are over: the summary prints whatever else is pressed
     parts = [f"{summary.count(s)} {s}" for s in ("finished", "failed", "killed", "skipped") if summary.count(s)]
     if summary.skipped:
         parts.append(f"{summary.skipped} not run (finished before / duplicate / in flight)")
@@ -515,10 +516,30 @@ def entry() -> None:
     them, a quarter of the import time), then exit without the interpreter's final collection (about
     1.2 s on a 2-core machine, paid by every command after its last line was printed). Objects alive
     now are frozen out of that collection; atexit handlers, file and database closing run as usual."""
+    global _LATE_CTRL_C_IGNORED
+    _LATE_CTRL_C_IGNORED = True
     gc.disable()
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being reported
+        code = EXIT_INTERRUPTED
+    _ignore_late_ctrl_c()
     gc.freeze()
     sys.exit(code)
+
+
+#: Set by :func:`entry` (the console script, never a caller of :func:`main` in its own process): once the
+#: runs are over, a further Ctrl-C (an impatient second press) has nothing left to stop, so it is ignored
+#: rather than cutting the summary short or ending the process by SIGINT with a traceback.
+_LATE_CTRL_C_IGNORED = False
+
+
+def _ignore_late_ctrl_c() -> None:
+    import signal
+    import threading
+
+    if _LATE_CTRL_C_IGNORED and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

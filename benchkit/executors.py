@@ -2,9 +2,11 @@
 
 Every executor takes a picklable ``fn(task) -> outcome`` (``benchkit.sweep.run_tracked``) and yields
 outcomes as runs complete; its ``in_process`` says whether the runs execute in the sweep's own process
-(then ``run_sweep`` imports what they need up front). On Ctrl-C the sweep calls
-:meth:`interrupted_outcomes`, which stops the runs in flight so each marks its MLflow run KILLED, and
-returns what they reported.
+(then ``run_sweep`` imports what they need up front). ``cancel_pending()`` starts nothing further (the
+runs in flight still report). On Ctrl-C or SIGTERM the sweep calls :meth:`interrupted_outcomes`, which
+stops the runs in flight so each marks its MLflow run KILLED with the reason, and returns what they
+reported. Tasks and outcomes are the plain types of :mod:`benchkit.tasks`; this module never imports
+the sweep.
 
 * ``local`` with ``workers=1``: serial, in-process (debuggable, per-run progress bar).
 * ``local`` with ``workers=N``: N worker processes sharing the store; torch threads are divided
@@ -113,7 +115,8 @@ def _stop_signals(on_stop: Callable[[str], bool] | None = None) -> Iterator[None
         elif not INTERRUPT_HANDLED.is_set():
             raise Interrupted(reason)
 
-    take_pending_interrupt()  # a stale one from an earlier sweep in this process
+    take_pending_interrupt()  # stale ones from an earlier sweep in this process
+    INTERRUPT_HANDLED.clear()
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -225,6 +228,8 @@ def _call(fn: RunFn, task: RunTask) -> RunOutcome:
     _ACTIVE.set()
     try:
         return fn(task)
+    except KeyboardInterrupt:  # stopped before the run was claimed: nothing to show, nothing to mark
+        raise
     except BaseException:
         traceback.print_exc()  # run_tracked catches run errors: whatever escapes it must be seen
         raise
@@ -618,31 +623,36 @@ class RayExecutor:
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0)(_ray_call)
         self._queue = queue = list(tasks)
         limit = self.workers or len(queue)
-        try:
-            if local_file_store(uri):  # a local address, but the cluster may have other machines joined
-                hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
-                if len(hosts) > 1:
-                    raise RayStoreError(
-                        f"the Ray cluster spans {len(hosts)} machines ({', '.join(sorted(map(str, hosts)))}) but "
-                        f"the tracking store {uri} is a file on this one: remote workers would write to their own "
-                        "local files. Use a shared `mlflow server` and --tracking-uri http://HOST:5000.")
-            while queue or self._refs:
-                while queue and len(self._refs) < limit:
-                    t = queue.pop(0)
-                    self._refs[remote.remote(fn, t, self.threads)] = t
-                done, _ = ray.wait(list(self._refs), num_returns=1)
-                for ref in done:
-                    task = self._refs.pop(ref)
-                    try:
-                        yield ray.get(ref)
-                    except Exception as e:  # noqa: BLE001 - a lost task fails its run, not the sweep
-                        yield RunOutcome(task.index, task.config_hash, "failed", error=f"ray: {type(e).__name__}: {e}")
-        except KeyboardInterrupt:
-            self._killed = self._stop_in_flight(ray)
-            raise
-        finally:
-            if self._started_ray:
-                ray.shutdown()
+        with _stop_signals():
+            try:
+                if local_file_store(uri):  # a local address, but the cluster may have other machines joined
+                    hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+                    if len(hosts) > 1:
+                        raise RayStoreError(
+                            f"the Ray cluster spans {len(hosts)} machines ({', '.join(sorted(map(str, hosts)))}) "
+                            f"but the tracking store {uri} is a file on this one: remote workers would write to "
+                            "their own local files. Use a shared `mlflow server` and --tracking-uri "
+                            "http://HOST:5000.")
+                while queue or self._refs:
+                    while queue and len(self._refs) < limit:
+                        t = queue.pop(0)
+                        self._refs[remote.remote(fn, t, self.threads)] = t
+                    done, _ = ray.wait(list(self._refs), num_returns=1)
+                    for ref in done:
+                        task = self._refs.pop(ref)
+                        try:
+                            outcome = ray.get(ref)
+                        except Exception as e:  # noqa: BLE001 - a lost task fails its run, not the sweep
+                            outcome = RunOutcome(task.index, task.config_hash, "failed",
+                                                 error=f"ray: {type(e).__name__}: {e}")
+                        yield outcome
+            except BaseException:  # an interrupt here, or while the sweep handled an outcome (GeneratorExit)
+                if self._refs:
+                    self._killed = self._stop_in_flight(ray)
+                raise
+            finally:
+                if self._started_ray:
+                    ray.shutdown()
 
     def cancel_pending(self) -> None:
         """Submit no further task; the ones submitted finish and are still reported."""

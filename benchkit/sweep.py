@@ -506,11 +506,12 @@ class PreflightError(RuntimeError):
 def preflight(entries: Sequence[PlanEntry], tracker: Tracker | None, experiment: str, *,
               local: bool = True) -> None:
     """Check, once per distinct value among the runnable entries, what no single config can see wrong:
-    the data is on disk (or downloads now, once: not once per run), the device exists (``local``: on
-    this machine; a Ray cluster has its own), and the output folder, the dense-model cache and the
-    store's artifact folder can be written. Raises :class:`PreflightError` (or the data's own
-    ``DataNotFoundError``, whose message says where it looked and what to do)."""
-    from benchkit.cache import cache_root
+    the data is on disk (or downloads now, once: not once per run), the device exists and the output
+    folder can be written (these only when the runs execute on this machine, ``local``: a Ray cluster's
+    nodes have their own), and the store's artifact folder can be written. Raises :class:`PreflightError`
+    (or the data's own ``DataNotFoundError``, whose message says where it looked and what to do).
+    Whatever only some runs touch (the dense-model cache: timings that train a dense model) is left to
+    the runs: the first that fails on it stops the sweep (``RunOutcome.repeats``)."""
     from benchkit.data import DATASETS, on_disk
     from benchkit.seeding import resolve_device
 
@@ -522,21 +523,20 @@ def preflight(entries: Sequence[PlanEntry], tracker: Tracker | None, experiment:
         seen.add(key)
         return new
 
-    for cfg in configs:
+    for cfg in configs if local else ():  # a Ray cluster's nodes have their own data, devices and disks
         if once(json.dumps(["data", cfg.data.__dict__], sort_keys=True, default=str)) and on_disk(cfg.data) is False:
             DATASETS.get(cfg.data.name)(cfg.data)  # downloads it now (data.download), or says why it cannot
-        if local and once(f"device {cfg.device}"):
+        if once(f"device {cfg.device}"):
             try:
                 resolve_device(cfg.device)
             except ValueError as e:
                 raise PreflightError(f"device: {e}") from None
-        for what, folder in (("output_dir", Path(cfg.output_dir)), ("the dense-model cache (cache_dir, "
-                                                                    "$BENCHKIT_CACHE)", cache_root(cfg))):
-            if once(f"folder {folder.resolve()}"):
-                problem = _cannot_write(folder)
-                if problem:
-                    raise PreflightError(f"{what} {folder}: {problem}; every run writes there, so none would "
-                                         "finish. Point it at a writable folder")
+        folder = Path(cfg.output_dir)
+        if once(f"folder {folder.resolve()}"):
+            problem = _cannot_write(folder)
+            if problem:
+                raise PreflightError(f"output_dir {folder}: {problem}; every run writes there, so none would "
+                                     "finish. Point it at a writable folder")
     artifacts = _artifact_folder(tracker, experiment) if configs else None
     if artifacts is not None:
         problem = _cannot_write(artifacts)

@@ -222,6 +222,7 @@ def _sqlite_problem(db: Path, write: bool, deep: bool = True) -> str | None:
     except sqlite3.Error as e:
         return f"{db} is a damaged SQLite database ({e}); restore it from a copy, or start a new store elsewhere"
     if check != "ok":
+        check = " ".join(check.replace("*** in database main ***", "").split())  # one line
         return (f"{db} is a damaged SQLite database (integrity check: {check}); restore it from a copy, or "
                 "start a new store elsewhere")
     if not {"experiments", "runs", "alembic_version"} <= tables:
