@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,3 +21,13 @@ def test_masked_training_benchmark_runs_every_variant_and_gives_a_verdict():
     assert len(rows) == 6  # plain, masked by hand, train dense, train masked, prune hooks, plain again
     assert "2 steps/epoch" in r.stdout
     assert "benchkit.train masked / plain loop dense:" in r.stdout and "noise floor" in r.stdout
+
+
+@pytest.mark.slow
+def test_startup_benchmark_runs_every_variant():
+    """Each variant turns its trick off from outside (no switches in the library) and still sweeps."""
+    r = subprocess.run([sys.executable, "benchmarks/bench_startup.py", "--runs", "1", "--epochs", "1", "--repeats", "1",
+                        "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for label in ("all tricks", "without gc ", "without preload", "without gc,preload"):
+        assert f"workers=2  {label}" in r.stdout, r.stdout
