@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from benchkit.plugins import PluginError, load_plugins, resolve_specs
+
 
 class ConfigError(ValueError):
     """A config problem found before any work starts. The message names the key and the fix."""
@@ -256,6 +258,7 @@ class ExperimentConfig:
     output_dir: str = "runs"  # each run writes to <output_dir>/<config hash>
     cache_dir: str | None = None  # dense-model cache; default $BENCHKIT_CACHE or ~/.cache/benchkit
     progress: bool = True  # epoch progress bar (silent when not attached to a terminal)
+    plugins: list[str] = field(default_factory=list)  # modules / .py files imported first (benchkit.plugins)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -276,6 +279,7 @@ class ExperimentConfig:
         for key, value in _parse_overrides(overrides).items():
             key, value = rename_legacy_key(key, value)
             set_dotted(d, key, value)
+        _import_plugins(d.get("plugins"), lines)  # before anything looks a name up in a registry
         return _build(cls, d, prefix="", lines=lines)
 
     @classmethod
@@ -314,16 +318,21 @@ class ExperimentConfig:
 
 
 def read_run_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """A run file's config dict and line map; a sweep file (``base:``/``grid:``) gives its base run."""
+    """A run file's config dict and line map; a sweep file (``base:``/``grid:``) gives its base run. Plugin
+    paths are made absolute relative to the file (``plugins: [./my_criterion.py]``)."""
     data, lines = load_yaml(path)
+    folder = Path(path).resolve().parent
     if "base" in data or "grid" in data:
         base = dict(data.get("base") or {})
         if "experiment" in data:
             base.setdefault("experiment", data["experiment"])
-        if "plugins" in data and "plugins" not in base:
-            base["plugins"] = data["plugins"]
-        lines = {k[len("base."):]: v for k, v in lines.items() if k.startswith("base.")}
+        if isinstance(base.get("plugins"), list) or isinstance(data.get("plugins"), list):
+            base["plugins"] = plugin_specs(data.get("plugins"), folder) + plugin_specs(base.get("plugins"), folder)
+        lines = {k[len("base."):]: v for k, v in lines.items() if k.startswith("base.")} | \
+            {k: v for k, v in lines.items() if k == "plugins"}
         data = base
+    elif isinstance(data.get("plugins"), list):
+        data["plugins"] = plugin_specs(data["plugins"], folder)
     return data, lines
 
 
@@ -402,7 +411,8 @@ def _warn_renamed(old: str, new: str) -> None:
 
 # Keys that never change a run's numbers: where it is written, how it is displayed, its labels.
 NON_SEMANTIC_KEYS = frozenset(
-    {"experiment", "name", "output_dir", "cache_dir", "progress", "data.root", "data.num_workers", "data.download"}
+    {"experiment", "name", "output_dir", "cache_dir", "progress", "data.root", "data.num_workers", "data.download",
+     "plugins"}
 )
 
 
@@ -439,6 +449,24 @@ def free_form_keys() -> tuple[str, ...]:
     extra = [f"prune.{name}.{f.name}" for name, cls in PruneConfig.SECTIONS.items()
              for f in dataclasses.fields(cls) if typing.get_origin(typing.get_type_hints(cls)[f.name]) is dict]
     return FREE_FORM + tuple(extra)
+
+
+# --------------------------------------------------------------------------------------------- plugins
+def plugin_specs(specs: Any, folder: Path) -> list[str]:
+    """A YAML's ``plugins:`` with file paths made absolute relative to the YAML's folder (module names kept)."""
+    if not isinstance(specs, list):
+        return [] if specs is None else specs  # a wrong type is reported by _build, naming the key
+    return resolve_specs([str(s) for s in specs], folder)
+
+
+def _import_plugins(specs: Any, lines: dict[str, int]) -> None:
+    """Import the config's plugins (and the installed entry points) before the config is built."""
+    if specs is not None and not (isinstance(specs, list) and all(isinstance(s, str) for s in specs)):
+        return  # _build refuses it with the key and line
+    try:
+        load_plugins(specs or ())
+    except PluginError as e:
+        raise ConfigError(f"plugins{where('plugins', lines)}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -53,6 +53,8 @@ from benchkit.seeding import make_generator
 class DataNotFoundError(FileNotFoundError):
     """A dataset is not on disk (and could not be downloaded). Raised before any training."""
 
+    repeats_for_every_run = True  # not the config's fault: a sweep stops rather than fail each run (benchkit.jobs)
+
 
 # --------------------------------------------------------------------------------------------- containers
 @dataclass
@@ -517,6 +519,25 @@ KNOWN_SHAPES: dict[str, tuple[tuple[int, int, int], int | None]] = {
     "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
     "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "imagefolder": ((3, 224, 224), None),
 }
+
+
+#: A file each torchvision dataset has under a data root once downloaded (what torchvision checks for),
+#: so that a sweep can tell the data is missing before any run, without loading it.
+ON_DISK = {"mnist": "MNIST/raw/train-images-idx3-ubyte", "fashion-mnist": "FashionMNIST/raw/train-images-idx3-ubyte",
+           "cifar10": "cifar-10-batches-py/data_batch_1", "cifar100": "cifar-100-python/train"}
+
+
+def on_disk(cfg: DataConfig) -> bool | None:
+    """Is the dataset where :func:`load_data` will look? True / False without loading it; None for a
+    dataset this table does not know (a plugin's): only loading tells. digits and synthetic need no files."""
+    name = cfg.name.lower()
+    if name in ("digits", "synthetic"):
+        return True
+    if name == "imagefolder":
+        return imagefolder_root(cfg) is not None
+    if name in ON_DISK:
+        return any((root / ON_DISK[name]).is_file() for root in data_roots(cfg))
+    return None
 
 
 def known_shape(data: DataConfig) -> tuple[tuple[int, ...], int | None] | None:

@@ -2,9 +2,11 @@
 
 Every executor takes a picklable ``fn(task) -> outcome`` (``benchkit.sweep.run_tracked``) and yields
 outcomes as runs complete; its ``in_process`` says whether the runs execute in the sweep's own process
-(then ``run_sweep`` imports what they need up front). On Ctrl-C the sweep calls
-:meth:`interrupted_outcomes`, which stops the runs in flight so each marks its MLflow run KILLED, and
-returns what they reported.
+(then ``run_sweep`` imports what they need up front). ``cancel_pending()`` starts nothing further (the
+runs in flight still report). On Ctrl-C or SIGTERM the sweep calls :meth:`interrupted_outcomes`, which
+stops the runs in flight so each marks its MLflow run KILLED with the reason, and returns what they
+reported. Tasks and outcomes are the plain types of :mod:`benchkit.jobs`; this module never imports
+the sweep.
 
 * ``local`` with ``workers=1``: serial, in-process (debuggable, per-run progress bar).
 * ``local`` with ``workers=N``: N worker processes sharing the store; torch threads are divided
@@ -18,7 +20,6 @@ returns what they reported.
 from __future__ import annotations
 
 import _thread
-import gc
 import ipaddress
 import multiprocessing as mp
 import os
@@ -39,61 +40,30 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from benchkit.registry import Registry
-from benchkit.sweep import (
+from benchkit.jobs import (
     INTERRUPT_DEFERRED,
     INTERRUPT_HANDLED,
-    INTERRUPT_PENDING,
+    ORPHAN_REASON,
+    SIGINT_REASON,
+    SIGTERM_REASON,
+    Interrupted,
     RunOutcome,
     RunTask,
     cores,
+    hold_interrupt,
+    repeats_for_every_run,
+    take_pending_interrupt,
 )
+from benchkit.registry import Registry
 
 EXECUTORS: Registry[type] = Registry("executor")
 RunFn = Callable[[RunTask], RunOutcome]
 
 
-# Modules a run needs. Pool workers fork from a server process that imported these once
-# (``forkserver``, see benchkit/worker_server.py), instead of each spawned worker importing torch,
-# MLflow and SQLAlchemy itself (~4 s of CPU per worker on a 2-core machine: more than a small run).
-# ``torch._dynamo`` is imported lazily by the first optimiser a process builds (``Optimizer.__init__``
-# is wrapped in ``torch._disable_dynamo``): another 1.2-1.7 s in every worker's first run unless here.
-WORKER_PRELOAD = ("benchkit.sweep", "benchkit.experiment", "benchkit.tracking", "benchkit.deployment.compact",
-                  "mlflow.store.tracking.sqlalchemy_store", "sklearn.datasets", "sklearn.model_selection",
-                  "fvcore.nn", "torch._dynamo")
-
-
-def import_run_modules() -> None:
-    """Import :data:`WORKER_PRELOAD` with the cyclic garbage collector off, then freeze the heap and
-    turn the collector back on (:func:`benchkit.sweep.freeze_long_lived_objects`).
-
-    Why the collector is off: importing torch, MLflow and scikit-learn allocates millions of
-    long-lived objects and no garbage, yet triggers full collections over all of them, a quarter of
-    the import time (5.1-5.5 s -> 3.6-4.1 s on a 2-core machine). The worker server does this before
-    its first fork; a 1-worker sweep does it before its first run (which would otherwise import the
-    same modules lazily, collector on)."""
-    import importlib
-
-    from benchkit.sweep import freeze_long_lived_objects
-
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for name in WORKER_PRELOAD:
-            try:
-                importlib.import_module(name)
-            except ImportError:  # an optional piece missing: the run that needs it says so itself
-                pass
-    finally:
-        if enabled:
-            gc.enable()
-    freeze_long_lived_objects()
-
-
 def worker_context() -> Any:
-    """``forkserver`` with :data:`WORKER_PRELOAD` where the platform has it (Linux), else ``spawn``.
-    Forking from the server is safe where forking the sweep process would not be: the server has run
-    no torch op (no OpenMP pool) and opened no store connection."""
+    """``forkserver`` preloading ``benchkit.worker_server`` (see :mod:`benchkit.startup`) where the
+    platform has it (Linux), else ``spawn``. Forking from the server is safe where forking the sweep
+    process would not be: the server has run no torch op (no OpenMP pool) and opened no store connection."""
     if "forkserver" not in mp.get_all_start_methods():  # pragma: no cover - Windows
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -116,75 +86,110 @@ def set_torch_threads(n: int) -> None:
     torch.set_num_threads(max(1, int(n)))
 
 
+# --------------------------------------------------------------------------------------------- stop signals
+#: The signal a pool worker receives for each reason the sweep stops it (see _stop_in_flight).
+STOP_SIGNALS = {SIGINT_REASON: signal.SIGUSR1, SIGTERM_REASON: signal.SIGTERM}
+#: Seconds the in-flight runs get to mark themselves KILLED after a stop request before their workers are
+#: killed (the sweep then marks those runs KILLED itself).
+STOP_GRACE_S = 30.0
+
+
+@contextmanager
+def _stop_signals(on_stop: Callable[[str], bool] | None = None) -> Iterator[None]:
+    """In the sweep's own process: Ctrl-C (SIGINT) and SIGTERM raise :class:`Interrupted` with their
+    reason, except while a run in this process creates or closes its MLflow run (``INTERRUPT_DEFERRED``),
+    where the interrupt is held and acted on right after (an interrupt there would leave a RUNNING run
+    that nobody marks), and while a run marks itself KILLED (``INTERRUPT_HANDLED``). ``on_stop(reason)``
+    is told first; when it returns True the signal is taken care of (nothing is raised). Only from the
+    main thread, where Python delivers signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        reason = SIGTERM_REASON if signum == signal.SIGTERM else SIGINT_REASON
+        if on_stop is not None and on_stop(reason):
+            return
+        if INTERRUPT_DEFERRED.is_set():
+            hold_interrupt(reason)
+        elif not INTERRUPT_HANDLED.is_set():
+            raise Interrupted(reason)
+
+    take_pending_interrupt()  # stale ones from an earlier sweep in this process
+    INTERRUPT_HANDLED.clear()
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        take_pending_interrupt()
+
+
 # --------------------------------------------------------------------------------------------- serial
 @EXECUTORS.register("serial")
 class SerialExecutor:
-    """Runs in this process, one after the other. Ctrl-C: the run in flight is marked KILLED, then stop."""
+    """Runs in this process, one after the other. Ctrl-C / SIGTERM: the run in flight is marked KILLED
+    with the reason, then the sweep stops."""
 
     in_process = True  # the runs execute in the sweep's process (run_sweep prepares it for them)
 
     def __init__(self, workers: int = 1, threads: int | None = None, **_: Any):
         self.threads = threads
         self._killed: list[RunOutcome] = []
+        self._cancelled = False
 
     def run(self, fn: RunFn, tasks: Sequence[RunTask]) -> Iterator[RunOutcome]:
         if self.threads:
             set_torch_threads(self.threads)
-        with _deferrable_sigint():
+        self._cancelled = False
+        with _stop_signals():
             for task in tasks:
+                if self._cancelled:
+                    return
                 outcome = fn(task)
-                if outcome.status == "killed":  # run_tracked swallowed the KeyboardInterrupt to mark the run
+                if outcome.status == "killed":  # run_tracked caught the interrupt to mark its run
                     self._killed.append(outcome)
-                    raise KeyboardInterrupt
-                if INTERRUPT_PENDING.is_set():  # Ctrl-C while the finished run was being closed: stop here
-                    raise KeyboardInterrupt
+                    raise Interrupted(outcome.error or SIGINT_REASON)
+                pending = take_pending_interrupt()
+                if pending is not None:  # interrupted while the finished run was being closed: stop here
+                    yield outcome
+                    raise pending
                 yield outcome
+
+    def cancel_pending(self) -> None:
+        """Start no further task (the one in flight, if any, finishes)."""
+        self._cancelled = True
 
     def interrupted_outcomes(self) -> list[RunOutcome]:
         return self._killed
 
 
-@contextmanager
-def _deferrable_sigint() -> Iterator[None]:
-    """Ctrl-C as usual (KeyboardInterrupt), except while run_tracked creates or closes its run
-    (``INTERRUPT_DEFERRED``): an interrupt there would leave a RUNNING run that nobody marks, so it is
-    remembered (``INTERRUPT_PENDING``) and acted on right after. Only from the main thread, where
-    Python delivers signals; elsewhere the default handling stays."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if INTERRUPT_DEFERRED.is_set():
-            INTERRUPT_PENDING.set()
-        elif not INTERRUPT_HANDLED.is_set():  # a run already marking itself KILLED finishes that first
-            raise KeyboardInterrupt
-
-    INTERRUPT_PENDING.clear()
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        INTERRUPT_PENDING.clear()
-
-
 # --------------------------------------------------------------------------------------------- process pool
 _ACTIVE = threading.Event()  # set in a worker while it runs a task
 _STOPPING = threading.Event()  # set when the parent asked this worker to stop
+_ORPHANED = threading.Event()  # set by the parent watcher: the sweep process is gone
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """The parent's 'stop now': interrupt the run in flight (it marks itself KILLED) and start no other.
+def _on_stop(signum: int, frame: Any) -> None:
+    """The parent's 'stop now' (SIGUSR1 for its Ctrl-C, SIGTERM for its SIGTERM; the parent watcher
+    simulates SIGTERM when the sweep died): interrupt the run in flight, which marks itself KILLED with
+    the reason, and start no other.
 
     Sent repeatedly until the run stops: an interrupt that lands inside a finaliser (a DataLoader
     iterator's ``__del__``, say) is swallowed by Python, so one is not enough. Once the run has begun
     marking itself KILLED (``INTERRUPT_HANDLED``), later ones are ignored so that bookkeeping finishes;
-    while it is creating its run (``INTERRUPT_DEFERRED``) the request waits for the next repeat.
+    while it is creating or closing its run (``INTERRUPT_DEFERRED``) the request is held and acted on
+    as soon as that is done.
     """
+    reason = ORPHAN_REASON if _ORPHANED.is_set() else SIGTERM_REASON if signum == signal.SIGTERM else SIGINT_REASON
     _STOPPING.set()
-    if _ACTIVE.is_set() and not INTERRUPT_HANDLED.is_set() and not INTERRUPT_DEFERRED.is_set():
-        raise KeyboardInterrupt
+    if not _ACTIVE.is_set() or INTERRUPT_HANDLED.is_set():
+        return
+    if INTERRUPT_DEFERRED.is_set():
+        hold_interrupt(reason)
+        return
+    raise Interrupted(reason)
 
 
 def _watch_parent() -> None:
@@ -196,10 +201,11 @@ def _watch_parent() -> None:
     if parent is None:  # pragma: no cover - not started by multiprocessing
         return
     mp_wait([parent.sentinel])
+    _ORPHANED.set()
     for _ in range(60):
         if not _ACTIVE.is_set():
             break
-        _thread.interrupt_main(signal.SIGTERM)  # SIGINT is ignored here; SIGTERM's handler interrupts
+        _thread.interrupt_main(signal.SIGTERM)  # runs _on_stop in the main thread
         time.sleep(1.0)
     os._exit(1)
 
@@ -210,7 +216,8 @@ def _init_worker(threads: int, environ: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_stop)
+    signal.signal(signal.SIGUSR1, _on_stop)
     set_torch_threads(threads)
     threading.Thread(target=_watch_parent, daemon=True, name="benchkit-parent-watch").start()
 
@@ -221,6 +228,8 @@ def _call(fn: RunFn, task: RunTask) -> RunOutcome:
     _ACTIVE.set()
     try:
         return fn(task)
+    except KeyboardInterrupt:  # stopped before the run was claimed: nothing to show, nothing to mark
+        raise
     except BaseException:
         traceback.print_exc()  # run_tracked catches run errors: whatever escapes it must be seen
         raise
@@ -240,10 +249,11 @@ def _worker_main(conn: Connection, fn: RunFn, threads: int, environ: dict[str, s
             return
         try:
             outcome = _call(fn, task)
-        except KeyboardInterrupt:  # stopped before run_tracked could claim a run: nothing to mark
-            outcome = RunOutcome(task.index, task.config_hash, "killed", error="interrupted")
+        except KeyboardInterrupt as e:  # stopped before run_tracked could claim a run: nothing to mark
+            outcome = RunOutcome(task.index, task.config_hash, "killed", error=str(e) or "interrupted")
         except Exception as e:  # noqa: BLE001 - e.g. the store unreachable: fail this run, keep the worker
-            outcome = RunOutcome(task.index, task.config_hash, "failed", error=f"{type(e).__name__}: {e}")
+            outcome = RunOutcome(task.index, task.config_hash, "failed", error=f"{type(e).__name__}: {e}",
+                                 repeats=repeats_for_every_run(e))
         try:
             conn.send(outcome)
         except (OSError, ValueError):
@@ -297,27 +307,44 @@ class ProcessPoolRunner:
         self._queue: deque[RunTask] = deque()
         self._pool: list[_Worker] = []
         self._killed: list[RunOutcome] | None = None
+        self._reason = SIGINT_REASON
+        self._stopping = self._hurry = False
 
     # ------------------------------------------------------------------ run
     def run(self, fn: RunFn, tasks: Sequence[RunTask]) -> Iterator[RunOutcome]:
-        self._fn, self._queue, self._killed = fn, deque(tasks), None
-        try:
-            self._pool = [self._spawn() for _ in range(min(self.workers, len(self._queue)))]
-            while True:
-                self._dispatch()
-                busy = [w for w in self._pool if w.task is not None]
-                if not busy:
-                    return
-                ready = mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
-                for w in busy:
-                    outcome = self._collect(w, ready)
-                    if outcome is not None:
-                        yield outcome
-        except KeyboardInterrupt:
-            self._killed = self._stop_in_flight()
-            raise
-        finally:
-            self._shutdown()
+        self._fn, self._queue, self._killed, self._reason = fn, deque(tasks), None, SIGINT_REASON
+        with _stop_signals(self._note_reason):
+            try:
+                self._pool = [self._spawn() for _ in range(min(self.workers, len(self._queue)))]
+                while True:
+                    self._dispatch()
+                    busy = [w for w in self._pool if w.task is not None]
+                    if not busy:
+                        return
+                    ready = mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+                    outcomes = [o for o in (self._collect(w, ready) for w in busy) if o is not None]
+                    yield from outcomes
+            except BaseException:
+                # KeyboardInterrupt here, or GeneratorExit: the sweep stopped iterating because an interrupt
+                # (or an error) reached it while it handled an outcome. Either way the runs in flight are
+                # stopped now, not waited for: _shutdown would otherwise wait for them to finish.
+                if self._killed is None:
+                    self._killed = self._stop_in_flight()
+                raise
+            finally:
+                self._shutdown()
+
+    def _note_reason(self, reason: str) -> bool:
+        """The stop signals' callback: remember why; while already stopping, hurry instead of raising."""
+        if self._stopping:
+            self._hurry = True
+            return True
+        self._reason = reason
+        return False
+
+    def cancel_pending(self) -> None:
+        """Start no further task; the runs in flight finish and are still reported."""
+        self._queue.clear()
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -345,7 +372,8 @@ class ProcessPoolRunner:
                     if w.proc.is_alive():
                         w.proc.kill()
 
-    def _collect(self, w: _Worker, ready: Sequence[Any], status: str = "FAILED") -> RunOutcome | None:
+    def _collect(self, w: _Worker, ready: Sequence[Any], status: str = "FAILED",
+                 why: str | None = None) -> RunOutcome | None:
         """The worker's outcome if it sent one; if it died in the middle of a run, that run's failure."""
         if w.task is None or (w.conn not in ready and w.proc.sentinel not in ready):
             return None
@@ -362,11 +390,12 @@ class ProcessPoolRunner:
                 return None
         w.proc.join()
         task, w.task = w.task, None
-        return self._worker_died(task, w.proc.pid, w.proc.exitcode, status)
+        return self._worker_died(task, w.proc.pid, w.proc.exitcode, status, why)
 
-    def _worker_died(self, task: RunTask, pid: int, exitcode: int | None, status: str) -> RunOutcome:
+    def _worker_died(self, task: RunTask, pid: int, exitcode: int | None, status: str,
+                     why: str | None = None) -> RunOutcome:
         """Fail the dead worker's run in MLflow (found by its config hash and the worker's pid tag)."""
-        reason = f"worker process {pid} died ({_exit_reason(exitcode)})"
+        reason = f"worker process {pid} {why}" if why else f"worker process {pid} died ({_exit_reason(exitcode)})"
         run_id = None
         try:
             run_id, finished = self._mark_dead_run(task, pid, reason, status)
@@ -398,35 +427,56 @@ class ProcessPoolRunner:
     # ------------------------------------------------------------------ interrupt / shutdown
     def interrupted_outcomes(self) -> list[RunOutcome]:
         if self._killed is None and any(w.task is not None for w in self._pool):
-            self._killed = self._stop_in_flight()  # interrupted while the sweep handled an outcome
+            self._killed = self._stop_in_flight()
         return self._killed or []
 
     def _stop_in_flight(self) -> list[RunOutcome]:
-        """Start nothing more; SIGTERM the busy workers so each in-flight run marks itself KILLED."""
+        """Start nothing more; signal the busy workers (SIGUSR1 for a Ctrl-C, SIGTERM for a SIGTERM) so
+        each in-flight run marks itself KILLED with that reason, and collect what they report.
+
+        Bounded: a worker that has not reported within :data:`STOP_GRACE_S` (or at once, on a second
+        Ctrl-C) is killed, and its run is marked KILLED from here. Further interrupts while this runs
+        only hurry it; they cannot leave the workers running unwatched."""
         self._queue.clear()
+        self._stopping, self._hurry = True, False
+        sig = STOP_SIGNALS.get(self._reason, signal.SIGTERM)
         out: list[RunOutcome] = []
-        for _ in range(30):  # repeated: see _on_sigterm
-            busy = [w for w in self._pool if w.task is not None]
-            if not busy:
-                break
-            for w in busy:
-                try:
-                    os.kill(w.proc.pid, signal.SIGTERM)
-                except (ProcessLookupError, TypeError):
-                    pass
-            deadline = time.monotonic() + 2
-            while busy and time.monotonic() < deadline:
+        deadline = time.monotonic() + STOP_GRACE_S
+        try:
+            while True:
+                busy = [w for w in self._pool if w.task is not None]
+                if not busy:
+                    break
+                if self._hurry or time.monotonic() >= deadline:
+                    for w in busy:
+                        w.proc.kill()
+                    why = ("was killed: the sweep was interrupted again while it stopped" if self._hurry else
+                           f"was killed: it did not stop within {STOP_GRACE_S:g} s of the sweep's stop request "
+                           f"({self._reason})")
+                    for w in busy:
+                        w.proc.join(timeout=10)
+                        o = self._collect(w, [w.proc.sentinel], status="KILLED", why=why)
+                        if o is not None:
+                            out.append(o)
+                    break
+                for w in busy:  # repeated every second: see _on_stop
+                    try:
+                        os.kill(w.proc.pid, sig)
+                    except (ProcessLookupError, TypeError):
+                        pass
                 ready = mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
-                                timeout=max(0.0, deadline - time.monotonic()))
+                                timeout=max(0.0, min(1.0, deadline - time.monotonic())))
                 for w in busy:
                     o = self._collect(w, ready, status="KILLED")
                     if o is not None:
                         out.append(o)
-                busy = [w for w in busy if w.task is not None]
+        finally:
+            self._stopping = False
         return out
 
     def _shutdown(self) -> None:
-        """Tell every worker to exit once its run (if any) is over, and wait for them."""
+        """Tell every worker to exit once its run (if any) is over, and wait for them: without limit
+        after a normal end (they are idle), at most 10 s in all after a stop (then they are killed)."""
         self._queue.clear()
         for w in self._pool:
             try:
@@ -434,16 +484,19 @@ class ProcessPoolRunner:
             except OSError:
                 pass
         try:
+            deadline = None if self._killed is None else time.monotonic() + 10
             for w in self._pool:
-                w.proc.join(timeout=None if self._killed is None else 30)
-                if w.proc.is_alive():  # interrupted, and still not done after the stop requests
+                w.proc.join(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if w.proc.is_alive():  # stopped, and still not gone
                     w.proc.kill()
-        except KeyboardInterrupt:  # a second Ctrl-C while waiting: stop the runs rather than wait
-            self._stop_in_flight()
+                    w.proc.join()
+        except KeyboardInterrupt:  # Ctrl-C while waiting for the runs in flight: stop them rather than wait
+            self._killed = (self._killed or []) + self._stop_in_flight()
             for w in self._pool:
                 w.proc.join(timeout=10)
                 if w.proc.is_alive():
                     w.proc.kill()
+                    w.proc.join()
             raise
         finally:
             for w in self._pool:
@@ -549,6 +602,7 @@ class RayExecutor:
         self.address = address or os.environ.get("RAY_ADDRESS")
         self.threads = threads or max(1, int(self.num_cpus))
         self._refs: dict[Any, RunTask] = {}
+        self._queue: list[RunTask] = []
         self._killed: list[RunOutcome] = []
         self._started_ray = False
 
@@ -567,33 +621,42 @@ class RayExecutor:
         check_ray_tracking(self.address, uri)
         ray = self._connect()
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0)(_ray_call)
-        queue = list(tasks)
+        self._queue = queue = list(tasks)
         limit = self.workers or len(queue)
-        try:
-            if local_file_store(uri):  # a local address, but the cluster may have other machines joined
-                hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
-                if len(hosts) > 1:
-                    raise RayStoreError(
-                        f"the Ray cluster spans {len(hosts)} machines ({', '.join(sorted(map(str, hosts)))}) but "
-                        f"the tracking store {uri} is a file on this one: remote workers would write to their own "
-                        "local files. Use a shared `mlflow server` and --tracking-uri http://HOST:5000.")
-            while queue or self._refs:
-                while queue and len(self._refs) < limit:
-                    t = queue.pop(0)
-                    self._refs[remote.remote(fn, t, self.threads)] = t
-                done, _ = ray.wait(list(self._refs), num_returns=1)
-                for ref in done:
-                    task = self._refs.pop(ref)
-                    try:
-                        yield ray.get(ref)
-                    except Exception as e:  # noqa: BLE001 - a lost task fails its run, not the sweep
-                        yield RunOutcome(task.index, task.config_hash, "failed", error=f"ray: {type(e).__name__}: {e}")
-        except KeyboardInterrupt:
-            self._killed = self._stop_in_flight(ray)
-            raise
-        finally:
-            if self._started_ray:
-                ray.shutdown()
+        with _stop_signals():
+            try:
+                if local_file_store(uri):  # a local address, but the cluster may have other machines joined
+                    hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+                    if len(hosts) > 1:
+                        raise RayStoreError(
+                            f"the Ray cluster spans {len(hosts)} machines ({', '.join(sorted(map(str, hosts)))}) "
+                            f"but the tracking store {uri} is a file on this one: remote workers would write to "
+                            "their own local files. Use a shared `mlflow server` and --tracking-uri "
+                            "http://HOST:5000.")
+                while queue or self._refs:
+                    while queue and len(self._refs) < limit:
+                        t = queue.pop(0)
+                        self._refs[remote.remote(fn, t, self.threads)] = t
+                    done, _ = ray.wait(list(self._refs), num_returns=1)
+                    for ref in done:
+                        task = self._refs.pop(ref)
+                        try:
+                            outcome = ray.get(ref)
+                        except Exception as e:  # noqa: BLE001 - a lost task fails its run, not the sweep
+                            outcome = RunOutcome(task.index, task.config_hash, "failed",
+                                                 error=f"ray: {type(e).__name__}: {e}")
+                        yield outcome
+            except BaseException:  # an interrupt here, or while the sweep handled an outcome (GeneratorExit)
+                if self._refs:
+                    self._killed = self._stop_in_flight(ray)
+                raise
+            finally:
+                if self._started_ray:
+                    ray.shutdown()
+
+    def cancel_pending(self) -> None:
+        """Submit no further task; the ones submitted finish and are still reported."""
+        self._queue.clear()
 
     def interrupted_outcomes(self) -> list[RunOutcome]:
         return self._killed

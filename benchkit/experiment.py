@@ -56,6 +56,9 @@ class RunResult:
     timings: dict[str, float]  # seconds per phase kind (dense, prune, finetune, train, eval, total)
     output_dir: Path | None = None
     dense_cache_hit: bool | None = None  # None: the timing uses no dense model
+    #: What the run resolved that the config does not say (logged as params): the data's classes, input
+    #: shape and split sizes, and the steps its first training phase (the `train` section) really took.
+    resolved: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False)  # the final model (not serialised)
     notes: list[str] = field(default_factory=list)  # what the pruning decided on its own (logged as a tag)
     collapsed: dict[str, str] = field(default_factory=dict)  # layer -> why it counts as nearly collapsed
@@ -126,7 +129,8 @@ class PruningExperiment:
                                                                for k, v in model.state_dict().items()},
             timings=dict(ctx.timings), dense_cache_hit=(bool(ctx.metrics["dense_cache_hit"])
                                                         if "dense_cache_hit" in ctx.metrics else None),
-            model=model, notes=sorted(ctx.notes), collapsed=dict(ctx.collapsed), resolved=dict(ctx.resolved),
+            model=model, notes=sorted(ctx.notes), collapsed=dict(ctx.collapsed),
+            resolved=resolved_params(cfg, resolved_facts(data, ctx.history), ctx.resolved),
             series={k: list(v) for k, v in ctx.series.items()},
         )
         if self.write:
@@ -137,6 +141,28 @@ class PruningExperiment:
         """Checks that need the model's layer names, run on a throwaway model before any training."""
         model = ctx.build_model()
         check_layers(ctx.cfg, layer_shapes(model), layer_structure(model))
+
+
+def resolved_facts(data: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Facts of the run that its config leaves open: the loaded data's classes, input shape and split
+    sizes, and the optimizer steps of its first training phase (iterations or epochs, early stopping
+    included), from the history records' step counter."""
+    out: dict[str, Any] = {"data.num_classes": int(data.num_classes), "data.input_shape": list(data.input_shape)}
+    out.update({f"data.{split}_samples": int(n) for split, n in data.sizes.items()})
+    first = history[0].get("phase") if history else None
+    steps = [r["step"] for r in history if r.get("phase") == first and r.get("step") is not None]
+    if steps:
+        out["train.steps"] = int(max(steps))
+    return out
+
+
+def resolved_params(cfg: ExperimentConfig, facts: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The params a run adds once it ran: facts its config leaves open (:func:`resolved_facts`), and settings
+    resolved at run time (``auto`` normalisation, the calibration windows' length...). A setting that is also
+    a config param (logged as asked, e.g. ``prune.normalize: auto``) is logged as ``resolved.<key>``: MLflow
+    keeps a param's first value, and what was asked and what ran are both worth reading."""
+    flat = cfg.flat()
+    return {**facts, **{f"resolved.{k}" if k in flat else k: v for k, v in settings.items()}}
 
 
 def layer_shapes(model: nn.Module) -> dict[str, torch.Size]:

@@ -25,11 +25,9 @@ not restored with its old runs (see :func:`plan_sweep`).
 from __future__ import annotations
 
 import difflib
-import gc
 import itertools
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +40,22 @@ from benchkit.config import (
     flatten,
     free_form_keys,
     load_yaml,
+    plugin_specs,
     rename_legacy_key,
     set_dotted,
     where,
 )
+from benchkit.executors import get_executor
+from benchkit.jobs import (
+    INTERRUPT_DEFERRED,
+    INTERRUPT_HANDLED,
+    RunOutcome,
+    RunTask,
+    repeats_for_every_run,
+    take_pending_interrupt,
+)
+from benchkit.plugins import PluginError, load_plugins
+from benchkit.startup import freeze_heap, import_run_modules
 from benchkit.tracking import (
     TAG_HASH,
     TAG_HEARTBEAT,
@@ -53,6 +63,7 @@ from benchkit.tracking import (
     TAG_REPLACES,
     TAG_SWEEP,
     TAG_SWEEP_FILE,
+    TAG_WITHDRAWN,
     Heartbeat,
     Owner,
     Tracker,
@@ -72,6 +83,7 @@ SWEEP_KEYS = {
     "grid": "dotted key -> list of values (cartesian product)",
     "zip": "dotted key -> list of values, all the same length, moving together",
     "exclude": "list of {match: {key: value}, reason: text}",
+    "plugins": "modules or .py files (relative to this file) imported first: your own criteria, models, ...",
 }
 
 
@@ -141,6 +153,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | list[str] | None = 
     from benchkit.config import _parse_overrides
 
     data, lines = load_yaml(path)
+    _load_sweep_plugins(data, Path(path).resolve().parent, lines)  # before any name is looked up
     unknown = [k for k in data if k not in SWEEP_KEYS]
     if unknown:
         k = str(unknown[0])
@@ -169,6 +182,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | list[str] | None = 
     exclude = _excludes(data.get("exclude"), lines)
     experiment = str(data.get("experiment") or base.get("experiment") or Path(path).stem)
     ov = _parse_overrides(overrides)
+    _refuse_dead_exclusions(exclude, grid, zipped, base, ov, lines)
     for k in ov:  # pin the axis: an override that an axis value replaced would silently do nothing, and
         # the plan label, run name and overrides tag are built from the axis values, so they must be the run's
         if k in grid:
@@ -176,6 +190,65 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | list[str] | None = 
         elif k in zipped:
             zipped[k] = [ov[k]] * len(zipped[k])  # rows made identical are duplicates, run once
     return SweepSpec(experiment, base, grid, zipped, exclude, lines, str(path), ov)
+
+
+def _load_sweep_plugins(data: dict[str, Any], folder: Path, lines: dict[str, int]) -> None:
+    """Import the file's ``plugins:`` (top level, or under ``base:``) and keep them in the base config, paths
+    made absolute, so that every run's config names them and every worker imports them too."""
+    top, base = data.get("plugins"), data.get("base")
+    nested = base.get("plugins") if isinstance(base, dict) else None
+    for key, specs in (("plugins", top), ("base.plugins", nested)):
+        if specs is not None and not (isinstance(specs, list) and all(isinstance(x, str) for x in specs)):
+            raise ConfigError(f"{key}{where(key, lines)} must be a list of module names or .py paths, got {specs!r}")
+    if top is None and nested is None:
+        return
+    specs = plugin_specs(top or [], folder) + [s for s in plugin_specs(nested or [], folder) if s not in (top or [])]
+    try:
+        load_plugins(specs)
+    except PluginError as e:
+        key = "plugins" if top is not None else "base.plugins"
+        raise ConfigError(f"{key}{where(key, lines)}: {e}") from None
+    data["base"] = {**(base or {}), "plugins": list(dict.fromkeys(specs))}
+
+
+def _same_value(have: Any, want: Any) -> bool:
+    return have == want or str(have) == str(want)
+
+
+def _refuse_dead_exclusions(exclude: list[dict[str, Any]], grid: dict[str, list[Any]], zipped: dict[str, list[Any]],
+                            base: dict[str, Any], overrides: dict[str, Any], lines: dict[str, int]) -> None:
+    """An exclusion whose value can never occur (not a value of its grid/zip axis, or not the base's
+    value for a key that no axis varies) excludes nothing, silently: most likely a typo. Refused with
+    the values it could have meant. Checked against the file's axes, before a command-line override pins one."""
+    fixed: dict[str, Any] | None = None
+    for i, rule in enumerate(exclude):
+        for key, want in rule["match"].items():
+            axis = grid.get(key, zipped.get(key))
+            if axis is None:
+                if fixed is None:
+                    d = json.loads(json.dumps(base, default=str))
+                    for k, v in overrides.items():
+                        set_dotted(d, k, v)
+                    base_lines = {k[len("base."):]: n for k, n in lines.items() if k.startswith("base.")}
+                    fixed = ExperimentConfig.from_dict(d, lines=base_lines).flat()
+                values = [fixed.get(key, _lookup_free_form(fixed, key))]
+            else:
+                values = axis
+            literal = not isinstance(want, list) or any(isinstance(v, list) for v in values)
+            dead = [w for w in ([want] if literal else want) if not any(_same_value(v, w) for v in values)]
+            if not dead:
+                continue
+            close = difflib.get_close_matches(str(dead[0]), [str(v) for v in values], n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            if axis is not None:
+                section = "grid" if key in grid else "zip"
+                what = (f"{dead[0]!r} is not a value of the {section} axis {key} "
+                        f"({', '.join(repr(v) for v in values)})")
+            else:
+                what = (f"{dead[0]!r} is not the value of any combination: no grid or zip axis varies {key}, and "
+                        f"the base has {key} = {values[0]!r}")
+            raise ConfigError(f"exclude[{i}].match{where('exclude', lines)}: {key}: {what}, so the rule would "
+                              f"exclude nothing{hint}")
 
 
 def _excludes(raw: Any, lines: dict[str, int]) -> list[dict[str, Any]]:
@@ -238,7 +311,7 @@ def run_name(cfg: ExperimentConfig, overrides: dict[str, Any]) -> str:
     shorts = [k.split(".")[-1] for k in shown]
     parts = [f"{k if shorts.count(k.split('.')[-1]) > 1 else k.split('.')[-1]}={_fmt(v)}" for k, v in shown.items()]
     p = cfg.prune
-    return " ".join(parts) or f"{p.timing} {p.criterion} {p.granularity} {p.scope} x{p.target_compression() or 1:g}"
+    return " ".join(parts) or f"{p.timing} {p.criterion} {p.granularity} {p.allocation} x{p.target_compression() or 1:g}"
 
 
 def combinations(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -433,86 +506,112 @@ def format_plan(entries: Sequence[PlanEntry], experiment: str, uri: str, notes: 
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------- before any run
+class PreflightError(RuntimeError):
+    """A problem every run of the plan would meet (the data missing offline, no GPU for ``device: cuda``,
+    a folder that cannot be written): found once, before any run, instead of failing each run in turn."""
+
+
+def preflight(entries: Sequence[PlanEntry], tracker: Tracker | None, experiment: str, *,
+              local: bool = True) -> None:
+    """Check, once per distinct value among the runnable entries, what no single config can see wrong:
+    the data is on disk (or downloads now, once: not once per run), the device exists and the output
+    folder can be written (these only when the runs execute on this machine, ``local``: a Ray cluster's
+    nodes have their own), and the store's artifact folder can be written. Raises :class:`PreflightError`
+    (or the data's own ``DataNotFoundError``, whose message says where it looked and what to do).
+    Whatever only some runs touch (the dense-model cache: timings that train a dense model) is left to
+    the runs: the first that fails on it stops the sweep (``RunOutcome.repeats``)."""
+    from benchkit.data import DATASETS, on_disk
+    from benchkit.seeding import resolve_device
+
+    configs = [e.config for e in entries if e.runnable and e.config is not None]
+    seen: set[str] = set()
+
+    def once(key: str) -> bool:
+        new = key not in seen
+        seen.add(key)
+        return new
+
+    for cfg in configs if local else ():  # a Ray cluster's nodes have their own data, devices and disks
+        if once(json.dumps(["data", cfg.data.__dict__], sort_keys=True, default=str)) and on_disk(cfg.data) is False:
+            DATASETS.get(cfg.data.name)(cfg.data)  # downloads it now (data.download), or says why it cannot
+        if once(f"device {cfg.device}"):
+            try:
+                resolve_device(cfg.device)
+            except ValueError as e:
+                raise PreflightError(f"device: {e}") from None
+        folder = Path(cfg.output_dir)
+        if once(f"folder {folder.resolve()}"):
+            problem = _cannot_write(folder)
+            if problem:
+                raise PreflightError(f"output_dir {folder}: {problem}; every run writes there, so none would "
+                                     "finish. Point it at a writable folder")
+    artifacts = _artifact_folder(tracker, experiment) if configs else None
+    if artifacts is not None:
+        problem = _cannot_write(artifacts)
+        if problem:
+            raise PreflightError(f"the store's artifact folder {artifacts}: {problem}; every run logs its files "
+                                 "there. Use a store in a writable place (--tracking-uri)")
+
+
+def _cannot_write(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder`` (made if missing), tried for real, or None."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".benchkit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return None
+
+
+def _artifact_folder(tracker: Tracker | None, experiment: str) -> Path | None:
+    """The local folder the experiment's artifacts go to (an existing experiment's own location, else
+    where :meth:`Tracker.ensure_experiment` will put it); None for a server's or a remote store."""
+    if tracker is None:
+        return None
+    exp = _stored_experiment(tracker, experiment)
+    location = exp.artifact_location if exp is not None and exp.lifecycle_stage == "active" else \
+        tracker.artifact_location(experiment)
+    if not location or not location.startswith("file:"):
+        return None
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    return Path(url2pathname(urlsplit(location).path))
+
+
 # --------------------------------------------------------------------------------------------- one run, tracked
-@dataclass
-class RunTask:
-    """Everything a worker (process or Ray task) needs to run one config; plain data, picklable."""
-
-    index: int
-    config: dict[str, Any]
-    config_hash: str
-    run_name: str
-    overrides: dict[str, Any]
-    experiment_id: str
-    tracking_uri: str
-    sweep: str
-    sweep_file: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    plots: bool = True  # SVG charts as artifacts (benchkit.svgplot: under a millisecond per run)
-
-
-@dataclass
-class RunOutcome:
-    index: int
-    config_hash: str
-    status: str  # finished | failed | killed | skipped
-    run_id: str | None = None
-    seconds: float = 0.0
-    error: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
 SUMMARY_METRICS = ("compression_ratio", "val_acc1", "test_acc1")
-#: Set once run_tracked has caught an interrupt and is marking its run KILLED (see executors._on_sigterm).
-INTERRUPT_HANDLED = threading.Event()
-#: Set while run_tracked creates its run: an interrupt there would leave a RUNNING run nobody marks, so
-#: the worker's stop request waits (the parent watcher repeats it every second) until the claim is made.
-INTERRUPT_DEFERRED = threading.Event()
-#: A Ctrl-C that arrived while INTERRUPT_DEFERRED was set, in a sweep that runs in its own process (the
-#: serial executor's SIGINT handler sets it): acted on as soon as the deferral ends, since a user's one
-#: Ctrl-C is not repeated the way a pool worker's stop request is.
-INTERRUPT_PENDING = threading.Event()
-
-
-_HEAP_FROZEN = False
-
-
-def freeze_long_lived_objects() -> None:
-    """Move what is alive now (torch, MLflow, SQLAlchemy, pandas: modules, classes, caches) out of
-    the cyclic garbage collector's sight, once per process, and leave the collector on. Without it,
-    every few runs a full collection walks those millions of objects: a 0.3–0.4 s pause, ten times a
-    run's whole tracking cost (benchmarks/bench_sweep.py). Garbage the runs create is collected as usual.
-
-    A process that turned the collector off for its imports (the ``benchkit`` command, the worker
-    server: Python's own pattern for fork without exec) has created no garbage worth a collection, so
-    only a process that ran with the collector on pays one first."""
-    global _HEAP_FROZEN
-    if not _HEAP_FROZEN:
-        if gc.isenabled():
-            gc.collect()
-        gc.freeze()
-        gc.enable()
-        _HEAP_FROZEN = True
 
 
 def run_tracked(task: RunTask) -> RunOutcome:
     """Run one config into MLflow, at most once per hash.
 
     1. Create our RUNNING run (the claim), then look at the hash's other runs: if one is FINISHED,
-       or RUNNING in a live process and claimed before ours, delete ours and skip — the earliest
-       claim wins, so two sweeps racing on one store never both train a config. Dead RUNNING
-       runs are marked KILLED.
-    2. Train; log everything; FINISHED. Exceptions → FAILED with traceback.txt; Ctrl-C → KILLED.
+       or RUNNING in a live process and claimed before ours, withdraw ours (KILLED, tagged
+       ``benchkit.withdrawn``, deleted) and skip — the earliest claim wins, so two sweeps racing on
+       one store never both train a config. Dead RUNNING runs are marked KILLED.
+    2. Train; log everything; FINISHED. Exceptions → FAILED with traceback.txt (``repeats`` set when
+       the failure is the machine's, not the config's); Ctrl-C / SIGTERM → KILLED with the reason.
     3. Delete superseded FAILED/KILLED runs of the hash (their ids go into ``benchkit.replaces``).
+
+    Interrupts are held while the run is being created or closed (``benchkit.jobs``): one landing
+    there would leave a RUNNING run that nobody marks.
     """
     from benchkit.experiment import PruningExperiment
 
-    freeze_long_lived_objects()
     t0 = time.time()
     INTERRUPT_HANDLED.clear()
+    pending = take_pending_interrupt()
+    if pending is not None:  # the stop request came between two runs: claim nothing
+        raise pending
     tracker = Tracker.shared(task.tracking_uri)
     exp_id, h = task.experiment_id, task.config_hash
-    cfg = ExperimentConfig.from_dict(task.config)
+    cfg = ExperimentConfig.from_dict(task.config)  # imports the config's plugins first
     if cfg.config_hash() != h:
         raise RuntimeError(f"config hash changed in transit: {cfg.config_hash()} != {h}")
     tags = {**task.tags, TAG_SWEEP: task.sweep, TAG_HASH: h, TAG_OVERRIDES: json.dumps(task.overrides, default=str),
@@ -525,19 +624,22 @@ def run_tracked(task: RunTask) -> RunOutcome:
     INTERRUPT_DEFERRED.set()
     try:
         run_id, started = tracker.start_run(exp_id, cfg, run_name=task.run_name, tags=tags, return_start=True)
-    finally:
+    except BaseException:
         INTERRUPT_DEFERRED.clear()
-    try:
-        if INTERRUPT_PENDING.is_set():  # Ctrl-C while the run was being created: it is ours to mark KILLED
-            raise KeyboardInterrupt
+        raise
+    try:  # entered with the deferral still on: from here on, every interrupt marks this run KILLED
+        INTERRUPT_DEFERRED.clear()
+        pending = take_pending_interrupt()
+        if pending is not None:  # interrupted while the run was being created: it is ours to mark KILLED
+            raise pending
         others = [r for r in tracker.runs(exp_id, h) if r.info.run_id != run_id]
         state = HashState.of(others)
         earlier_alive = [r for r in state.alive if (r.info.start_time, r.info.run_id) < (started, run_id)]
         if state.finished or earlier_alive:
-            tracker.delete_run(run_id)
             r = (state.finished or earlier_alive)[0]
-            return RunOutcome(task.index, h, "skipped", r.info.run_id,
-                              error="already FINISHED" if state.finished else "in flight elsewhere")
+            why = "already FINISHED" if state.finished else "in flight elsewhere"
+            withdraw_claim(tracker, run_id, f"{why}: run {r.info.run_id}")
+            return RunOutcome(task.index, h, "skipped", r.info.run_id, error=why)
         stale = list(state.stale)
         for r in stale:
             if r.info.status == "RUNNING":
@@ -547,22 +649,43 @@ def run_tracked(task: RunTask) -> RunOutcome:
         with Heartbeat(tracker, run_id):
             result = PruningExperiment(cfg).run()
             tracker.log_result(run_id, result, plots=task.plots)
+        INTERRUPT_DEFERRED.set()  # trained and logged: an interrupt now stops the sweep after this run is FINISHED
     except KeyboardInterrupt as e:
         INTERRUPT_HANDLED.set()  # further stop requests must not cut the bookkeeping short
-        tracker.fail_run(run_id, e, status="KILLED")
-        return RunOutcome(task.index, h, "killed", run_id, time.time() - t0, "interrupted")
+        INTERRUPT_DEFERRED.clear()
+        unrecorded = _record_failure(tracker, run_id, e, "KILLED")
+        return RunOutcome(task.index, h, "killed", run_id, time.time() - t0, (str(e) or "interrupted") + unrecorded)
     except Exception as e:  # noqa: BLE001 - a failing config must not stop the sweep
-        tracker.fail_run(run_id, e, status="FAILED")
-        return RunOutcome(task.index, h, "failed", run_id, time.time() - t0, f"{type(e).__name__}: {e}")
-    INTERRUPT_DEFERRED.set()  # trained and logged: a Ctrl-C now stops the sweep after this run is FINISHED
+        INTERRUPT_DEFERRED.clear()
+        unrecorded = _record_failure(tracker, run_id, e, "FAILED")
+        return RunOutcome(task.index, h, "failed", run_id, time.time() - t0, f"{type(e).__name__}: {e}{unrecorded}",
+                          repeats=repeats_for_every_run(e) or bool(unrecorded))
     try:
         tracker.end_run(run_id, "FINISHED")
         if stale or state.alive:  # a later claimant yields to us; only these cases can leave extra runs
             _settle(tracker, exp_id, h)
     finally:
-        INTERRUPT_DEFERRED.clear()
+        INTERRUPT_DEFERRED.clear()  # an interrupt held meanwhile stays pending: the executor stops the sweep
     metrics = {k: float(result.metrics[k]) for k in SUMMARY_METRICS if k in (result.metrics or {})}
     return RunOutcome(task.index, h, "finished", run_id, time.time() - t0, metrics=metrics)
+
+
+def _record_failure(tracker: Tracker, run_id: str, exc: BaseException, status: str) -> str:
+    """Mark the run FAILED / KILLED; if even that is impossible (the store went read-only, say), say so
+    in the outcome instead of raising from the handler of the first error (two tracebacks, no reason)."""
+    try:
+        tracker.fail_run(run_id, exc, status=status)
+        return ""
+    except Exception as e:  # noqa: BLE001
+        return f" (and the run could not be marked {status}: {type(e).__name__}: {e})"
+
+
+def withdraw_claim(tracker: Tracker, run_id: str, why: str) -> None:
+    """A claim that lost to another run of its hash: closed (KILLED, with the winner named), then
+    deleted. Deleted alone it would sit in MLflow's trash as RUNNING forever."""
+    tracker.set_tags(run_id, {TAG_WITHDRAWN: why})
+    tracker.end_run(run_id, "KILLED")
+    tracker.delete_run(run_id)
 
 
 def _settle(tracker: Tracker, exp_id: str, h: str) -> None:
@@ -585,13 +708,16 @@ class SweepSummary:
     skipped: int
     excluded: int
     interrupted: bool = False
+    interrupt_reason: str = ""  # e.g. "interrupted (Ctrl-C / SIGINT)", "terminated (SIGTERM)"
+    stopped: str = ""  # why the sweep stopped early: a failure that every remaining run would repeat
+    not_started: int = 0  # runs never started because the sweep stopped early
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
 
     @property
     def ok(self) -> bool:
-        return not self.interrupted and self.count("failed") == 0 and self.count("killed") == 0
+        return not self.interrupted and not self.stopped and self.count("failed") == 0 and self.count("killed") == 0
 
 
 def make_tasks(entries: Sequence[PlanEntry], *, experiment_id: str, tracking_uri: str, sweep: str,
@@ -611,14 +737,19 @@ def make_tasks(entries: Sequence[PlanEntry], *, experiment_id: str, tracking_uri
 def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, executor: str = "local",
               workers: int = 1, sweep_file: str | None = None, executor_options: dict[str, Any] | None = None,
               on_outcome: Callable[[RunOutcome, RunTask], None] | None = None, verbose: bool = True,
-              plots: bool = True,
+              plots: bool = True, view: dict[str, Any] | None = None,
               run_fn: Callable[[RunTask], RunOutcome] = run_tracked) -> SweepSummary:
-    """Execute the runnable entries of a plan. The experiment is created here, once, before any worker starts."""
-    from benchkit.executors import get_executor, import_run_modules
+    """Execute the runnable entries of a plan. The experiment is created here, once, before any worker starts.
+
+    A run that fails for a reason every other run would meet too (``RunOutcome.repeats``: a read-only
+    output folder, a full disk, a store that cannot be written) stops the sweep: nothing new starts,
+    the runs in flight finish, and :attr:`SweepSummary.stopped` says why. ``view``: the experiment's
+    MLflow UI view (:func:`benchkit.tracking.Tracker.set_runs_view`), default the sweep's axes."""
     from benchkit.progress import SweepProgress
     from benchkit.tracking import source_tags
 
     exp_id = tracker.ensure_experiment(experiment)
+    tracker.set_runs_view(exp_id, **(view if view is not None else sweep_view(entries)))
     tags = source_tags()
     per_run_bar = workers == 1 and executor == "local"  # the trainer hides its bar off a terminal
     tasks = make_tasks(entries, experiment_id=exp_id, tracking_uri=tracker.uri, sweep=experiment,
@@ -631,9 +762,9 @@ def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, ex
     if ex.in_process:
         import_run_modules()  # runs here: what the first would import lazily, imported now, collector off
     else:
-        freeze_long_lived_objects()  # runs elsewhere: the collector back on if the command turned it off
+        freeze_heap()  # runs elsewhere: the collector back on if the command turned it off
     bar = SweepProgress(len(tasks), desc=experiment)
-    interrupted = False
+    interrupted, reason, stopped = False, "", ""
     try:
         for outcome in ex.run(run_fn, tasks):
             outcomes.append(outcome)
@@ -642,13 +773,29 @@ def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, ex
                 bar.write(describe(outcome, by_index[outcome.index], len(outcomes), len(tasks)))
             if on_outcome:
                 on_outcome(outcome, by_index[outcome.index])
-    except KeyboardInterrupt:
-        interrupted = True
+            if outcome.repeats and not stopped:
+                stopped = (f"run #{outcome.index} failed with an error that every run would repeat, so the sweep "
+                           f"stopped: {outcome.error}")
+                ex.cancel_pending()
+    except KeyboardInterrupt as e:
+        interrupted, reason = True, str(e) or "interrupted (Ctrl-C / SIGINT)"
         for outcome in ex.interrupted_outcomes():
             outcomes.append(outcome)
     finally:
         bar.close()
-    return SweepSummary(outcomes, skipped, excluded, interrupted)
+    not_started = len(tasks) - len({o.index for o in outcomes}) if stopped else 0
+    return SweepSummary(outcomes, skipped, excluded, interrupted, reason, stopped, not_started)
+
+
+def sweep_view(entries: Sequence[PlanEntry]) -> dict[str, Any]:
+    """What the MLflow UI should show for this sweep: its axes (the keys its combinations vary) as param
+    columns, ordered as in the file."""
+    axes: list[str] = []
+    for e in entries:
+        for k in e.overrides:
+            if k not in axes:
+                axes.append(k)
+    return {"params": axes}
 
 
 def describe(o: RunOutcome, task: RunTask, k: int, n: int) -> str:
@@ -661,12 +808,3 @@ def describe(o: RunOutcome, task: RunTask, k: int, n: int) -> str:
     if o.error and o.status != "finished":
         line += f"  {o.error}"
     return line
-
-
-def cores() -> int:
-    """CPU cores this process may use (cgroup/affinity aware where the OS says)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
-

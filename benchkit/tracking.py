@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # mlflow and torch are imported lazily: `benchkit --help` must stay fast
     from mlflow import MlflowClient
@@ -49,6 +50,11 @@ TAG_PID = "benchkit.pid"
 TAG_PID_START = "benchkit.pid_start"
 TAG_HEARTBEAT = "benchkit.heartbeat"
 TAG_REPLACES = "benchkit.replaces"
+TAG_WITHDRAWN = "benchkit.withdrawn"
+TAG_ERROR = "benchkit.error"
+
+#: Final metrics shown first: the report's default columns and the MLflow UI's runs table.
+HEADLINE_METRICS = ("compression_ratio", "theoretical_speedup", "val_acc1", "test_acc1")
 
 HEARTBEAT_SECONDS = 30.0
 #: A RUNNING run on another host whose heartbeat is older than this is considered dead.
@@ -85,14 +91,12 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """sqlite lock contention and flaky connections to a tracking server are worth a retry."""
+    """sqlite lock contention is worth a retry. A tracking server's connection errors and 5xx answers
+    are not retried here: MLflow's HTTP client already retries those (with backoff, for minutes), and
+    retrying its retries turned a dead server into a 250 s wait. Nor are other sqlite errors (a file that
+    cannot be opened, a read-only store): they do not go away."""
     text = f"{type(exc).__name__}: {exc}".lower()
-    return any(
-        s in text
-        for s in ("database is locked", "database table is locked", "operationalerror", "connection refused",
-                  "connection reset", "connection aborted", "max retries exceeded", "temporarily unavailable",
-                  "503", "502", "504")
-    )
+    return any(s in text for s in ("database is locked", "database table is locked", "temporarily unavailable"))
 
 
 def with_retry(fn: Callable[..., T], *args: Any, attempts: int = 8, base_delay: float = 0.05, **kwargs: Any) -> T:
@@ -109,6 +113,143 @@ def with_retry(fn: Callable[..., T], *args: Any, attempts: int = 8, base_delay: 
                 raise
             time.sleep(base_delay * (2**i) * (0.5 + random.random()))
     raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------- store checks
+class StoreError(RuntimeError):
+    """The tracking store cannot be used as given. Found before any run, in a second or so; the message
+    names the store, the problem and the fix (MLflow itself would retry for minutes, then print a
+    SQLAlchemy or urllib3 traceback)."""
+
+    repeats_for_every_run = True  # a sweep that meets it mid-way stops (benchkit.jobs)
+
+
+#: URI schemes MLflow's tracking client serves (``mlflow.tracking``'s registry; plugins add theirs through
+#: the ``mlflow.tracking_store`` entry point group, read below).
+MLFLOW_SCHEMES = frozenset({"", "file", "sqlite", "http", "https", "databricks", "databricks-uc", "uc",
+                            "postgresql", "mysql", "mssql"})
+SQLITE_HEADER = b"SQLite format 3\x00"
+#: Seconds to wait for a tracking server's answer before calling it unreachable.
+SERVER_TIMEOUT_S = 5.0
+
+
+def check_store(uri: str, *, write: bool = True, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """Raise :class:`StoreError` if the store at ``uri`` (``resolve_tracking_uri`` form) cannot be used:
+    an unknown scheme, a tracking server that does not answer, or a sqlite file that is a directory,
+    empty, not SQLite, damaged, not an MLflow store, or (``write``) in a place that cannot be written.
+    A sqlite file that does not exist yet is fine when it can be created (``write``)."""
+    problem = store_problem(uri, write=write, timeout=timeout)
+    if problem:
+        raise StoreError(f"tracking store {uri}: {problem}")
+
+
+def store_problem(uri: str, *, write: bool = True, timeout: float = SERVER_TIMEOUT_S) -> str | None:
+    scheme = uri.split("://", 1)[0].split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in MLFLOW_SCHEMES and scheme not in _plugin_schemes():
+        return (f"unknown kind of store {scheme + '://'!r}; use sqlite:///path/to/mlflow.db (the default), a "
+                "folder, or http://host:port of an `mlflow server`")
+    if scheme in ("http", "https"):
+        return _server_problem(uri, timeout)
+    db = sqlite_path(uri)
+    if db is not None:
+        return _sqlite_problem(db, write)
+    if scheme == "file":
+        from urllib.request import url2pathname
+
+        folder = Path(url2pathname(urlsplit(uri).path))
+        if folder.exists() and not folder.is_dir():
+            return f"{folder} is a file, not a folder; an MLflow file store is a folder (or use sqlite:///{folder})"
+        if write:
+            return _unwritable(folder if folder.exists() else _existing_parent(folder))
+    return None
+
+
+def _plugin_schemes() -> set[str]:
+    import importlib.metadata
+
+    return {ep.name for ep in importlib.metadata.entry_points(group="mlflow.tracking_store")}
+
+
+def _server_problem(uri: str, timeout: float) -> str | None:
+    """Any HTTP answer means a server is there (MLflow reports auth or version problems itself); no
+    answer within ``timeout`` seconds, a refused connection or an unknown host is one line here."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            why = f"no answer within {timeout:g} s"
+        else:
+            why = getattr(reason, "strerror", None) or str(reason)
+        return (f"cannot reach the MLflow tracking server ({why}). Start it (e.g. `mlflow server --host 127.0.0.1 "
+                "--port PORT`), or pass the right --tracking-uri")
+    return None
+
+
+def _sqlite_problem(db: Path, write: bool, deep: bool = True) -> str | None:
+    if db.is_dir():
+        return (f"{db} is a folder, not a database file; name a file in it, e.g. "
+                f"--tracking-uri sqlite:///{db / 'mlflow.db'}")
+    if not db.exists():
+        return _unwritable(_existing_parent(db)) if write else None  # reading a store not made yet: nothing
+    try:
+        with open(db, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as e:
+        return f"{db} cannot be read: {e.strerror or e}"
+    if not head:
+        return (f"{db} is an empty file, not an MLflow store (MLflow would silently turn it into a new, empty "
+                "store); delete it to start a new store there, or point --tracking-uri at the store with your runs")
+    if head != SQLITE_HEADER:
+        return (f"{db} is not an SQLite database (it begins with {head!r}); point --tracking-uri at an MLflow "
+                "store, e.g. sqlite:///path/to/mlflow.db")
+    if not deep:
+        return None
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=20)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            check = con.execute("PRAGMA quick_check(1)").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return f"{db} is a damaged SQLite database ({e}); restore it from a copy, or start a new store elsewhere"
+    if check != "ok":
+        check = " ".join(check.replace("*** in database main ***", "").split())  # one line
+        return (f"{db} is a damaged SQLite database (integrity check: {check}); restore it from a copy, or "
+                "start a new store elsewhere")
+    if not {"experiments", "runs", "alembic_version"} <= tables:
+        return (f"{db} is an SQLite database but not an MLflow store (no MLflow tables in it); MLflow would add "
+                "its tables to it. Point --tracking-uri at an MLflow store, or at a new file")
+    if write:
+        return _unwritable(db.parent) or (None if os.access(db, os.W_OK) else f"{db} is read-only")
+    return None
+
+
+def _existing_parent(path: Path) -> Path:
+    p = path.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder`` (tried for real: permissions, a read-only file system,
+    a full disk), or None."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".benchkit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write in {folder}: {e.strerror or e}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- owner
@@ -285,6 +426,15 @@ def _wal_on_connect(dbapi_connection: Any, _record: Any) -> None:
         pass
 
 
+def _open_lock(db: Path) -> Any:
+    from filelock import FileLock
+
+    from benchkit.config import stable_hash
+
+    return FileLock(str(Path(tempfile.gettempdir()) / f"benchkit-store-{stable_hash(str(db.resolve()))}.lock"),
+                    timeout=300)
+
+
 _SHARED: dict[str, Tracker] = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -306,6 +456,17 @@ class Tracker:
                 _SHARED[uri] = cls(uri)
             return _SHARED[uri]
 
+    def check(self, *, write: bool = True) -> None:
+        """Raise :class:`StoreError` now if the store cannot be used (:func:`check_store`), rather than
+        after minutes of MLflow's retries. For a sqlite file, under the lock that serialises creating it,
+        so that a store another sweep is creating this very moment is not judged half-made."""
+        db = sqlite_path(self.uri)
+        if db is None:
+            check_store(self.uri, write=write)
+            return
+        with _open_lock(db):
+            check_store(self.uri, write=write)
+
     @functools.cached_property
     def client(self) -> MlflowClient:
         """Created on first use: opening a sqlite store creates the file, which a dry run must not."""
@@ -317,13 +478,11 @@ class Tracker:
         tune_sqlite_connections(db)
         # The first open of a sqlite store creates and migrates its tables; two processes doing that
         # at once collide ("table ... already exists"). Serialise opening with a lock file.
-        from filelock import FileLock
-
-        from benchkit.config import stable_hash
-
-        db.parent.mkdir(parents=True, exist_ok=True)
-        lock = Path(tempfile.gettempdir()) / f"benchkit-store-{stable_hash(str(db.resolve()))}.lock"
-        with FileLock(str(lock), timeout=300):
+        with _open_lock(db):
+            problem = _sqlite_problem(db, write=False, deep=False) if db.exists() else None
+            if problem:  # a directory, an empty or a foreign file: MLflow would retry, or adopt it, silently
+                raise StoreError(f"tracking store {self.uri}: {problem}")
+            db.parent.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(self.uri)
             with_retry(client.search_experiments, max_results=1)
         return client
@@ -389,6 +548,24 @@ class Tracker:
         raise RuntimeError(f"could not move the deleted MLflow experiment {name!r} (id {experiment_id}) aside "
                            f"at {self.uri}: {error}")
 
+    def set_runs_view(self, experiment_id: str, params: Sequence[str] = (),
+                      metrics: Sequence[str] = HEADLINE_METRICS) -> None:
+        """Make MLflow's UI open this experiment as a machine-learning experiment, with ``params`` and
+        ``metrics`` as the runs table's columns (:func:`ui_url` links to that view).
+
+        MLflow 3's UI opens in its GenAI view unless told otherwise (the ``workflowType`` setting, kept in
+        the browser, or ``?workflowType=machine_learning`` in the URL) and shows no param or metric column
+        by default. A saved view is what its "share" button writes: an experiment tag
+        ``mlflow.sharedViewState.<key>`` holding the view as JSON, opened by ``?viewStateShareKey=<key>``.
+        ``mlflow.experimentKind`` marks the experiment as machine learning where the UI reads that tag."""
+        import json
+
+        columns = [f"params.`{p}`" for p in params] + [f"metrics.`{m}`" for m in metrics]
+        state = {"selectedColumns": columns, "runsHiddenMode": "SHOW_ALL"}
+        for key, value in ((TAG_EXPERIMENT_KIND, "custom_model_development"),
+                           (VIEW_TAG_PREFIX + VIEW_KEY, json.dumps(state))):
+            with_retry(self.client.set_experiment_tag, experiment_id, key, value)
+
     # ------------------------------------------------------------------ runs
     def runs(self, experiment_id: str, config_hash: str | None = None, *, deleted: bool = False) -> list[Run]:
         """All active runs of the experiment (optionally of one config hash; the deleted ones on request),
@@ -409,12 +586,14 @@ class Tracker:
 
     def start_run(self, experiment_id: str, cfg: ExperimentConfig, *, run_name: str | None,
                   tags: dict[str, str], return_start: bool = False) -> Any:
-        """Create a RUNNING run carrying every config value as a param (``(run_id, start_ms)`` on request)."""
+        """Create a RUNNING run carrying the config's values as params (:func:`applied_params`; what the
+        run resolves, such as the data's classes, is added by :meth:`log_result`), ``(run_id, start_ms)``
+        on request."""
         run = with_retry(self.client.create_run, experiment_id, run_name=run_name,
                          tags={k: _truncate(v, MAX_TAG_VAL_LENGTH) for k, v in tags.items()})
         run_id = run.info.run_id
         self._artifact_uris[run_id] = run.info.artifact_uri
-        self.log_params(run_id, cfg.flat())
+        self.log_params(run_id, applied_params(cfg))
         return (run_id, run.info.start_time) if return_start else run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -449,11 +628,20 @@ class Tracker:
         with_retry(self.client.set_terminated, run_id, status)
 
     def fail_run(self, run_id: str, exc: BaseException | None = None, status: str = "FAILED") -> None:
-        """Mark the run FAILED (or KILLED) with its traceback as ``traceback.txt``."""
+        """Mark the run FAILED (or KILLED) with the reason as the ``benchkit.error`` tag and the traceback as
+        ``traceback.txt``. The reason and the status are recorded even when the traceback cannot be (an
+        artifact folder on a read-only or full disk: the very failure being recorded, often)."""
         tb = "".join(traceback.format_exception(exc)) if exc is not None else traceback.format_exc()
+        if isinstance(exc, KeyboardInterrupt):
+            error = str(exc) or "interrupted (Ctrl-C / KeyboardInterrupt)"
+        else:
+            error = f"{type(exc).__name__}: {exc}" if exc is not None else "interrupted"
         try:
             with_retry(self.client.log_text, run_id, tb, "traceback.txt")
-            self.set_tags(run_id, {"benchkit.error": f"{type(exc).__name__}: {exc}" if exc else "interrupted"})
+        except Exception as e:  # noqa: BLE001 - the reason still goes into the tag below
+            error += f" (traceback.txt not stored: {type(e).__name__}: {e})"
+        try:
+            self.set_tags(run_id, {TAG_ERROR: error})
         finally:
             self.end_run(run_id, status)
 
@@ -462,7 +650,14 @@ class Tracker:
 
     # ------------------------------------------------------------------ results
     def log_result(self, run_id: str, result: Any, *, plots: bool = True, model: bool = True) -> None:
-        """Everything a :class:`~benchkit.experiment.RunResult` holds: metrics, curves, tables, plots, model."""
+        """Everything a :class:`~benchkit.experiment.RunResult` holds: what the run resolved (params such as
+        ``data.num_classes``), metrics, curves, tables, plots, model."""
+        resolved = dict(getattr(result, "resolved", None) or {})
+        if resolved:
+            self.log_params(run_id, resolved)
+        tags = result_tags(result)
+        if tags:
+            self.set_tags(run_id, tags)
         self.log_metrics(run_id, result_metric_rows(result))
         repo = self.artifact_repository(run_id)
         with tempfile.TemporaryDirectory(prefix="benchkit-artifacts-") as tmp:
@@ -485,6 +680,71 @@ class Tracker:
 
         uri = self._artifact_uris.get(run_id) or with_retry(self.client.get_run, run_id).info.artifact_uri
         return get_artifact_repository(uri, tracking_uri=self.uri)  # a server's mlflow-artifacts: proxy
+
+
+# --------------------------------------------------------------------------------------------- params and the UI
+#: Tag of the layers a run left (nearly) collapsed (``prune.collapse``), and of what the pruning decided
+#: on its own (output layer kept whole, the calibrated method's pass): what a reader of the run should know.
+TAG_COLLAPSED = "benchkit.collapsed"
+TAG_NOTES = "benchkit.notes"
+
+
+def result_tags(result: Any) -> dict[str, str]:
+    """Tags a run's result carries: its collapsed layers (with why) and the engine's notes (MLflow caps a tag
+    at 5,000 characters; longer text is cut with a mark)."""
+    tags = {}
+    collapsed = getattr(result, "collapsed", None) or {}
+    if collapsed:
+        tags[TAG_COLLAPSED] = "; ".join(collapsed.values())
+    notes = getattr(result, "notes", None) or []
+    if notes:
+        tags[TAG_NOTES] = "; ".join(notes)
+    return {k: v if len(v) <= 5000 else v[:4990] + " [cut]" for k, v in tags.items()}
+
+
+#: Config keys of the synthetic dataset alone: for any other dataset the run logs what it resolved.
+SYNTHETIC_ONLY = ("data.num_samples", "data.num_classes", "data.input_shape")
+#: Config keys of the image-folder dataset alone.
+IMAGEFOLDER_KEYS = ("data.image_size", "data.mean", "data.std")
+
+
+def applied_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config's flat values, less those that cannot have applied to this run and would read as what
+    it used: the synthetic dataset's own keys for any other dataset (the run logs the classes, input
+    shape and split sizes it resolved instead, see :meth:`Tracker.log_result`), and an epoch count that
+    an iteration count overrode (``train.epochs`` with ``train.iterations``, the same for fine-tuning)."""
+    from benchkit.config import TEXT_KEYS
+    from benchkit.pruning.allocation import ALLOCATIONS
+    from benchkit.pruning.criteria import CRITERIA
+
+    flat = cfg.flat()
+    drop: set[str] = set()
+    data = str(flat.get("data.name"))
+    if data != "synthetic":
+        drop.update(SYNTHETIC_ONLY)
+    if data != "text":
+        drop.update(TEXT_KEYS)
+    if data != "imagefolder":
+        drop.update(IMAGEFOLDER_KEYS)
+    crit = cfg.prune.criterion
+    calibrated = crit in CRITERIA and CRITERIA.get(crit).calibrated
+    if not (calibrated or (cfg.prune.allocation in ALLOCATIONS and ALLOCATIONS.get(cfg.prune.allocation).needs_data)):
+        drop.update(k for k in flat if k.startswith("prune.calibration."))
+    for section in ("train", "prune.post.finetune"):
+        if flat.get(f"{section}.iterations") is not None:
+            drop.add(f"{section}.epochs")
+    return {k: v for k, v in flat.items() if k not in drop}
+
+
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # MLflow UI's shared views (its "share" button)
+VIEW_KEY = "benchkit"
+
+
+def ui_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment in its machine-learning view, with benchkit's saved columns."""
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
 
 
 # --------------------------------------------------------------------------------------------- result → rows

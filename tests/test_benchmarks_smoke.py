@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,13 @@ def test_dst_overhead_benchmark_runs_both_arms_and_gives_a_verdict():
     rows = [line for line in r.stdout.splitlines() if line.startswith("| lenet300 |")]
     assert len(rows) == 1 and rows[0].split("|")[2].strip() == "2"  # 4 steps/epoch, an update every 2
     assert "rigl / static wall time" in r.stdout and "1.10 goal" in r.stdout
+
+
+@pytest.mark.slow
+def test_startup_benchmark_runs_every_variant():
+    """Each variant turns its trick off from outside (no switches in the library) and still sweeps."""
+    r = subprocess.run([sys.executable, "benchmarks/bench_startup.py", "--runs", "1", "--epochs", "1", "--repeats", "1",
+                        "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for label in ("all tricks", "without gc ", "without preload", "without gc,preload"):
+        assert f"workers=2  {label}" in r.stdout, r.stdout

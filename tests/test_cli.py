@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from benchkit.cli import main
+from benchkit.config import ExperimentConfig
 from benchkit.tracking import Tracker
 from benchkit.validation import load_config
 
@@ -305,7 +306,8 @@ def test_workers_mark_their_runs_killed_and_exit_when_the_sweep_is_sigkilled(tmp
     statuses = [client.get_run(r.info.run_id).info.status for r in runs]
     assert statuses == ["KILLED", "KILLED"]
     text = Path(client.download_artifacts(runs[0].info.run_id, "traceback.txt", str(tmp_path))).read_text()
-    assert "KeyboardInterrupt" in text
+    assert "Interrupted: the sweep process died" in text  # the reason, not a bare KeyboardInterrupt
+    assert {client.get_run(r.info.run_id).data.tags["benchkit.error"] for r in runs} == {"the sweep process died"}
 
 
 def test_ctrl_c_stops_the_workers_and_marks_their_runs_killed(tmp_path):
@@ -339,5 +341,111 @@ def test_ctrl_c_stops_the_workers_and_marks_their_runs_killed(tmp_path):
     assert "2 killed" in out and "run the same command again to resume" in out
     after = client.search_runs([exp.experiment_id])
     assert sorted(r.info.status for r in after) == ["KILLED", "KILLED"]  # the queued third run never started
+    assert {r.data.tags["benchkit.error"] for r in after} == {"interrupted (Ctrl-C / SIGINT)"}
     pids = {int(r.data.tags["benchkit.pid"]) for r in runs}
     assert not any(psutil.pid_exists(pid) for pid in pids), "worker processes outlived the sweep"
+
+
+# --------------------------------------------------------------------------------------------- aggregate report
+def test_report_aggregates_over_seeds_and_writes_the_paper_table(tmp_path, capsys):
+    """Three seeds per strategy and operating point: n, mean and sample std (statistics.stdev) of each metric,
+    FINISHED runs only; --output writes the table (the suffix picks Markdown or CSV)."""
+    import statistics
+
+    from benchkit.tracking import TAG_HASH
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    exp = tracker.ensure_experiment("agg")
+    accs = {("magnitude", 2): [0.90, 0.92, 0.97], ("magnitude", 4): [0.85, 0.86, 0.90], ("random", 2): [0.70, 0.74]}
+    for (criterion, compression), values in accs.items():
+        for seed, acc in enumerate(values):
+            cfg = ExperimentConfig.from_dict({"prune": {"criterion": criterion, "compression": compression}, "seed": seed})
+            run_id = tracker.start_run(exp, cfg, run_name=f"{criterion}-{compression}-{seed}",
+                                       tags={TAG_HASH: cfg.config_hash()})
+            tracker.log_metrics(run_id, [("test_acc1", acc, 0), ("compression_ratio", compression * 1.001, 0)])
+            tracker.end_run(run_id)
+    failed = tracker.start_run(exp, ExperimentConfig.from_dict({"seed": 9}), run_name="failed", tags={})
+    tracker.log_metrics(failed, [("test_acc1", 0.0, 0)])
+    tracker.end_run(failed, "FAILED")
+
+    assert main(["report", "--tracking-uri", uri, "-e", "agg", "--aggregate", "-c", "test_acc1", "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    got = {(r.criterion, r.compression): (r.n, r.test_acc1_mean, r.test_acc1_std) for r in table.itertuples()}
+    assert got.keys() == accs.keys()
+    for key, values in accs.items():
+        n, mean, std = got[key]
+        assert n == len(values) and mean == pytest.approx(statistics.mean(values))
+        assert std == pytest.approx(statistics.stdev(values))
+
+    out = tmp_path / "tables" / "agg.md"
+    assert main(["report", "--tracking-uri", uri, "-e", "agg", "--aggregate", "--output", str(out)]) == 0
+    assert "wrote 3 rows" in capsys.readouterr().out
+    lines = out.read_text().strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert {"criterion", "compression", "n", "test_acc1", "compression_ratio"} <= set(header)
+    rows = {(r[header.index("criterion")], r[header.index("compression")]): r
+            for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    row = rows[("magnitude", "2")]
+    mean, std = statistics.mean(accs[("magnitude", 2)]), statistics.stdev(accs[("magnitude", 2)])
+    assert row[header.index("test_acc1")] == f"{mean:.4f} ± {std:.4f}" and row[header.index("n")] == "3"
+    assert main(["report", "--tracking-uri", uri, "-e", "agg", "--aggregate", "-c", "test_acc9"]) == 2
+    assert "did you mean 'test_acc1'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- the UI's view
+def test_a_sweep_opens_in_mlflows_machine_learning_view_with_its_axes_as_columns(tmp_path, capsys, monkeypatch):
+    """MLflow 3 opens an experiment in its GenAI view with no param or metric column. benchkit saves a
+    view (the UI's own 'shared view' tag) with the sweep's axes and headline metrics as columns and links
+    to it in the machine-learning view; `benchkit ui` prints that link, also for an older experiment."""
+    import json
+
+    from benchkit.sweep import expand, load_sweep, plan_sweep, run_sweep
+    from benchkit.tracking import TAG_OVERRIDES
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write_sweep(tmp_path, "grid:\n  prune.criterion: [magnitude, random]\nzip:\n  seed: [0]\n", experiment="view")
+    tracker = Tracker(uri)
+    run_sweep(plan_sweep(expand(load_sweep(p)), tracker, "view"), experiment="view", tracker=tracker, verbose=False,
+              run_fn=lambda task: __import__("benchkit.jobs").jobs.RunOutcome(task.index, task.config_hash, "skipped"))
+    exp = tracker.client.get_experiment_by_name("view")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    state = json.loads(exp.tags["mlflow.sharedViewState.benchkit"])
+    assert state["selectedColumns"] == ["params.`prune.criterion`", "params.`seed`", "metrics.`compression_ratio`",
+                                        "metrics.`theoretical_speedup`", "metrics.`val_acc1`", "metrics.`test_acc1`"]
+
+    old = tracker.client.create_experiment("older")  # made before benchkit saved views
+    run = tracker.client.create_run(old, tags={TAG_OVERRIDES: json.dumps({"prune.scope": "layer", "seed": 1})})
+    tracker.client.set_terminated(run.info.run_id)
+
+    class FakeServer:  # `mlflow ui` itself is exercised by test_ui_serves_the_same_store_on_localhost
+        def __init__(self, cmd, **kwargs):
+            self.cmd = cmd
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeServer)
+    assert main(["ui", "--tracking-uri", uri, "--port", "5123"]) == 0
+    out = capsys.readouterr().out
+    for name in ("view", "older"):
+        eid = tracker.client.get_experiment_by_name(name).experiment_id
+        assert (f"  {name}: http://127.0.0.1:5123/#/experiments/{eid}/runs?workflowType=machine_learning"
+                f"&viewStateShareKey=benchkit") in out
+    older = json.loads(tracker.client.get_experiment(old).tags["mlflow.sharedViewState.benchkit"])
+    assert older["selectedColumns"][:2] == ["params.`prune.scope`", "params.`seed`"]
+
+
+def test_the_installed_mlflow_ui_reads_the_view_benchkit_saves():
+    """The names benchkit's link and tags rely on, in the MLflow UI bundle installed here: the URL
+    parameters (workflowType=machine_learning, viewStateShareKey), the shared-view tag prefix, the
+    experiment kind and the column keys. An MLflow upgrade that renames one fails here, not in a browser."""
+    import mlflow
+
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    text = "".join(p.read_text(errors="ignore") for p in bundle.glob("*.js"))
+    for needle in ('"viewStateShareKey"', '"mlflow.sharedViewState."', 'e.get("workflowType")',
+                   'MACHINE_LEARNING="machine_learning"', 'CUSTOM_MODEL_DEVELOPMENT="custom_model_development"',
+                   '"mlflow.experimentKind"', "selectedColumns", 'e+".`"+t+"`"', 'PARAMS:"params"', 'METRICS:"metrics"',
+                   '"/experiments/:experimentId/runs"', "createHashRouter"):
+        assert needle in text, needle

@@ -82,7 +82,7 @@ def test_unknown_names_list_allowed_values(key, value, expect):
     ({"prune.post.distill.enabled": True, "prune.timing": "during"}, "prune.post.distill.enabled", "timing post"),
     ({"prune.lottery.controls": ["reinit"], "prune.timing": "post"}, "prune.lottery.controls", "timing lottery"),
     ({"prune.timing": "lottery", "prune.criterion": "snip"}, "prune.criterion", "magnitude or random"),
-    ({"prune.timing": "lottery", "prune.lottery.controls": ["shuffle"]}, "prune.lottery.controls", "reinit, random"),
+    ({"prune.timing": "lottery", "prune.lottery.controls": ["invert"]}, "prune.lottery.controls", "reinit, random"),
     ({"prune.timing": "lottery", "prune.lottery.rate": 0.2, "prune.compression": 8}, "prune.compression",
      "not both"),
     ({"prune.timing": "lottery", "prune.lottery.rate": 1.5}, "prune.lottery.rate", "(0, 1)"),

@@ -167,8 +167,8 @@ def test_the_worker_server_imports_with_the_collector_off_and_leaves_a_first_run
         import benchkit.worker_server
         full_collections, enabled, frozen = gc.get_stats()[2]["collections"], gc.isenabled(), gc.get_freeze_count()
         before = set(sys.modules)
-        from benchkit.config import ExperimentConfig
         from benchkit.experiment import PruningExperiment
+        from benchkit.validation import load_config
         cfg = load_config({"data": {"name": "synthetic", "num_samples": 64, "input_shape": [1, 8, 8]},
                                           "model": {"name": "lenet300"}, "train": {"epochs": 1, "batch_size": 32},
                                           "prune": {"timing": "pre", "compression": 2}, "output_dir": sys.argv[1]})

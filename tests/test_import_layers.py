@@ -130,7 +130,9 @@ LAYERS = {  # module prefix -> benchkit modules it must never import (the layers
                         "benchkit.data", "benchkit.training", "benchkit.experiment"),
     "benchkit.pruning": ("benchkit.metrics", "benchkit.latency", "benchkit.timing", "benchkit.experiment",
                          "benchkit.tracking", "benchkit.sweep", "benchkit.deploy"),
-    "benchkit.registry": ("benchkit.",),
+    "benchkit.registry": ("benchkit.config", "benchkit.pruning", "benchkit.models", "benchkit.data", "benchkit.timing",
+                          "benchkit.training", "benchkit.experiment", "benchkit.sweep", "benchkit.tracking"),
+    "benchkit.plugins": ("benchkit.",),  # below everything: the registry loads entry points through it
 }
 
 

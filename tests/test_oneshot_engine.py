@@ -90,7 +90,8 @@ def shakespeare(fashion_root):
 def test_a_language_model_run_prunes_with_wanda_and_logs_the_calibration_protocol(tmp_path, shakespeare, monkeypatch):
     monkeypatch.setenv("BENCHKIT_DATA", str(shakespeare))
     result = PruningExperiment(lm_config(tmp_path)).run()
-    assert result.resolved["prune.calibration.samples"] == 8 and result.resolved["prune.calibration.length"] == 24
+    assert result.resolved["resolved.prune.calibration.samples"] == 8
+    assert result.resolved["resolved.prune.calibration.length"] == 24
     layers = result.layers.set_index("layer")
     assert layers.loc["lm_head", "density"] == 1.0
     pruned = layers.drop(index=["lm_head"])

@@ -60,10 +60,19 @@ def server_and_ray(tmp_path):
 
 
 def test_ray_sweep_tracks_every_run_on_the_server(tmp_path, server_and_ray):
+    """... and a plugin criterion named by the sweep file works in the Ray tasks, which import it themselves."""
     mlflow_server = server_and_ray
+    (tmp_path / "ray_plugin.py").write_text(textwrap.dedent("""\
+        from benchkit.pruning.criteria import CRITERIA, Magnitude
+
+        @CRITERIA.register("ray_magnitude")
+        class RayMagnitude(Magnitude):
+            name = "ray_magnitude"
+        """))
     p = tmp_path / "ray.yaml"
     p.write_text(textwrap.dedent(f"""\
         experiment: on-ray
+        plugins: [./ray_plugin.py]
         base:
           data: {{name: digits}}
           model: {{name: lenet300}}
@@ -71,7 +80,7 @@ def test_ray_sweep_tracks_every_run_on_the_server(tmp_path, server_and_ray):
           prune: {{timing: post, finetune: {{epochs: 1, lr: 0.005}}}}
           output_dir: {tmp_path / 'runs'}
         grid:
-          prune.criterion: [magnitude, random]
+          prune.criterion: [magnitude, ray_magnitude]
           prune.compression: [2, 4]
         """))
     args = ["sweep", str(p), "--executor", "ray", "--num-cpus", "1", "--tracking-uri", mlflow_server]
@@ -81,7 +90,7 @@ def test_ray_sweep_tracks_every_run_on_the_server(tmp_path, server_and_ray):
     runs = client.search_runs([exp.experiment_id])
     base = load_config(p)
     planned = {base.replace(prune__criterion=c, prune__compression=k).config_hash()
-               for c in ("magnitude", "random") for k in (2, 4)}
+               for c in ("magnitude", "ray_magnitude") for k in (2, 4)}
     assert sorted(r.data.tags["benchkit.config_hash"] for r in runs) == sorted(planned)
     assert {r.info.status for r in runs} == {"FINISHED"}
     for r in runs:

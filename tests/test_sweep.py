@@ -79,6 +79,25 @@ exclude:
     assert sum(e.status == "new" for e in entries) == 4
 
 
+def test_an_exclusion_that_can_match_nothing_is_refused_like_a_typo(tmp_path):
+    """A rule value that is not among its axis's values excludes nothing, silently; so does one of a list
+    of alternatives. The values of the file count, before a command-line override pins an axis."""
+    rule = "exclude:\n  - match: {prune.criterion: %s, prune.compression: %s}\n    reason: x\n"
+    grid = "grid:\n  prune.criterion: [magnitude, random]\nzip:\n  prune.compression: [2, 4]\n  seed: [0, 1]\n"
+    with pytest.raises(ConfigError) as err:
+        load_sweep(write(tmp_path, BASE + grid + rule % ("[random, magnitdue]", 4)))
+    msg = str(err.value)
+    assert msg.startswith("exclude[0].match (line 12): prune.criterion: 'magnitdue' is not a value of the grid axis "
+                          "prune.criterion ('magnitude', 'random')") and "did you mean 'magnitude'?" in msg, msg
+    with pytest.raises(ConfigError,
+                       match=r"compression: 8 is not a value of the zip axis prune.compression \(2, 4\)"):
+        load_sweep(write(tmp_path, BASE + grid + rule % ("random", 8)))
+    ok = write(tmp_path, BASE + grid + rule % ("[random]", "4.0"))  # 4.0 is the axis's 4
+    entries = expand(load_sweep(ok, ["prune.criterion=magnitude"]))  # pinned away: the rule is still no typo
+    assert [e.status for e in entries] == ["new", "new"]
+    assert [e.status for e in expand(load_sweep(ok))] == ["new", "new", "new", "excluded"]
+
+
 def test_combinations_validation_refuses_are_excluded_with_its_reason(tmp_path):
     # validation: lottery prunes by magnitude (IMP) or random only; taylor is fine with post
     p = write(tmp_path, BASE + """\
@@ -140,6 +159,10 @@ BAD = {
     "exclude key unknown": ("grid:\n  seed: [0]\nexclude:\n  - match: {sed: 0}\n    reason: x\n", "'sed'", 9),
     "typo in a grid value": ("grid:\n  prune.criterion: [magnitude, magnitud]\n", "magnitud", 8),
     "unknown key in base": ("grid:\n  seed: [0]\n", "'train.epoch'", 5),
+    "exclude value in no combination": ("grid:\n  prune.criterion: [magnitude, random]\nexclude:\n  - match: "
+                                        "{prune.criterion: randon}\n    reason: x\n", "did you mean 'random'?", 9),
+    "exclude value no axis varies": ("grid:\n  seed: [0]\nexclude:\n  - match: {prune.timing: lotery}\n    "
+                                     "reason: x\n", "no grid or zip axis varies prune.timing", 9),
 }
 
 

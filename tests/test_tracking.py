@@ -3,6 +3,7 @@ steps, and real digits sweeps read back from MLflow (params, metrics, artifacts,
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import textwrap
 import xml.etree.ElementTree as ET
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from benchkit.cli import main
+from benchkit.config import ExperimentConfig
 from benchkit.tracking import (
     MAX_PARAM_VAL_LENGTH,
     TAG_HASH,
@@ -169,8 +171,19 @@ def test_sweep_on_digits_is_tracked_as_planned(tmp_path):
         crit, comp = planned[row["tags.benchkit.config_hash"]]
         cfg = base.replace(prune__criterion=crit, prune__compression=comp)
         run = client.get_run(row["run_id"])
-        # every config value is a param, under its dotted key
-        assert run.data.params == {k: str(v) for k, v in cfg.flat().items()}
+        # every config value that applied is a param, under its dotted key; the synthetic dataset's own keys
+        # are not (digits is not synthetic): what the run resolved is logged instead. scikit-learn's digits:
+        # 1,797 images, 20% (360) held out as test, 10% of the other 1,437 (144) for validation; 1,293
+        # training images in batches of 64 for one epoch = 21 steps.
+        not_applied = ("data.num_samples", "data.num_classes", "data.input_shape", "data.image_size", "data.mean",
+                       "data.std", "data.tokenizer", "data.context", "data.stride", "data.val_works",
+                       "data.test_works", "data.eval_subset")  # other datasets' keys
+        expected = {k: str(v) for k, v in cfg.flat().items() if k not in not_applied
+                    and not k.startswith("prune.calibration.")}  # no calibrated criterion or allocation here
+        expected |= {"data.num_classes": "10", "data.input_shape": "[1, 8, 8]", "data.train_samples": "1293",
+                     "data.val_samples": "144", "data.test_samples": "360", "train.steps": str(math.ceil(1293 / 64)),
+                     "resolved.prune.normalize": "none"}  # auto: element magnitude under global needs none
+        assert run.data.params == expected
         tags = run.data.tags
         assert tags["benchkit.sweep"] == "e2e" and tags["benchkit.torch_version"] == torch.__version__
         assert tags["benchkit.device"] == "cpu" and tags["benchkit.hostname"] and tags["benchkit.version"]
@@ -281,3 +294,42 @@ def test_benchkit_stores_use_wal_and_other_sqlite_files_are_left_alone(tmp_path,
         conn.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
     modes = {p.name: sqlite3.connect(p).execute("PRAGMA journal_mode").fetchone()[0] for p in (store, other)}
     assert modes == {"mlflow.db": "wal", "other.db": "delete"}
+
+
+def test_params_are_what_the_run_resolved_not_config_defaults(tmp_path):
+    """An image folder of 3 classes trained for 3 iterations: the run logs its 3 classes, the input shape
+    its batches had, its split sizes and the 3 steps, and none of the synthetic dataset's keys (10
+    classes, [1, 8, 8], 512 samples: defaults that never applied) nor the epoch count iterations overrode."""
+    from PIL import Image
+
+    from benchkit.data import load_data
+    from benchkit.models import MODELS
+
+    MODELS.register("test_pooled_linear", lambda input_shape, num_classes: torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(input_shape[0] * 4, num_classes)))
+    root = tmp_path / "folder"
+    for split, per_class in (("train", 5), ("val", 2)):
+        for c, colour in enumerate(("red", "green", "blue")):
+            (root / split / colour).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (40 * i, 80 * c, 20)).save(root / split / colour / f"{i}.png")
+    cfg = tmp_path / "folder.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        experiment: folder
+        data: {{name: imagefolder, root: {root}, augment: false, val_fraction: 0.2}}
+        model: {{name: test_pooled_linear}}
+        train: {{iterations: 3, batch_size: 4}}
+        prune: {{timing: pre, compression: 2}}
+        output_dir: {tmp_path / 'runs'}
+        """))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", str(cfg), "--tracking-uri", uri, "--no-plots"]) == 0
+    (row,) = runs_of(uri, "folder").to_dict("records")
+    params = {k[len("params."):]: v for k, v in row.items() if k.startswith("params.") and v is not None}
+    loaded = load_data(ExperimentConfig.from_yaml(cfg).data, batch_size=4)
+    shape = list(next(iter(loaded.train))[0].shape[1:])  # what the model was fed
+    assert params["data.num_classes"] == "3" and params["data.input_shape"] == str(shape)
+    # 15 training images, 20% (3) held out for validation; val/ (6 images) is the test split
+    assert (params["data.train_samples"], params["data.val_samples"], params["data.test_samples"]) == ("12", "3", "6")
+    assert params["train.steps"] == "3" and params["train.iterations"] == "3"
+    assert "train.epochs" not in params and "data.num_samples" not in params

@@ -1,0 +1,148 @@
+"""Ctrl-C on `benchkit sweep --workers 2` always stops it, whenever it lands.
+
+The race behind a sweep that hung past 120 s after one Ctrl-C: the pool's runs are a generator, and a
+Ctrl-C that reaches the sweep while it handles an outcome (prints its line, updates the bar) is raised
+outside that generator. Python then closes the generator, whose cleanup waited for the workers to finish
+their runs (``join()`` without a limit) before the sweep could ask them to stop. Now closing the
+generator stops the runs in flight first, every wait is bounded, and a second Ctrl-C hurries the stop
+instead of leaving workers unwatched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchkit.executors import ProcessPoolRunner
+from benchkit.jobs import RunOutcome, RunTask
+from benchkit.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def nap(task: RunTask) -> RunOutcome:
+    """A run for a pool worker (pickled by reference: the worker imports this module): task 0 returns at
+    once, the others sleep ``seconds`` unless stopped, as run_tracked would be."""
+    if task.index == 0:
+        return RunOutcome(task.index, task.config_hash, "finished")
+    try:
+        time.sleep(task.config["seconds"])
+    except KeyboardInterrupt as e:
+        return RunOutcome(task.index, task.config_hash, "killed", error=str(e))
+    return RunOutcome(task.index, task.config_hash, "finished")
+
+
+def test_ctrl_c_while_the_sweep_handles_an_outcome_stops_the_runs_in_flight():
+    """The race itself, deterministically: the interrupt is raised in the loop that consumes the pool's
+    outcomes, while the second worker is 120 s into its run. That run must be stopped (killed), not
+    waited for."""
+    tasks = [RunTask(i, {"seconds": 120}, f"h{i}", f"r{i}", {}, "0", "sqlite:///unused.db", "s") for i in range(2)]
+    ex = ProcessPoolRunner(2, threads=1)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        for outcome in ex.run(nap, tasks):
+            assert outcome.index == 0
+            time.sleep(1.0)  # the other worker is well into its nap
+            raise KeyboardInterrupt  # Ctrl-C while the sweep prints the first outcome's line
+    stopped = ex.interrupted_outcomes()
+    assert [(o.index, o.status, o.error) for o in stopped] == [(1, "killed", "interrupted (Ctrl-C / SIGINT)")]
+    assert time.monotonic() - t0 < 100  # (it ran to the end of its 120 s nap before)
+
+
+# --------------------------------------------------------------------------------------------- the stress test
+def _sweep(tmp_path: Path, name: str) -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        experiment: {name}
+        base:
+          data: {{name: synthetic, num_samples: 256, input_shape: [1, 8, 8]}}
+          model: {{name: lenet300}}
+          train: {{epochs: 30, batch_size: 32}}
+          prune: {{timing: pre, compression: 2}}
+          output_dir: {tmp_path / 'runs'}
+        grid:
+          seed: {list(range(40))}
+        """))
+    return p
+
+
+def _runs(tracker: Tracker, experiment: str) -> list:
+    exp = tracker.client.get_experiment_by_name(experiment)
+    return tracker.client.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.mark.slow
+def test_repeated_ctrl_c_under_cpu_load_always_stops_the_sweep(tmp_path):
+    """Round after round, under full CPU load (one busy loop per core), a sweep with two workers is
+    interrupted at a random moment — while runs are starting, in flight, or being reported — once or
+    twice in a row, and once by SIGTERM. Every time it exits with 130 (143 for SIGTERM) within the
+    communicate() timeout, leaves no RUNNING run and no worker process, and names the reason on every
+    KILLED run. ``BENCHKIT_STRESS_ROUNDS`` sets the number of rounds (default 8)."""
+    rounds = int(os.environ.get("BENCHKIT_STRESS_ROUNDS", "8"))
+    rng = random.Random(int(os.environ.get("BENCHKIT_STRESS_SEED", "0")))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "CI": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+    tracker = None
+    try:
+        for r in range(rounds + 1):
+            sigterm = r == rounds
+            name = f"stress-{r}"
+            proc = subprocess.Popen([sys.executable, "-m", "benchkit.cli", "sweep", str(_sweep(tmp_path, name)),
+                                     "--workers", "2", "--tracking-uri", uri, "--no-plots"], cwd=tmp_path, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+            try:
+                wait_for = rng.choice([0, 1, 3])  # runs finished first (0: as soon as one is RUNNING)
+                deadline = time.time() + 300
+                while time.time() < deadline and proc.poll() is None:
+                    time.sleep(0.2)
+                    if tracker is None and (tmp_path / "mlflow.db").exists():
+                        tracker = Tracker(uri)  # (waits while the first sweep creates the store)
+                    runs = _runs(tracker, name) if tracker is not None else []
+                    finished = sum(x.info.status == "FINISHED" for x in runs)
+                    if finished >= wait_for and any(x.info.status == "RUNNING" for x in runs):
+                        break
+                time.sleep(rng.uniform(0, 1.0))
+                if proc.poll() is not None:
+                    pytest.fail(f"round {r}: the sweep ended before it was interrupted:\n{proc.communicate()[0]}")
+                if sigterm:
+                    proc.send_signal(signal.SIGTERM)  # a scheduler, `timeout`, `kill`: the sweep process only
+                else:
+                    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the process group
+                    if rng.random() < 0.5:  # and an impatient second one
+                        time.sleep(rng.uniform(0.05, 1.5))
+                        if proc.poll() is None:
+                            os.killpg(proc.pid, signal.SIGINT)
+                out, _ = proc.communicate(timeout=120)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            reason = "terminated (SIGTERM)" if sigterm else "interrupted (Ctrl-C / SIGINT)"
+            assert proc.returncode == (143 if sigterm else 130), f"round {r}:\n{out}"
+            assert f"{reason}: the run(s) in flight are marked KILLED" in out, f"round {r}:\n{out}"
+            assert "Traceback" not in out, f"round {r}:\n{out}"
+            tracker = tracker or Tracker(uri)
+            runs = _runs(tracker, name)
+            assert not [x for x in runs if x.info.status == "RUNNING"], (r, out)
+            killed = [x for x in runs if x.info.status == "KILLED"]
+            assert all(x.data.tags.get("benchkit.error") == reason or
+                       "was killed: the sweep was interrupted again" in x.data.tags.get("benchkit.error", "")
+                       for x in killed), (r, [x.data.tags.get("benchkit.error") for x in killed])
+            pids = {int(x.data.tags["benchkit.pid"]) for x in runs}
+            time.sleep(0.5)
+            assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"], r
+    finally:
+        for b in burners:
+            b.kill()
