@@ -426,6 +426,7 @@ def render(df, fmt: str) -> str:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import benchkit.timing  # noqa: F401  (a run's config.yaml holds every timing's section: register them first)
     from benchkit.deployment.artifacts import deploy_checkpoint
 
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
