@@ -49,21 +49,27 @@ def _custom_from_mask(module: nn.Module, pname: str, orig: Tensor, mask: Tensor)
     module.register_forward_pre_hook(method)
 
 
+def _target(model: nn.Module, path: str, mask: Tensor) -> tuple[nn.Module, str, Tensor, Tensor]:
+    """The module, parameter name, trainable tensor and the mask as a bool tensor laid out like it."""
+    module, pname = resolve(model, path)
+    orig = param_value(module, pname)
+    mask = mask.to(device=orig.device, dtype=torch.bool)
+    if mask.shape != orig.shape:
+        raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, parameter has {tuple(orig.shape)}")
+    if mask.stride() != orig.stride():
+        # a mask built through a permuted view (N:M groups run along the input channels) would
+        # hand its layout to weight = orig * mask: a channels-last conv weight that changes which
+        # kernel runs and its speed (LeNet-5 conv2: 22% faster on CPU), which is not sparsity
+        mask = torch.empty_like(orig, dtype=torch.bool).copy_(mask)
+    return module, pname, orig, mask
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """Apply boolean masks (True = keep). An existing mask is intersected with the new one, in place,
     so repeated pruning never builds chains of hooks and always compounds."""
     for path, mask in masks.items():
-        module, pname = resolve(model, path)
-        orig = param_value(module, pname)
-        mask = mask.to(device=orig.device, dtype=torch.bool)
-        if mask.shape != orig.shape:
-            raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, parameter has {tuple(orig.shape)}")
-        if mask.stride() != orig.stride():
-            # a mask built through a permuted view (N:M groups run along the input channels) would
-            # hand its layout to weight = orig * mask: a channels-last conv weight that changes which
-            # kernel runs and its speed (LeNet-5 conv2: 22% faster on CPU), which is not sparsity
-            mask = torch.empty_like(orig, dtype=torch.bool).copy_(mask)
+        module, pname, orig, mask = _target(model, path, mask)
         if is_masked(module, pname):
             buf = getattr(module, f"{pname}_mask")
             buf.copy_(buf.bool() & mask)
@@ -82,11 +88,7 @@ def set_masks(model: nn.Module, masks: Mapping[str, Tensor], regrow_value: float
     :func:`reset_optimizer_state`). Pruned entries stay exactly zero between updates as before."""
     regrown: dict[str, Tensor] = {}
     for path, mask in masks.items():
-        module, pname = resolve(model, path)
-        orig = param_value(module, pname)
-        mask = mask.to(device=orig.device, dtype=torch.bool)
-        if mask.shape != orig.shape:
-            raise ValueError(f"mask for {path} has shape {tuple(mask.shape)}, parameter has {tuple(orig.shape)}")
+        module, pname, orig, mask = _target(model, path, mask)
         if not is_masked(module, pname):
             apply_masks(model, {path: mask})
             regrown[path] = torch.zeros_like(mask)
