@@ -481,19 +481,28 @@ def _threshold_requirement(c: Claim) -> str:
     return f"mean over seeds {_bounds_text(c.settings.min, c.settings.max, c.value)} at every point"
 
 
-@register_claim("threshold", SingleSettings, _threshold_requirement, _needs_bounds)
-def threshold(claim: Claim, ctx: ClaimContext) -> list[Check]:
+def _per_point(claim: Claim, ctx: ClaimContext, describe: Callable[[Any, Any, Any], tuple[float, str, str]]) -> list[Check]:
+    """One check per operating point of side ``a``: ``describe(side, values over seeds)`` gives the number held
+    against the claim's bounds, the text that decided it and its short form."""
     s: SingleSettings = claim.settings
     _need_bounds(claim, s.min, s.max)
     a = ctx.side(claim, s.a, "a")
     checks = []
     for p in ctx.points(claim, [a]):
         v, used = ctx.values(claim, a, p)
+        number, text, short = describe(a, v, p)
+        checks.append(Check(claim.point(p) + _used(claim, p, used), _within(number, s.min, s.max), text, short))
+    return checks
+
+
+@register_claim("threshold", SingleSettings, _threshold_requirement, _needs_bounds)
+def threshold(claim: Claim, ctx: ClaimContext) -> list[Check]:
+    def describe(a, v, p):
         mean = float(v.mean())
         spread = f" ± {v.std(ddof=1):.{claim.digits}f}" if len(v) > 1 else ""
-        checks.append(Check(claim.point(p) + _used(claim, p, used), _within(mean, s.min, s.max),
-                            f"{a.label} {claim.value(mean)}{spread} (n={len(v)})", claim.value(mean)))
-    return checks
+        return mean, f"{a.label} {claim.value(mean)}{spread} (n={len(v)})", claim.value(mean)
+
+    return _per_point(claim, ctx, describe)
 
 
 def _bounds_requirement(c: Claim) -> str:
@@ -530,19 +539,14 @@ def _spread_requirement(c: Claim) -> str:
 
 @register_claim("spread", SingleSettings, _spread_requirement, _needs_bounds)
 def spread(claim: Claim, ctx: ClaimContext) -> list[Check]:
-    s: SingleSettings = claim.settings
-    _need_bounds(claim, s.min, s.max)
-    a = ctx.side(claim, s.a, "a")
-    checks = []
-    for p in ctx.points(claim, [a]):
-        v, used = ctx.values(claim, a, p)
+    def describe(a, v, p):
         if len(v) < 2:
             raise ClaimError(f"{claim.point(p)}: a spread needs at least 2 seeds, {a.label} has {len(v)}")
         sd = float(v.std(ddof=1))
-        checks.append(Check(claim.point(p) + _used(claim, p, used), _within(sd, s.min, s.max),
-                            f"{a.label}: std {claim.value(sd)} over {len(v)} seeds (mean {claim.value(float(v.mean()))})",
-                            f"std {claim.value(sd)}"))
-    return checks
+        return (sd, f"{a.label}: std {claim.value(sd)} over {len(v)} seeds (mean {claim.value(float(v.mean()))})",
+                f"std {claim.value(sd)}")
+
+    return _per_point(claim, ctx, describe)
 
 
 @dataclass
