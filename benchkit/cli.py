@@ -155,14 +155,16 @@ def _version() -> str:
 
 # --------------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    import benchkit.timing  # noqa: F401  (registers every timing's settings section before the file is read)
-    from benchkit.config import ExperimentConfig
-    from benchkit.plugins import load_plugins, resolve_specs
-    from benchkit.sweep import PlanEntry, format_plan, plan_notes, plan_sweep, preflight
     from benchkit.tracking import Tracker
 
     tracker = Tracker(args.tracking_uri)
     tracker.check()  # a dead server or a broken store: one line now, before torch is even imported
+
+    import benchkit.timing  # noqa: F401  (registers every timing's settings section before the file is read)
+    from benchkit.config import ExperimentConfig
+    from benchkit.plugins import load_plugins, resolve_specs
+    from benchkit.sweep import PlanEntry, format_plan, plan_notes, plan_sweep, preflight
+
     load_plugins(args.plugin)  # before the config names what they register
     cfg = ExperimentConfig.from_yaml(args.config, args.overrides)
     cfg.plugins = list(dict.fromkeys([*cfg.plugins, *resolve_specs(args.plugin)]))  # logged with the run

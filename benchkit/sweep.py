@@ -27,7 +27,6 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +70,7 @@ from benchkit.tracking import (
     run_is_alive,
     runtime_tags,
     sqlite_path,
+    unwritable,
 )
 
 if TYPE_CHECKING:
@@ -556,16 +556,11 @@ def preflight(entries: Sequence[PlanEntry], tracker: Tracker | None, experiment:
 
 def _cannot_write(folder: Path) -> str | None:
     """Why a file cannot be created in ``folder`` (made if missing), tried for real, or None."""
-    import tempfile
-
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".benchkit-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
     except OSError as e:
         return f"cannot write there ({e.strerror or e})"
-    return None
+    return unwritable(folder)
 
 
 def _artifact_folder(tracker: Tracker | None, experiment: str) -> Path | None:

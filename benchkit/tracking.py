@@ -160,7 +160,7 @@ def store_problem(uri: str, *, write: bool = True, timeout: float = SERVER_TIMEO
         if folder.exists() and not folder.is_dir():
             return f"{folder} is a file, not a folder; an MLflow file store is a folder (or use sqlite:///{folder})"
         if write:
-            return _unwritable(folder if folder.exists() else _existing_parent(folder))
+            return unwritable(folder if folder.exists() else _existing_parent(folder))
     return None
 
 
@@ -196,7 +196,7 @@ def _sqlite_problem(db: Path, write: bool, deep: bool = True) -> str | None:
         return (f"{db} is a folder, not a database file; name a file in it, e.g. "
                 f"--tracking-uri sqlite:///{db / 'mlflow.db'}")
     if not db.exists():
-        return _unwritable(_existing_parent(db)) if write else None  # reading a store not made yet: nothing
+        return unwritable(_existing_parent(db)) if write else None  # reading a store not made yet: nothing
     try:
         with open(db, "rb") as f:
             head = f.read(len(SQLITE_HEADER))
@@ -229,7 +229,7 @@ def _sqlite_problem(db: Path, write: bool, deep: bool = True) -> str | None:
         return (f"{db} is an SQLite database but not an MLflow store (no MLflow tables in it); MLflow would add "
                 "its tables to it. Point --tracking-uri at an MLflow store, or at a new file")
     if write:
-        return _unwritable(db.parent) or (None if os.access(db, os.W_OK) else f"{db} is read-only")
+        return unwritable(db.parent) or (None if os.access(db, os.W_OK) else f"{db} is read-only")
     return None
 
 
@@ -240,9 +240,9 @@ def _existing_parent(path: Path) -> Path:
     return p
 
 
-def _unwritable(folder: Path) -> str | None:
+def unwritable(folder: Path) -> str | None:
     """Why nothing can be created in ``folder`` (tried for real: permissions, a read-only file system,
-    a full disk), or None."""
+    a full disk), or None. Used for stores here and for a sweep's output folders."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".benchkit-probe-", dir=folder)
         os.close(fd)
