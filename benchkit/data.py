@@ -9,11 +9,9 @@ Three splits, three roles:
   seeds), used for every selection: best epoch, early stopping, pruning decisions;
 * **test** — the official test set, reported only. :func:`benchkit.training.train` never receives it.
 
-Small image datasets are loaded into memory once as normalised tensors and served whole batches at
-a time (one tensor index per batch instead of one Python call and PIL conversion per image); on a
-2-core machine this is the difference between data loading and training dominating an epoch. Their
-loaders are :class:`TensorBatches`, which yields what torch's DataLoader would, random draws included,
-without its ~140 µs of per-batch overhead.
+Small image datasets are loaded into memory once as normalised tensors (a TensorDataset: one tensor
+index per example instead of a PIL conversion per image); on a 2-core machine this is the difference
+between data loading and training dominating an epoch. They are served by torch's own DataLoader.
 
 Augmentation randomness is a function of (the training loader's generator, epoch, example), never of
 ``data.num_workers``: the training sampler (:class:`EpochSeededSampler`) draws one seed per epoch from
@@ -614,71 +612,16 @@ class SeededAugmentation(Subset):
         return [self[k] for k in keys]
 
 
-class TensorBatches:
-    """Batches of an in-memory :class:`TensorDataset`, one ``index_select`` per tensor per batch.
-
-    It yields exactly what ``DataLoader(ds, sampler=BatchSampler(RandomSampler(ds, generator=g) or
-    SequentialSampler(ds), batch_size), batch_size=None)`` yields, and draws the same random numbers at
-    the same moments (so data orders and every later draw match the DataLoader's bit for bit): one
-    draw per pass for the DataLoader's per-iterator base seed (from ``generator``, or torch's global
-    generator when there is none) when the pass starts; when shuffling, one ``randperm`` at the first
-    batch and the RandomSampler's trailing ``randperm`` once the last index has been taken (without a
-    ``generator``, from a private one seeded by a draw from the global generator, as RandomSampler does). The
-    DataLoader spends ~140 µs per batch on a CPU (a Python list of indices, advanced indexing,
-    ``record_function``, collation); this spends ~15, a tenth of a LeNet-300-100 step at batch 60.
-    In-memory tensors need no worker processes, so there are none (``data.num_workers`` only
-    applies to datasets read from files)."""
-
-    def __init__(self, dataset: TensorDataset, batch_size: int, *, shuffle: bool,
-                 generator: torch.Generator | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if shuffle and len(dataset) == 0:
-            raise ValueError("cannot shuffle an empty dataset")  # as RandomSampler refuses it
-        self.dataset, self.batch_size, self.shuffle, self.generator = dataset, batch_size, shuffle, generator
-
-    def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the DataLoader's base seed
-        return self._batches()
-
-    def _batches(self) -> Iterator[list[Tensor]]:
-        n, size, tensors = len(self.dataset), self.batch_size, self.dataset.tensors
-        generator = self.generator
-        if self.shuffle and generator is None:  # as RandomSampler: a private generator seeded from the global one
-            generator = torch.Generator()
-            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        order = torch.randperm(n, generator=generator) if self.shuffle else None
-
-        def batch(start: int, stop: int) -> list[Tensor]:
-            rows = order[start:stop] if order is not None else torch.arange(start, stop)
-            # index_select: the DataLoader's values and layout, 4x faster; a non-contiguous tensor takes
-            # advanced indexing, which gives the DataLoader's (t[list]) output layout
-            return [t.index_select(0, rows) if t.is_contiguous() else t[rows] for t in tensors]
-
-        full = n // size
-        for b in range(full):
-            yield batch(b * size, (b + 1) * size)
-        if self.shuffle:  # RandomSampler draws a second (empty) permutation after its last index
-            torch.randperm(n, generator=generator)
-        if n % size:
-            yield batch(full * size, n)
-
-
-Loader = DataLoader | TensorBatches  # what DataBundle's splits are: both iterate to batches, have len and .dataset
+Loader = DataLoader  # what DataBundle's splits are (text: its own window loaders, with len and .dataset too)
 
 
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
                 num_workers: int = 0) -> Loader:
-    """A DataLoader; for a TensorDataset, :class:`TensorBatches` (the same batches, one tensor index each).
-
-    Shuffling draws from ``generator``, so the order is reproducible and independent of other RNG use.
-    """
-    if isinstance(ds, TensorDataset):
-        return TensorBatches(ds, batch_size, shuffle=shuffle, generator=generator)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
+    """torch's DataLoader. Shuffling draws from ``generator``, so the order is reproducible and independent of
+    other RNG use. In-memory tensors are indexed in the main process (``num_workers`` only applies to datasets
+    read from files: worker processes would only copy the tensors)."""
+    workers = 0 if isinstance(ds, TensorDataset) else num_workers
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers)
 
 
 def load_data(data_cfg: DataConfig, batch_size: int, eval_batch_size: int = 1000, seed: int = 0) -> DataBundle:

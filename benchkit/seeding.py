@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import sys
 
 import numpy as np
 import torch
@@ -36,22 +35,10 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        _deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         torch.backends.cudnn.deterministic = False
-        _deterministic_algorithms(False)
-
-
-def _deterministic_algorithms(mode: bool, warn_only: bool = False) -> None:
-    """``torch.use_deterministic_algorithms`` without its import of ``torch._inductor`` (1.4 s of every
-    run's process start, worker and test included): inductor's flag is set only where inductor is
-    already loaded, and a process that loads it later (``torch.compile``) gets it from the call below
-    when the next run seeds."""
-    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if setter is None or "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
-    else:
-        setter(mode, warn_only=warn_only)
+        torch.use_deterministic_algorithms(False)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -309,11 +309,11 @@ def test_data_root_takes_precedence_over_benchkit_data(no_data_roots, monkeypatc
 
 
 def test_digits_with_two_loader_workers_match_in_process_loading():
-    """In-memory tensors are indexed in the main process (TensorBatches): data.num_workers, which
-    only matters for datasets read from files, changes nothing."""
+    """In-memory tensors are indexed in the main process (a DataLoader without workers): data.num_workers,
+    which only matters for datasets read from files, changes nothing."""
     serial = load_data(DataConfig(), 128, eval_batch_size=100, seed=5)
     parallel = load_data(DataConfig(num_workers=2), 128, eval_batch_size=100, seed=5)
-    assert all(isinstance(getattr(parallel, s), bkdata.TensorBatches) for s in ("train", "val", "test"))
+    assert all(getattr(parallel, s).num_workers == 0 for s in ("train", "val", "test"))
     for split in ("train", "val", "test"):
         assert _same_batches(_epochs(getattr(serial, split), 1)[0], _epochs(getattr(parallel, split), 1)[0]), split
     # and training through the worker processes gives the same model
@@ -326,57 +326,3 @@ def test_digits_with_two_loader_workers_match_in_process_loading():
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-@pytest.mark.parametrize("n,batch", [(12, 4), (13, 4), (5, 8), (1, 1)])
-@pytest.mark.parametrize("shuffle,seeded", [(True, True), (True, False), (False, False)])
-def test_tensor_batches_match_the_dataloader_and_draw_the_same_random_numbers(n, batch, shuffle, seeded):
-    """TensorBatches replaces DataLoader(BatchSampler(RandomSampler | SequentialSampler)) for in-memory
-    data: same batches, and the same draws from its generator and from torch's global one, also across
-    passes that stop early (so every later data order and dropout mask is unchanged)."""
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
-
-    ds = TensorDataset(torch.randn(n, 3), torch.arange(n))
-
-    def reference(g):
-        inner = RandomSampler(ds, generator=g) if shuffle else SequentialSampler(ds)
-        return DataLoader(ds, sampler=BatchSampler(inner, batch, drop_last=False), batch_size=None, generator=g)
-
-    def passes(loader, g):
-        torch.manual_seed(7)
-        seen = []
-        for stop in (None, 1, None, 0, None):  # whole pass, one batch, whole, iter() only, whole
-            it = iter(loader)
-            batches = list(it) if stop is None else [next(it) for _ in range(stop)]
-            seen.append(([b[0].clone() for b in batches], [b[1].clone() for b in batches], torch.rand(1).item(),
-                         g.get_state().clone() if g is not None else None))
-        return seen
-
-    g_ref, g_new = (torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)) if seeded else (None, None)
-    new = bkdata.make_loader(ds, batch, shuffle=shuffle, generator=g_new)
-    assert isinstance(new, bkdata.TensorBatches) and len(new) == len(reference(None))
-    for (xs_a, ys_a, r_a, s_a), (xs_b, ys_b, r_b, s_b) in zip(passes(reference(g_ref), g_ref), passes(new, g_new),
-                                                              strict=True):
-        assert len(xs_a) == len(xs_b)
-        assert all(torch.equal(a, b) for a, b in zip(xs_a + ys_a, xs_b + ys_b))
-        assert r_a == r_b  # the global generator was drawn from alike
-        assert (s_a is None and s_b is None) or torch.equal(s_a, s_b)
-    # a batch is a copy: changing it in place leaves the dataset alone
-    x, _ = next(iter(new))
-    x.add_(1.0)
-    assert not torch.equal(x, ds.tensors[0][: len(x)]) or shuffle
-
-
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_tensor_batches_keep_the_dataloaders_memory_layout(shuffle):
-    """Strides can pick other kernels (and other rounding): a channels-last or transposed tensor
-    gives batches laid out as the DataLoader's would be."""
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
-
-    ds = TensorDataset(torch.randn(10, 3, 4, 4).to(memory_format=torch.channels_last), torch.randn(3, 10).t(),
-                       torch.arange(10))
-    g_ref, g_new = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    inner = RandomSampler(ds, generator=g_ref) if shuffle else SequentialSampler(ds)
-    ref = DataLoader(ds, sampler=BatchSampler(inner, 4, drop_last=False), batch_size=None, generator=g_ref)
-    new = bkdata.make_loader(ds, 4, shuffle=shuffle, generator=g_new)
-    for a, b in zip(ref, new, strict=True):
-        for ta, tb in zip(a, b, strict=True):
-            assert torch.equal(ta, tb) and ta.stride() == tb.stride()

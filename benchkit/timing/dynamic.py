@@ -45,10 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from benchkit.config import ConfigError, ExperimentConfig
-from benchkit.data import TensorBatches
 from benchkit.pruning.layers import tied_layers
 from benchkit.pruning.masks import get_masks, param_value, reset_optimizer_state, resolve, set_masks
 from benchkit.seeding import make_generator
@@ -181,9 +180,7 @@ def dense_gradients(model: nn.Module, paths: list[str], batch: tuple[Tensor, Ten
 def batch_stream(dataset: Any, batch_size: int, seed: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless shuffled training batches from a generator of their own (the training's order is untouched)."""
     generator = make_generator(seed)
-    loader = (TensorBatches(dataset, batch_size, shuffle=True, generator=generator)
-              if isinstance(dataset, TensorDataset) else
-              DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
     while True:
         for x, y in loader:
             yield x.to(device), y.to(device)
