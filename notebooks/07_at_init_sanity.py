@@ -113,6 +113,9 @@ for b in BRANCHES:
 shown["seeds"] = [int(ns.loc[k, "main"]) if "main" in ns and pd.notna(ns.loc[k, "main"]) else 0 for k in order]
 shown = shown.reset_index()
 study.publish(shown, "controls")
+off = (pre["percent_remaining"] - (100 - pre["sparsity (%)"])).abs().max()
+study.finding(f"Every branch of every run at initialisation ({len(pre)} rows) keeps the run's share of the weights "
+              f"within {off:.1e} percentage points: the controls change which weights survive, not how many.")
 dense = lottery[(lottery["branch"] == "ticket") & (lottery["level"] == 0)].groupby("seed")["test_acc1"].mean() * 100
 if len(dense):
     study.finding(f"Dense reference (lottery level 0, same 10-epoch training): {dense.mean():.2f}% test accuracy "
@@ -183,10 +186,11 @@ for control, expectation in (("shuffle", "unharmed"), ("reinit", "unharmed")):
     if d.empty:
         study.finding(f"{control}: no at-init run has this control yet (paper: {expectation}).")
         continue
-    lower = d[d["verdict"] == "lower"]
+    lower, higher = d[d["verdict"] == "lower"], d[d["verdict"] == "higher"]
     noise = d[d["verdict"].isin(["within noise", "one seed"])]
     study.finding(f"{control} (paper: at-init methods {expectation}): {len(d) - len(lower)} of {len(d)} at-init cells "
                   f"show no drop the seeds resolve" + (f"; resolved drops: {cells_text(lower)}" if len(lower) else "")
+                  + (f"; resolved gains: {cells_text(higher)}" if len(higher) else "")
                   + (f"; within noise: {cells_text(noise)}" if len(noise) else "") + ".")
 for c, expectation in (("snip", "hurts"), ("synflow", "hurts"), ("grasp", "does not hurt (as well or better)")):
     d = diffs[(diffs["control"] == "invert") & (diffs["criterion"] == c)]
@@ -221,7 +225,8 @@ if lottery.empty:
 else:
     lagg = ba.aggregate(lottery, by=["sparsity (%)", "level", "branch"], metrics=["percent_remaining", "test_acc1"])
     lt = lagg.pivot_table(index=["sparsity (%)", "level"], columns="branch", values="test_acc1_mean", aggfunc="first", dropna=False)
-    lt = (lt * 100).round(2)
+    lt = (lt[[b for b in ("ticket", "shuffle", "reinit") if b in lt] + [b for b in lt if b not in ("ticket", "shuffle", "reinit")]]
+          * 100).round(2)
     lt.insert(0, "weights remaining (%)", lagg[lagg["branch"] == "ticket"].set_index(["sparsity (%)", "level"])[
         "percent_remaining_mean"].reindex(lt.index).round(2))
     lt["seeds"] = lagg[lagg["branch"] == "ticket"].set_index(["sparsity (%)", "level"])["n"].reindex(lt.index)
