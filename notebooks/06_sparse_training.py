@@ -41,6 +41,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from benchkit import analysis as ba
+from benchkit.sweep import combinations, load_sweep
 from benchkit.verify import compare
 
 warnings.filterwarnings("ignore", category=pd.errors.PerformanceWarning)  # wide runs frames, harmless
@@ -115,7 +116,14 @@ if len(missing) or len(partial):
                   + "; comparisons use the seeds both sides have (coverage.csv).")
 else:
     study.finding(f"Every cell ({len(coverage)}: {len(MODELS)} models × {len(ALLOCATIONS)} allocations × {len(SPARSITIES)} "
-                  f"sparsities × {len(ARMS)} arms) has all {len(SEEDS)} seeds {SEEDS}.")
+                  f"sparsities × {len(ARMS)} arms) has every seed present in the store, {SEEDS}.")
+
+# The sweep file's full grid, when the file is at hand: how far the study has come.
+for f in sorted(set(runs["tags.benchkit.sweep_file"].dropna()) if "tags.benchkit.sweep_file" in runs else []):
+    if (REPO / f).is_file():
+        planned = len(combinations(load_sweep(REPO / f)))
+        study.finding(f"{f} plans {planned} runs (its full grid, before any command-line pin); "
+                      f"{int((runs['tags.benchkit.sweep_file'] == f).sum())} of its runs have finished in this store.")
 budget = runs.groupby(["model", "arm"])["epochs"].agg(lambda s: sorted(set(s)))
 for m in MODELS:
     study.finding(f"{m}: training epochs per arm (post's dense epochs and fine-tuning counted together): " + ", ".join(

@@ -40,6 +40,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from benchkit import analysis as ba
+from benchkit.sweep import combinations, load_sweep
 from benchkit.verify import StudyData, compare
 
 warnings.filterwarnings("ignore", category=pd.errors.PerformanceWarning)  # wide runs frames, harmless
@@ -90,7 +91,14 @@ if short:
         + " — those cells are compared on the seeds they have.")
 else:
     study.finding(f"Every cell ({len(expected)}: {len(CRITERIA)} at-init criteria and the lottery contrast, at "
-                  f"{', '.join(f'{s:g}' for s in SPARSITIES)}% sparsity) has all {len(SEEDS)} seeds {SEEDS}.")
+                  f"{', '.join(f'{s:g}' for s in SPARSITIES)}% sparsity) has every seed present in the store, {SEEDS}.")
+
+# The sweep file's full grid, when the file is at hand: how far the study has come.
+for f in sorted(set(runs["tags.benchkit.sweep_file"].dropna()) if "tags.benchkit.sweep_file" in runs else []):
+    if (REPO / f).is_file():
+        planned = len(combinations(load_sweep(REPO / f)))
+        study.finding(f"{f} plans {planned} runs (its full grid, before any command-line pin); "
+                      f"{int((runs['tags.benchkit.sweep_file'] == f).sum())} of its runs have finished in this store.")
 
 # %% [markdown]
 # ## Accuracy of every run and its controls
