@@ -38,6 +38,8 @@ STUDIES = {
     "granularity": "04_granularity",
     "granularity-4x": "04_granularity",
     "timing": "05_timing",
+    "sparse-training": "06_sparse_training",
+    "at-init-sanity": "07_at_init_sanity",
 }
 REPORT_ONLY = "fashion-lenet300"
 KERNEL = "benchkit-render"

@@ -3,8 +3,9 @@ notebooks/render.py, the command a user runs for their own sweep, against a smal
 
 What a notebook reads is named in ``KIND`` below: ``sweep`` or ``lottery`` read a store written through
 benchkit.tracking with invented numbers (tests/fake_runs.py), whose closed formulas are the expectations
-here; a study kind (``granularity``, ``timing``, ``iterative``) reads a tiny *real* sweep of that study's own
-YAML (experiments/<study>.yaml with overrides: digits or 28×28 synthetic data, one epoch), so the notebook
+here; a study kind (``granularity``, ``timing``, ``iterative``, ``sparse-training``, ``at-init-sanity``) reads a
+tiny *real* sweep of that study's own YAML (experiments/<study>.yaml with overrides: digits or 28×28 synthetic
+data, one or two epochs), run the first time a test needs it, so the notebook
 meets exactly the metrics, levels and artifacts a real sweep writes. ``render.py NOTEBOOK --tracking-uri
 --experiment --out`` points the notebook at the matching experiment and a temporary output folder, so
 nothing is written to the repo.
@@ -21,7 +22,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jupytext
@@ -36,7 +37,8 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
 FAKE_EXPERIMENTS = {"sweep": SWEEP, "lottery": LOTTERY}
 # notebook -> the runs it is executed against
 KIND = {"00_quickstart": "sweep", "01_strategies": "sweep", "02_lottery": "lottery", "03_iterative": "iterative",
-        "04_granularity": "granularity", "05_timing": "timing"}
+        "04_granularity": "granularity", "05_timing": "timing", "06_sparse_training": "sparse-training",
+        "07_at_init_sanity": "at-init-sanity"}
 
 # Tiny real sweeps of the study YAMLs: the same grid, minutes of work cut to seconds.
 SYNTHETIC_28 = ["data.name=synthetic", "data.input_shape=[1,28,28]", "data.num_samples=240", "data.val_size=60",
@@ -46,7 +48,18 @@ STUDY_SWEEPS: dict[str, list[str]] = {
     "timing": ["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.post.finetune.epochs=1",
                "prune.lottery.levels=2", "prune.during.every=5", "prune.iterations=5", "seed=0"],
     "iterative": [*SYNTHETIC_28, "train.epochs=1", "prune.post.finetune.epochs=1", "seed=0"],
+    # every arm at 90%, both allocations; 2 epochs of 3 steps: mask updates at steps 1, 2, 3 (T_end = round(0.75 · 6))
+    "sparse-training": [*SYNTHETIC_28, "train.epochs=2", "prune.post.finetune.epochs=1", "prune.dynamic.delta_t=1",
+                        "prune.during.every=1", "prune.sparsity=0.9", "seed=0"],
+    # both sparsities for seed 0, then seed 1 at 90% (below): intervals where two seeds exist, a cell short of seeds
+    "at-init-sanity": ["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.lottery.levels=2",
+                       "prune.iterations=5", "seed=0"],
 }
+STUDY_MORE: dict[str, list[list[str]]] = {  # further sweeps of the same YAML into the same experiment
+    "at-init-sanity": [["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.lottery.levels=2",
+                        "prune.iterations=5", "seed=1", "prune.sparsity=0.9"]],
+}
+STUDY_FILES = {"sparse-training": "sparse_training", "at-init-sanity": "at_init_sanity"}  # experiment -> YAML name
 KINDS = {**FAKE_EXPERIMENTS, **{k: k for k in STUDY_SWEEPS}}
 
 
@@ -63,8 +76,27 @@ render = load_render()
 
 @dataclass
 class StudyStore:
-    uri: str
-    finished: dict[str, int]  # experiment → finished runs
+    """One store for the tiny real sweeps of the study YAMLs, each run the first time a test needs it (10–30 s)."""
+
+    root: Path
+    finished: dict[str, int] = field(default_factory=dict)  # experiment → finished runs
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def ensure(self, study: str) -> StudyStore:
+        from benchkit.analysis import load_runs
+        from benchkit.cli import main
+
+        if study not in self.finished:
+            common = ["threads=1", "progress=false", f"output_dir={self.root / 'runs'}",
+                      f"cache_dir={self.root / 'cache'}"]
+            sweep = REPO / "experiments" / f"{STUDY_FILES.get(study, study)}.yaml"
+            for overrides in [STUDY_SWEEPS[study], *STUDY_MORE.get(study, [])]:
+                assert main(["sweep", str(sweep), *common, *overrides, "--no-plots", "--tracking-uri", self.uri]) == 0
+            self.finished[study] = len(load_runs(study, tracking_uri=self.uri))
+        return self
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +106,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study_store(tmp_path_factory) -> StudyStore:
-    """One store holding a tiny real sweep of each study YAML (about 30 s in all)."""
-    from benchkit.analysis import load_runs
-    from benchkit.cli import main
-
-    root = tmp_path_factory.mktemp("study-store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    common = ["threads=1", "progress=false", f"output_dir={root / 'runs'}", f"cache_dir={root / 'cache'}"]
-    for study, overrides in STUDY_SWEEPS.items():
-        assert main(["sweep", str(REPO / "experiments" / f"{study}.yaml"), *common, *overrides,
-                     "--no-plots", "--tracking-uri", uri]) == 0, study
-    return StudyStore(uri, {s: len(load_runs(s, tracking_uri=uri)) for s in STUDY_SWEEPS})
+    return StudyStore(tmp_path_factory.mktemp("study-store"))
 
 
 def run_render(argv: list[str]) -> None:
@@ -143,7 +165,8 @@ def test_render_refuses_bad_arguments_before_running_anything(argv, message, cap
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_renders_for_a_sweep(path, request, tmp_path, monkeypatch):
     kind = KIND[path.stem]
-    store = request.getfixturevalue("store" if kind in FAKE_EXPERIMENTS else "study_store")
+    store = request.getfixturevalue("store") if kind in FAKE_EXPERIMENTS else \
+        request.getfixturevalue("study_store").ensure(kind)
     out = tmp_path / "out"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_render([path.stem, "--tracking-uri", store.uri, "--experiment", KINDS[kind], "--out", str(out)])
@@ -230,8 +253,55 @@ def check_timing(out: Path, store) -> None:
     assert (agp["sparsity"] - agp["formula"]).abs().max() < 1e-3
 
 
+def check_sparse_training(out: Path, store) -> None:
+    assert len(pd.read_csv(out / "runs.csv")) == store.finished["sparse-training"] == 20  # 2 models × 5 arms × 2
+    coverage = pd.read_csv(out / "coverage.csv")
+    assert len(coverage) == 4 and (coverage[["static", "SET", "RigL", "AGP", "post"]] == 1).all().all()
+    accuracy = pd.read_csv(out / "accuracy.csv")
+    assert list(accuracy.columns[3:8]) == ["static", "SET", "RigL", "AGP", "post"] and len(accuracy) == 4
+    updates = pd.read_csv(out / "updates.csv")
+    # 180 training samples in batches of 60, 2 epochs: T = 6 steps, T_end = round(0.75 · 6) = 4, ΔT = 1
+    t_end = round(0.75 * 6)
+    assert updates.groupby("run_id")["step"].apply(list).tolist() == [[1, 2, 3]] * 8  # SET and RigL runs
+    expected = [0.3 * 0.5 * (1 + math.cos(math.pi * t / t_end)) for t in updates["step"]]  # RigL's cosine decay
+    assert updates["drop_fraction"].to_numpy() == pytest.approx(expected, abs=1e-12)
+    assert (updates["sparsity"] - 0.9).abs().max() < 1e-5 and (updates["regrown"] <= updates["dropped"]).all()
+    flops = pd.read_csv(out / "flops.csv").set_index("model")
+    # an all-Linear network's FLOPs are its weights: ERK moves density between layers at no FLOP cost; LeNet-5's
+    # convolutions reuse each weight over many positions, and ERK keeps conv1 (few weights) denser
+    assert flops.loc["lenet300", "uniform / ERK FLOPs"] == pytest.approx(1.0, abs=1e-3)
+    assert flops.loc["lenet5", "uniform / ERK FLOPs"] > 1.2
+    assert set(pd.read_csv(out / "differences.csv")["verdict"]) == {"one seed"}  # one seed: no interval
+    assert {"accuracy.png", "updates.png", "regrown_alive.csv"} <= {p.name for p in out.iterdir()}
+
+
+def check_at_init_sanity(out: Path, store) -> None:
+    assert len(pd.read_csv(out / "runs.csv")) == store.finished["at-init-sanity"] == 18  # 12 for seed 0, 6 for seed 1
+    branches = pd.read_csv(out / "branches.csv")
+    pre = branches[branches["timing"] == "pre"]
+    assert set(pre["branch"]) == {"main", "shuffle", "reinit", "invert", "random"}
+    # every control keeps the run's share of the weights
+    assert (pre["percent_remaining"] - (100 - pre["sparsity (%)"])).abs().max() < 1e-9
+    controls = pd.read_csv(out / "controls.csv")
+    assert controls.groupby("sparsity (%)")["seeds"].apply(list).to_dict() == {90.0: [2] * 5, 98.0: [1] * 5}
+    diffs = pd.read_csv(out / "differences.csv")
+    assert set(diffs.loc[diffs["sparsity (%)"] == 98.0, "verdict"]) == {"one seed"}
+    assert set(diffs.loc[diffs["sparsity (%)"] == 90.0, "verdict"]) <= {"within noise", "lower", "higher"}
+    # paired by seed: the mean over seeds of (control − run), from the branch rows
+    acc = pre.pivot_table(index=["criterion", "sparsity (%)", "seed"], columns="branch", values="test_acc1")
+    for _, r in diffs.iterrows():
+        per_seed = acc.loc[(r["criterion"], r["sparsity (%)"])]
+        assert r["control − run (pp)"] == pytest.approx(100 * (per_seed[r["control"]] - per_seed["main"]).mean())
+    lottery = pd.read_csv(out / "lottery.csv")
+    # the lottery's rate comes from the run's sparsity: 1 − (1 − s)^(1/levels), so level k keeps (1 − s)^(k/2)
+    for _, r in lottery.iterrows():
+        assert r["weights remaining (%)"] == pytest.approx(100 * (1 - r["sparsity (%)"] / 100) ** (r["level"] / 2), abs=0.01)
+    assert "INCOMPLETE" in (out / "findings.md").read_text()  # 98% has seed 0 only
+    assert {"controls.png", "accuracy.png", "lottery.png", "layer_density.png"} <= {p.name for p in out.iterdir()}
+
+
 CHECKS = {"01": check_strategies, "02": check_lottery, "03": check_iterative, "04": check_granularity,
-          "05": check_timing}
+          "05": check_timing, "06": check_sparse_training, "07": check_at_init_sanity}
 
 
 TINY_SWEEP = """

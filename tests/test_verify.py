@@ -177,3 +177,30 @@ def test_runs_logged_under_the_old_names_read_as_todays():
     assert new["prune.post.finetune.epochs"].tolist() == [3, 3] and new["prune.post.rounds"].tolist() == [1, 2]
     assert new["prune.during.start"].tolist() == [0.0, 0.1] and new["prune.criterion"].tolist() == ["magnitude", "random"]
     assert not {"scope", "prune.scope", "prune.finetune.epochs", "prune.schedule.start", "prune.rounds"} & set(new)
+
+
+def test_levels_skip_runs_that_have_none(fake):
+    """A static sparse run makes no mask update, so it writes no levels.csv: the levels rows of its study are the
+    other runs', not an error; a study where no run has levels still is one."""
+    from fake_runs import _layers, _result, _start, log_fake_runs
+
+    from benchkit.config import ExperimentConfig
+    from benchkit.tracking import Tracker
+
+    experiment = "fake-dynamic"
+    base = {"experiment": experiment, "data": {"name": "digits"}, "model": {"name": "lenet300"}, "progress": False,
+            "prune": {"timing": "dynamic", "sparsity": 0.9}}
+    (static,) = log_fake_runs(fake.uri, experiment, [({"prune.dynamic.method": "static", "seed": 0},
+                                                      {"test_acc1": 0.5})], base={"prune": base["prune"]})
+    with pytest.raises(ValueError, match="no run of 'fake-dynamic' has a levels.csv"):
+        StudyData(experiment, fake.uri).frame("levels")
+    tracker = Tracker(fake.uri)
+    cfg = ExperimentConfig.from_dict(base, {"prune.dynamic.method": "rigl", "seed": 0})
+    rows = [{"update": k, "step": 100 * k, "drop_fraction": 0.3 / k, "sparsity": 0.9} for k in (1, 2)]
+    run_id = _start(tracker, tracker.ensure_experiment(experiment), cfg, experiment)
+    tracker.log_result(run_id, _result(cfg, {"test_acc1": 0.6}, [], _layers(10.0), rows), plots=False, model=False)
+    tracker.end_run(run_id)
+    levels = StudyData(experiment, fake.uri).frame("levels")
+    assert levels["run_id"].tolist() == [run_id, run_id] and static not in set(levels["run_id"])
+    assert levels["step"].tolist() == [100, 200] and set(levels["branch"]) == {"main"}
+    assert set(levels["prune.dynamic.method"]) == {"rigl"}

@@ -89,7 +89,10 @@ def _per_run_tables(study: StudyData, artifact: str) -> pd.DataFrame:
     runs = study.runs
     parts = []
     for run_id in runs["run_id"]:
-        table = ba.load_artifact_table(run_id, artifact, tracking_uri=study.tracking_uri)
+        try:
+            table = ba.load_artifact_table(run_id, artifact, tracking_uri=study.tracking_uri)
+        except FileNotFoundError:  # a run with no rows of this kind (a static sparse run has no mask updates)
+            continue
         if len(table):
             parts.append(table.assign(run_id=run_id))
     if not parts:
