@@ -60,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="expand a sweep YAML into runs and execute them (resumable)",
                        description="Expand grid × zip minus exclusions into runs; skip configs already FINISHED, "
-                                   "redo FAILED/interrupted ones. Overrides apply to the base (and pin a grid or zip axis).")
+                                   "redo FAILED/interrupted ones. Overrides apply to the base (and pin a grid or zip "
+                                   "axis); --only runs part of the plan.")
     s.add_argument("sweep", metavar="SWEEP.yaml")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config")
+    s.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="run part of the plan: these values of a grid axis, or the zip rows whose column has this "
+                        "value (e.g. --only model.name=lenet300; a list: seed=[0,1]); repeatable")
     s.add_argument("--workers", "-j", type=int, default=1, metavar="N",
                    help="runs in parallel (local: processes sharing the store, at most one per core, torch "
                         "threads = cores // N)")
@@ -199,7 +203,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     tracker = Tracker(args.tracking_uri)
     tracker.check(write=not args.dry_run)  # a dead server or a broken store: one line now, not minutes later
     load_plugins(args.plugin)  # before the sweep file names what they register
-    spec = load_sweep(args.sweep, args.overrides)
+    spec = load_sweep(args.sweep, args.overrides, only=args.only)
     if args.plugin:  # carried by every run's config, so that every worker imports them too
         spec.base["plugins"] = list(dict.fromkeys([*spec.base.get("plugins", []), *resolve_specs(args.plugin)]))
     from benchkit.executors import start_worker_server, uses_worker_pool

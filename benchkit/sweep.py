@@ -148,8 +148,13 @@ def _axes(section: str, raw: Any, lines: dict[str, int]) -> dict[str, list[Any]]
     return out
 
 
-def load_sweep(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> SweepSpec:
-    """Parse and check a sweep file. Every problem names the key and its line; nothing runs before."""
+def load_sweep(path: str | Path, overrides: dict[str, Any] | list[str] | None = None,
+               only: dict[str, Any] | list[str] | None = None) -> SweepSpec:
+    """Parse and check a sweep file. Every problem names the key and its line; nothing runs before.
+
+    ``overrides`` set base keys and pin an axis to one value (every zip row gets it); ``only`` selects part
+    of the plan: the values of a grid axis, or the rows of a zip whose column has that value (its other
+    columns moving with it, e.g. ``model.name=lenet300`` of a zip of models and their learning rates)."""
     from benchkit.config import _parse_overrides
 
     data, lines = load_yaml(path)
@@ -189,7 +194,29 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | list[str] | None = 
             grid[k] = [ov[k]]
         elif k in zipped:
             zipped[k] = [ov[k]] * len(zipped[k])  # rows made identical are duplicates, run once
+    grid, zipped = _select(grid, zipped, _parse_overrides(only) if only else {}, path)
     return SweepSpec(experiment, base, grid, zipped, exclude, lines, str(path), ov)
+
+
+def _select(grid: dict[str, list[Any]], zipped: dict[str, list[Any]], only: dict[str, Any],
+            path: str | Path) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """Keep the part of the plan that ``only`` names (``--only key=value``); a key that is no axis, or a value
+    its axis does not have, is refused, naming what there is."""
+    for k, want in only.items():
+        wanted = want if isinstance(want, list) else [want]
+        axis = grid.get(k, zipped.get(k))
+        if axis is None:
+            raise ConfigError(f"{path}: --only {k}: not a grid or zip axis of this sweep; axes: "
+                              + ", ".join([*grid, *zipped]))
+        keep = [i for i, v in enumerate(axis) if any(v == w or str(v) == str(w) for w in wanted)]
+        if not keep:
+            raise ConfigError(f"{path}: --only {k}={want}: no such value on the axis; it has "
+                              + ", ".join(map(str, dict.fromkeys(map(str, axis)))))
+        if k in grid:
+            grid[k] = [axis[i] for i in keep]
+        else:
+            zipped = {key: [vs[i] for i in keep] for key, vs in zipped.items()}
+    return grid, zipped
 
 
 def _load_sweep_plugins(data: dict[str, Any], folder: Path, lines: dict[str, int]) -> None:

@@ -2,6 +2,7 @@
 notebook (``notebook.ipynb``, outputs included) in an output folder.
 
     .venv/bin/python notebooks/render.py                      # every study, committed store -> results/<study>/
+                                                              # (studies not run yet are skipped, and named)
     .venv/bin/python notebooks/render.py strategies lottery   # some studies
     .venv/bin/python notebooks/render.py 01_strategies --tracking-uri sqlite:///mlflow.db --experiment my-sweep \\
         --out results/my-sweep                                # a notebook for your own sweep
@@ -40,6 +41,9 @@ STUDIES = {
     "timing": "05_timing",
     "sparse-training": "06_sparse_training",
     "at-init-sanity": "07_at_init_sanity",
+    "lm-pruning": "08_lm_pruning",
+    "vit-pruning": "09_vit_pruning",
+    "rethinking": "10_rethinking",
 }
 REPORT_ONLY = "fashion-lenet300"
 KERNEL = "benchkit-render"
@@ -51,6 +55,7 @@ class Job:
     experiment: str
     tracking_uri: str
     out: Path
+    if_present: bool = False  # part of "every study": skipped (and said so) while the store holds no run of it
 
     def env(self) -> dict[str, str]:
         """The kernel's environment: the notebook's three controls set, figures drawn off-screen."""
@@ -113,7 +118,7 @@ def plan(argv: list[str]) -> list[Job]:
                                  "`experiment:` name), e.g. --experiment my-sweep")
             experiment = args.experiment
         out = Path(args.out).resolve() if args.out else REPO / "results" / experiment
-        jobs.append(Job(notebook, experiment, uri, out))
+        jobs.append(Job(notebook, experiment, uri, out, if_present=not args.targets))
     return jobs
 
 
@@ -166,6 +171,16 @@ def report(job: Job) -> Path:
     return job.out
 
 
+def has_runs(job: Job) -> bool:
+    """Whether the store holds a FINISHED run of the job's experiment (a study set up but not run yet has none)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=job.tracking_uri)
+    exp = client.get_experiment_by_name(job.experiment)
+    return exp is not None and bool(client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                                       max_results=1))
+
+
 def main(argv: list[str]) -> int:
     try:
         jobs = plan(argv)
@@ -175,6 +190,9 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         specs = kernel_specs(Path(tmp))
         for job in jobs:
+            if job.if_present and not has_runs(job):
+                print(f"{job.experiment}: skipped, no finished run in {job.tracking_uri} (run its sweep first)")
+                continue
             out = render(job, specs) if job.notebook is not None else report(job)
             where = out.relative_to(REPO) if out.is_relative_to(REPO) else out
             print(f"{job.experiment}: {where}")

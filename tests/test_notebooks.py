@@ -38,7 +38,8 @@ FAKE_EXPERIMENTS = {"sweep": SWEEP, "lottery": LOTTERY}
 # notebook -> the runs it is executed against
 KIND = {"00_quickstart": "sweep", "01_strategies": "sweep", "02_lottery": "lottery", "03_iterative": "iterative",
         "04_granularity": "granularity", "05_timing": "timing", "06_sparse_training": "sparse-training",
-        "07_at_init_sanity": "at-init-sanity"}
+        "07_at_init_sanity": "at-init-sanity", "08_lm_pruning": "lm-pruning", "09_vit_pruning": "vit-pruning",
+        "10_rethinking": "rethinking"}
 
 # Tiny real sweeps of the study YAMLs: the same grid, minutes of work cut to seconds.
 SYNTHETIC_28 = ["data.name=synthetic", "data.input_shape=[1,28,28]", "data.num_samples=240", "data.val_size=60",
@@ -54,12 +55,20 @@ STUDY_SWEEPS: dict[str, list[str]] = {
     # both sparsities for seed 0, then seed 1 at 90% (below): intervals where two seeds exist, a cell short of seeds
     "at-init-sanity": ["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.lottery.levels=2",
                        "prune.iterations=5", "seed=0"],
+    # a 2-block character GPT on three tiny works written by the store ({texts}); 49 runs, every table of the
+    # notebook (OWL, the 300-step fine-tune) included
+    "lm-pruning": ["data.root={texts}", "data.val_works=[b]", "data.test_works=[c]", "data.context=16",
+                   "model.kwargs={n_layer: 2, n_embd: 16, n_head: 2, dropout: 0.0}", "train.iterations=20",
+                   "train.eval_every=10", "train.batch_size=8", "prune.calibration.samples=8", "seed=0"],
+    "vit-pruning": [*SYNTHETIC_28, "train.epochs=1", "prune.calibration.samples=16", "seed=0"],
+    "rethinking": [*SYNTHETIC_28, "train.epochs=1", "prune.post.finetune.epochs=1", "seed=0"],
 }
 STUDY_MORE: dict[str, list[list[str]]] = {  # further sweeps of the same YAML into the same experiment
     "at-init-sanity": [["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.lottery.levels=2",
                         "prune.iterations=5", "seed=1", "prune.sparsity=0.9"]],
 }
-STUDY_FILES = {"sparse-training": "sparse_training", "at-init-sanity": "at_init_sanity"}  # experiment -> YAML name
+STUDY_FILES = {"sparse-training": "sparse_training", "at-init-sanity": "at_init_sanity", "lm-pruning": "lm_pruning",
+               "vit-pruning": "vit_pruning"}  # experiment -> YAML name
 KINDS = {**FAKE_EXPERIMENTS, **{k: k for k in STUDY_SWEEPS}}
 
 
@@ -93,10 +102,24 @@ class StudyStore:
             common = ["threads=1", "progress=false", f"output_dir={self.root / 'runs'}",
                       f"cache_dir={self.root / 'cache'}"]
             sweep = REPO / "experiments" / f"{STUDY_FILES.get(study, study)}.yaml"
+            texts = write_texts(self.root / "texts")
             for overrides in [STUDY_SWEEPS[study], *STUDY_MORE.get(study, [])]:
+                overrides = [o.replace("{texts}", str(texts)) for o in overrides]
                 assert main(["sweep", str(sweep), *common, *overrides, "--no-plots", "--tracking-uri", self.uri]) == 0
             self.finished[study] = len(load_runs(study, tracking_uri=self.uri))
         return self
+
+
+def write_texts(folder: Path) -> Path:
+    """Three small 'works' for the text dataset: a (training), b (validation), c (test)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = {"a": ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
+                   "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"],
+             "b": ["Friends, Romans, countrymen, lend me your ears;", "I come to bury Caesar, not to praise him."],
+             "c": ["Tomorrow, and tomorrow, and tomorrow,", "Creeps in this petty pace from day to day,"]}
+    for stem, text in lines.items():
+        (folder / f"{stem}.txt").write_text("\n".join(text * (30 if stem == "a" else 10)) + "\n")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +183,17 @@ def test_render_refuses_bad_arguments_before_running_anything(argv, message, cap
     with pytest.raises(render.UsageError, match=message):
         render.plan(argv)
     assert render.main(argv) == 2 and "render.py:" in capsys.readouterr().err
+
+
+def test_render_of_every_study_skips_the_studies_not_run_yet(store, capsys):
+    """`render.py` alone renders every study of the store; a study set up but not run yet is named and skipped
+    (the fake store holds none of the studies), while a study named on the command line is always attempted."""
+    assert render.main(["--tracking-uri", store.uri]) == 0
+    out = capsys.readouterr().out
+    for study in [*render.STUDIES, render.REPORT_ONLY]:
+        assert f"{study}: skipped, no finished run in {store.uri} (run its sweep first)" in out
+    assert all(job.if_present for job in render.plan(["--tracking-uri", store.uri]))
+    assert not render.plan(["lm-pruning", "--tracking-uri", store.uri])[0].if_present
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -300,8 +334,71 @@ def check_at_init_sanity(out: Path, store) -> None:
     assert {"controls.png", "accuracy.png", "lottery.png", "layer_density.png"} <= {p.name for p in out.iterdir()}
 
 
+def check_lm_pruning(out: Path, store) -> None:
+    methods = ["dense", "magnitude (per layer)", "magnitude (per row)", "Wanda", "SparseGPT"]
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == store.finished["lm-pruning"] == 49  # dense, 4 methods x (4 x 2 allocations + 2 N:M) + 8 tuned
+    for name in ("perplexity", "bpc"):  # Wanda's Table 2: methods x (50%, 4:8, 2:4, 60-80%), dense on top
+        table = pd.read_csv(out / f"{name}.csv", keep_default_na=False, dtype=str)  # cells are text: "mean ± std"
+        assert list(table.columns) == ["method", "50%", "4:8", "2:4", "60%", "70%", "80%", "n"]
+        assert list(table["method"]) == methods and (table["n"] == "1").all()
+        dense = runs[runs["method"] == "dense"]["test_perplexity" if name == "perplexity" else "test_bpc"].iloc[0]
+        assert table.iloc[0]["50%"] == f"{dense:.{2 if name == 'perplexity' else 3}f}"  # one seed: no ± std
+        assert (table.iloc[0, 2:7] == "").all()
+    owl = pd.read_csv(out / "perplexity_owl.csv", keep_default_na=False)
+    assert list(owl.columns) == ["method", "50%", "60%", "70%", "80%", "n"]  # N:M leaves OWL nothing to allocate
+    tuned = pd.read_csv(out / "finetune_vs_oneshot.csv")
+    assert sorted(set(tuned["pattern"])) == ["2:4", "50%"] and len(tuned) == 8
+    # the papers' LLaMA-7B numbers (Wanda, Table 2) relative to their dense 5.68
+    paper = pd.read_csv(out / "beside_wanda.csv").set_index("method")
+    assert paper.loc["magnitude (per layer)", "2:4 LLaMA-7B (×dense)"] == pytest.approx(42.13 / 5.68)
+    assert paper.loc["Wanda", "50% LLaMA-7B (×dense)"] == pytest.approx(7.26 / 5.68)
+    assert paper.loc["SparseGPT", "4:8 LLaMA-7B (×dense)"] == pytest.approx(8.61 / 5.68)
+    # Wanda keeps int((1 - s) * columns) per row, rounding the pruned count down (its code's `int(W.shape[1] * s)`)
+    layers = pd.read_csv(out / "layers.csv")
+    uniform = layers[layers["strategy"].str.contains("uniform")].set_index("layer")
+    assert uniform.loc["lm_head", "density"] == 1.0  # excluded, as both papers
+    for layer, r in uniform.drop(index="lm_head").iterrows():
+        fan_in = 64 if layer.endswith("mlp.proj") else 16  # width 16, MLP ratio 4
+        assert r["density"] == pytest.approx((fan_in - int(fan_in * 0.8)) / fan_in), layer
+    assert {"perplexity_vs_sparsity.png", "layer_density.png"} <= {p.name for p in out.iterdir()}
+
+
+def check_vit_pruning(out: Path, store) -> None:
+    table = pd.read_csv(out / "accuracy.csv", keep_default_na=False)
+    assert list(table.columns) == ["method", "50%", "2:4", "70%", "n"]
+    assert list(table["method"]) == ["dense", "magnitude (per layer)", "magnitude (per row)", "Wanda", "SparseGPT"]
+    assert len(pd.read_csv(out / "runs.csv")) == store.finished["vit-pruning"] == 13
+    diffs = pd.read_csv(out / "paired_differences.csv")
+    # an N:M group lies inside one output row, so comparing per layer or per row chooses the same 2:4 mask
+    same = diffs[(diffs["comparison"] == "magnitude (per row) − magnitude (per layer)") & (diffs["pattern"] == "2:4")]
+    assert same["a − b (pp)"].tolist() == [0.0]
+    assert set(diffs["n"]) == {1} and not diffs["distinguishable"].any()  # one seed: no interval, nothing told apart
+
+
+def check_rethinking(out: Path, store) -> None:
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == store.finished["rethinking"] == 6  # lenet5, vgg_small x 2, 4, 8
+    assert summary["fine-tuned epochs"].tolist() == [2] * 6  # 1 training + 1 fine-tuning epoch
+    assert summary["Scratch-E epochs"].tolist() == [1] * 6  # the dense network's epochs
+    # Scratch-B: int(epochs x min(dense/pruned FLOPs, cap 2)); every pruned net here saves more than 2x FLOPs
+    assert (summary["FLOPs ratio (×)"] > 2).all() and summary["Scratch-B epochs"].tolist() == [2] * 6
+    # the requested share of the prunable weights, a little more where the output layer keeps its 10 classes whole
+    kept, asked = summary["weights kept (%)"], 100 / summary["compression (×)"]
+    assert (kept >= asked - 1e-9).all() and (kept <= asked * 1.1).all()
+    branches = pd.read_csv(out / "branches_long.csv")
+    assert sorted(set(branches["branch"])) == ["Scratch-B", "Scratch-E", "dense", "fine-tuned"]
+    assert len(branches) == 6 * 4
+    diffs = pd.read_csv(out / "paired_differences.csv")
+    assert len(diffs) == 2 * 3 * 3 and set(diffs["n"]) == {1}
+    wide = branches.pivot_table(index=["model", "compression"], columns="branch", values="test_acc1")
+    mine = diffs[diffs["comparison"] == "Scratch-B − fine-tuned"].set_index(["model", "compression (×)"])["a − b (pp)"]
+    assert mine.to_numpy() == pytest.approx(((wide["Scratch-B"] - wide["fine-tuned"]) * 100).to_numpy())
+
+
 CHECKS = {"01": check_strategies, "02": check_lottery, "03": check_iterative, "04": check_granularity,
-          "05": check_timing, "06": check_sparse_training, "07": check_at_init_sanity}
+          "05": check_timing, "06": check_sparse_training, "07": check_at_init_sanity, "08": check_lm_pruning,
+          "09": check_vit_pruning, "10": check_rethinking}
 
 
 TINY_SWEEP = """

@@ -43,7 +43,17 @@ def fisher_file(tmp_path_factory) -> Path:
     return p
 
 
-def test_the_documented_fisher_criterion_computes_half_fisher_times_w_squared(fisher_file):
+@pytest.fixture
+def criteria_restored():
+    """Loading a plugin in this process registers its names for good: take them out again afterwards, so
+    later tests see only the built-ins (their error messages list the allowed names)."""
+    items, origins = dict(CRITERIA._items), dict(CRITERIA._origins)
+    yield
+    CRITERIA._items.clear(), CRITERIA._items.update(items)
+    CRITERIA._origins.clear(), CRITERIA._origins.update(origins)
+
+
+def test_the_documented_fisher_criterion_computes_half_fisher_times_w_squared(fisher_file, criteria_restored):
     """Against the closed form for a linear softmax classifier: the per-example gradient of the cross-
     entropy with respect to W is (softmax(Wx + b) - onehot(y)) x^T, so F = mean_n of its square and the
     saliency is F * W**2 / 2 (no autograd in the expectation)."""

@@ -77,12 +77,21 @@ def test_snip_is_normalised_taylor_on_one_batch():
     x, y = batch(n=10, d=6, classes=4)
     layers = {"0": model[0], "2": model[2]}
     loader = [(x, y), (x.flip(0) * 2, y.flip(0))]
-    snip = SNIP().scores(model, layers, ScoringData(loader=loader, max_batches=2))  # uses the first batch only
+    snip = SNIP().scores(model, layers, ScoringData(batch=(x, y)))
     taylor = Taylor().scores(model, layers, ScoringData(batch=(x, y)))
     total = sum(float(t.sum()) for t in taylor.values())
     assert sum(float(s.sum()) for s in snip.values()) == pytest.approx(1.0)
     for n in layers:
         torch.testing.assert_close(snip[n], taylor[n] / total)
+    # with two scoring batches SNIP is |w ⊙ g| of the mean loss over both (hand-computed here), normalised
+    both = SNIP().scores(model, layers, ScoringData(loader=loader, max_batches=2))
+    model.zero_grad()
+    loss = sum(nn.functional.cross_entropy(model(bx), by) for bx, by in loader) / 2
+    loss.backward()
+    expected = {n: (m.weight * m.weight.grad).abs().detach() for n, m in layers.items()}
+    norm = sum(float(e.sum()) for e in expected.values())
+    for n in layers:
+        torch.testing.assert_close(both[n], expected[n] / norm)
     a, b = mlp(), mlp()
     ra = bk.prune(a, compression=3, criterion="snip", batch=(x, y))
     rb = bk.prune(b, compression=3, criterion="taylor", batch=(x, y))
@@ -221,7 +230,7 @@ def bn_net() -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("name", CRITERIA.names())
+@pytest.mark.parametrize("name", [n for n in CRITERIA.names() if not CRITERIA.get(n).calibrated])
 @pytest.mark.parametrize("train", [True, False])
 def test_scoring_leaves_mode_and_state_untouched(name, train):
     model = bn_net().train(train)
@@ -266,3 +275,21 @@ def test_user_criterion_registers_without_touching_core():
         assert float(kept.max()) <= float(pruned.min())  # it kept the smallest: the custom score was used
     finally:
         CRITERIA._items.pop("test_neg_magnitude")
+
+
+@pytest.mark.parametrize("name", [n for n in CRITERIA.names() if CRITERIA.get(n).calibrated])
+@pytest.mark.parametrize("train", [True, False])
+def test_calibrated_pruning_leaves_mode_and_buffers_untouched(name, train):
+    """Wanda/SparseGPT run calibration batches through the model: BatchNorm statistics and the train/eval
+    mode must be as they were; only the pruned weights change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4))
+    model.train(train)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    bk.prune(model, sparsity=0.5, criterion=name, allocation="uniform", batch=(x, y))
+    assert all(m.training is train for m in model.modules())
+    for k, v in model.named_buffers():
+        if k in buffers:
+            assert torch.equal(v, buffers[k]), k
+    assert float(model[0].weight_mask.mean()) == pytest.approx(0.5, abs=1 / 64)  # SparseGPT: sorted[k] <= thresh

@@ -145,6 +145,25 @@ def test_cli_override_pins_a_zip_axis_and_labels_show_the_values_run(tmp_path, c
                                   for line in plan), plan
 
 
+def test_only_runs_part_of_the_plan(tmp_path, capsys):
+    """--only selects grid values and zip rows (the other zip columns moving with the row), and refuses a
+    key that is no axis or a value the axis does not have, before anything runs."""
+    p = write(tmp_path, BASE + "zip:\n  prune.criterion: [magnitude, random]\n  prune.compression: [2, 4]\n"
+                               "grid:\n  seed: [0, 1, 2]\n")
+    picked = expand(load_sweep(p, only=["prune.criterion=random", "seed=[0, 2]"]))
+    assert [e.overrides for e in picked] == [{"seed": 0, "prune.criterion": "random", "prune.compression": 4},
+                                             {"seed": 2, "prune.criterion": "random", "prune.compression": 4}]
+    with pytest.raises(ConfigError, match=r"--only train.lr: not a grid or zip axis.*axes: seed, prune.criterion"):
+        load_sweep(p, only=["train.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"--only prune.criterion=taylor: no such value.*magnitude, random"):
+        load_sweep(p, only=["prune.criterion=taylor"])
+    store = tmp_path / "mlflow.db"
+    assert main(["sweep", str(p), "--dry-run", "--tracking-uri", f"sqlite:///{store}", "--only", "seed=1",
+                 "--only", "prune.compression=2"]) == 0
+    plan = capsys.readouterr().out.splitlines()[1:]
+    assert len(plan) == 1 and "seed=1" in plan[0] and "prune.criterion=magnitude" in plan[0], plan
+
+
 # --------------------------------------------------------------------------------------------- bad files
 BAD = {
     "unknown top-level key": ("grdi:\n  seed: [0]\n", "'grdi'", 7),

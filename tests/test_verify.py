@@ -136,10 +136,22 @@ def test_a_pending_card_is_reported_until_its_runs_exist(fake, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "PENDING  no finished run of 'not-yet'" in out and "to check: p: Something holds" in out
     assert "Not run yet: set up, not run." in markdown(verify_card(load_card(path), fake.uri))
-    # once the runs are there, the claims are checked
+    # once some runs are there, the study is in progress: the claims whose runs exist are checked, the others
+    # wait (not failed), and the README text says which and why
+    waits = claims + "\n  - {id: w, says: Later holds, kind: threshold, min: 0, at: [8]}"
+    path = write_card(tmp_path, "later", "not-yet", waits, pending="set up, 4 runs planned")
     log_fake_runs(fake.uri, "not-yet", [({"prune.compression": 2.0, "seed": s}, {"test_acc1": 0.5}) for s in (0, 1)])
     assert main(["verify", "later", "--cards", str(tmp_path), "--tracking-uri", fake.uri]) == 0
-    assert "PASS   p: Something holds" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "IN PROGRESS  2 finished runs so far" in out and "PASS   p: Something holds" in out
+    assert "WAIT   w: Later holds" in out and "no compression near 8" in out
+    text = markdown(verify_card(load_card(path), fake.uri))
+    assert "In progress: 2 runs have finished so far (set up, 4 runs planned)" in text
+    assert "Waiting for runs:\n- Later holds — " in text and "- Something holds — " in text
+    # a card no longer pending: a missing point is an error again
+    path.write_text(path.read_text().replace("pending:", "# pending:"))
+    assert main(["verify", "later", "--cards", str(tmp_path), "--tracking-uri", fake.uri]) == 1
+    assert "ERROR  w: Later holds" in capsys.readouterr().out
     # without `pending`, a missing experiment is an error
     write_card(tmp_path, "missing", "never", claims)
     assert main(["verify", "missing", "--cards", str(tmp_path), "--tracking-uri", fake.uri]) == 1

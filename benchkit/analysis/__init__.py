@@ -6,7 +6,8 @@
 >>> fig = ba.plot_tradeoffs(runs, y="test_acc1")        # vs compression ratio and speedup
 >>> ba.save_table(ba.summary_table(agg, ["test_acc1"], scale={"test_acc1": 100}), "results/q.md")
 
-The study notebooks (notebooks/NN_name.py) write their tables, figures and findings through :class:`Study`.
+The study notebooks (notebooks/NN_name.py) write their tables, figures and findings through :class:`Study`;
+the one-shot studies (Wanda, SparseGPT) name their runs' methods and patterns with :mod:`benchkit.analysis.oneshot`.
 """
 
 from benchkit.analysis.aggregate import STRATEGY_COLUMNS, aggregate, strategy_columns
@@ -20,7 +21,21 @@ from benchkit.analysis.figures import (
     plot_tradeoffs,
     plot_training_curves,
 )
-from benchkit.analysis.references import HAN2015_LENET5, HAN2015_LENET300, lth_lenet300_percent_remaining
+from benchkit.analysis.oneshot import (
+    label_runs,
+    method_label,
+    method_order,
+    method_table,
+    pattern_label,
+    pattern_order,
+    pattern_sparsity,
+)
+from benchkit.analysis.references import (
+    HAN2015_LENET5,
+    HAN2015_LENET300,
+    WANDA2024_LLAMA7B,
+    lth_lenet300_percent_remaining,
+)
 from benchkit.analysis.runs import (
     RENAMED_PARAMS,
     RENAMED_VALUES,
@@ -45,6 +60,7 @@ __all__ = [
     "HAN2015_LENET5",
     "STRATEGY_COLUMNS",
     "Study",
+    "WANDA2024_LLAMA7B",
     "aggregate",
     "axis_label",
     "current_param",
@@ -53,12 +69,19 @@ __all__ = [
     "load_history",
     "load_layers",
     "load_levels",
+    "label_runs",
     "load_runs",
     "log_figure",
     "lth_lenet300_percent_remaining",
+    "method_label",
+    "method_order",
+    "method_table",
     "metric_columns",
     "param_columns",
     "parse_param",
+    "pattern_label",
+    "pattern_order",
+    "pattern_sparsity",
     "plot_layer_density",
     "plot_lottery",
     "plot_tradeoff",

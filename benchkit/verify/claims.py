@@ -52,6 +52,10 @@ class ClaimError(ValueError):
     """A claim cannot be evaluated on these rows (a card problem, or runs missing from the store)."""
 
 
+class MissingRuns(ClaimError):
+    """The rows a claim needs are not in the store (yet): in a study still running, the claim waits."""
+
+
 # --------------------------------------------------------------------------------------------- claim
 @dataclass
 class Claim:
@@ -203,7 +207,7 @@ class ClaimContext:
             mask &= frame[col].map(lambda v, w=want: _matches(v, w))
         rows = frame[mask]
         if rows.empty:
-            raise ClaimError(f"side {name}: no {source} row of {self.study.experiment!r} matches {where}")
+            raise MissingRuns(f"side {name}: no {source} row of {self.study.experiment!r} matches {where}")
         if label is None:
             label = " · ".join(_describe(v) if isinstance(v, (str, list, tuple)) else f"{k.rsplit('.', 1)[-1]} {v}"
                                for k, v in spec.items() if not isinstance(v, dict)) or (
@@ -222,7 +226,7 @@ class ClaimContext:
                 present = xs if present is None else present & xs
             found = sorted(x for x in present or () if all(_compare(x, op, w) for op, w in at.items()))
             if not found:
-                raise ClaimError(f"no {claim.x} value shared by the sides satisfies {at}")
+                raise MissingRuns(f"no {claim.x} value shared by the sides satisfies {at}")
             return found
         return list(at) if isinstance(at, (list, tuple)) else [at]
 
@@ -251,7 +255,7 @@ class ClaimContext:
                 raise ClaimError(f"no column {claim.x!r} (the claim's x) in the {side.source} rows")
             at = rows[claim.x].map(lambda v: same_value(v, point))
             if not at.any():
-                raise ClaimError(f"side {side.label}: no row with {claim.x} = {point!r}")
+                raise MissingRuns(f"side {side.label}: no row with {claim.x} = {point!r}")
             return self._per_seed(claim, side, rows[at], y[at], point), point
         x = self.x_values(claim, side)
         if claim.interpolate:
@@ -264,10 +268,10 @@ class ClaimContext:
         """The x value present closest to ``point`` (relative distance), if within ``claim.x_tolerance``."""
         xs = np.unique(x.dropna().to_numpy(dtype=float))
         if len(xs) == 0:
-            raise ClaimError(f"side {side.label}: no {claim.x} values")
+            raise MissingRuns(f"side {side.label}: no {claim.x} values")
         best = float(xs[np.argmin(np.abs(xs - point) / max(abs(point), 1e-12))])
         if abs(best - point) > claim.x_tolerance * abs(point):
-            raise ClaimError(f"side {side.label}: no {claim.x} near {point:g} (within {claim.x_tolerance:.0%}); "
+            raise MissingRuns(f"side {side.label}: no {claim.x} near {point:g} (within {claim.x_tolerance:.0%}); "
                              f"present: {', '.join(f'{v:g}' for v in xs)}")
         return best
 
@@ -309,7 +313,7 @@ class ClaimContext:
         try:
             d = paired_difference(va, vb, claim.confidence)
         except ValueError as e:
-            raise ClaimError(f"{claim.point(point)}: {e}") from None
+            raise MissingRuns(f"{claim.point(point)}: {e}") from None
         return d, _used(claim, point, xa, xb)
 
 
@@ -410,7 +414,7 @@ def gap(claim: Claim, ctx: ClaimContext) -> list[Check]:
             vb, xb = ctx.values(claim, b, p)
             common = sorted(set(va.index) & set(vb.index))
             if not common:
-                raise ClaimError(f"{claim.point(p)}: the sides share no seed")
+                raise MissingRuns(f"{claim.point(p)}: the sides share no seed")
             r = va.loc[common] / vb.loc[common]
             mean, lo, hi = t_interval(r, claim.confidence)
             ok = _within(mean, s.min, s.max) and (not s.significant or (_within(lo, s.min, s.max)
@@ -541,7 +545,7 @@ def _spread_requirement(c: Claim) -> str:
 def spread(claim: Claim, ctx: ClaimContext) -> list[Check]:
     def describe(a, v, p):
         if len(v) < 2:
-            raise ClaimError(f"{claim.point(p)}: a spread needs at least 2 seeds, {a.label} has {len(v)}")
+            raise MissingRuns(f"{claim.point(p)}: a spread needs at least 2 seeds, {a.label} has {len(v)}")
         sd = float(v.std(ddof=1))
         return (sd, f"{a.label}: std {claim.value(sd)} over {len(v)} seeds (mean {claim.value(float(v.mean()))})",
                 f"std {claim.value(sd)}")
@@ -577,7 +581,7 @@ def crossing(claim: Claim, ctx: ClaimContext) -> list[Check]:
         xs = [float(p) for p in ctx.points(claim, [a, b])]
     xs = sorted(xs, reverse=s.direction == "decreasing")
     if len(xs) < 2:
-        raise ClaimError(f"a crossing needs at least 2 points along {claim.x}; the sides share {xs}")
+        raise MissingRuns(f"a crossing needs at least 2 points along {claim.x}; the sides share {xs}")
     diffs = [ctx.paired(claim, a, b, x)[0].mean for x in xs]
     below_from = None
     for i in range(len(xs) - 1, -1, -1):
@@ -623,7 +627,7 @@ def trend(claim: Claim, ctx: ClaimContext) -> list[Check]:
     else:
         xs = sorted(float(p) for p in ctx.points(claim, sides))
     if len(xs) < 2:
-        raise ClaimError(f"a trend needs at least 2 points along {claim.x}, got {xs}")
+        raise MissingRuns(f"a trend needs at least 2 points along {claim.x}, got {xs}")
     values = [ctx.paired(claim, a, b, x)[0].mean if b is not None else float(ctx.values(claim, a, x)[0].mean())
               for x in xs]
     sign = -1.0 if s.direction == "decreasing" else 1.0

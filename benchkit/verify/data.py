@@ -65,6 +65,10 @@ class StudyData:
     def runs(self) -> pd.DataFrame:
         return self.frame("runs")
 
+    def finished_count(self) -> int:
+        """How many FINISHED runs of the experiment the store holds."""
+        return len(self.runs)
+
     def available(self) -> bool:
         """Whether the store holds a FINISHED run of the experiment."""
         from mlflow import MlflowClient

@@ -4,7 +4,9 @@
 Status of a claim: PASS (holds), FAIL (does not), KNOWN (does not, and the card names why: a known
 difference), XPASS (listed as a known difference but holds now: update the card), ERROR (the claim cannot be
 evaluated on these runs: a card or store problem). FAIL and ERROR make ``benchkit verify`` exit non-zero. A card
-marked ``pending`` whose experiment is not in the store is reported as such (nothing to check yet), not failed.
+marked ``pending`` whose experiment is not in the store is reported as such (nothing to check yet), not failed;
+one whose runs are partly there is *in progress*: its claims are checked on the runs so far, and a claim whose
+runs are not there yet WAITs (not failed, and said so in the README text).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchkit.verify.card import Card
-from benchkit.verify.claims import CLAIM_KINDS, Check, Claim, ClaimContext, ClaimError
+from benchkit.verify.claims import CLAIM_KINDS, Check, Claim, ClaimContext, ClaimError, MissingRuns
 from benchkit.verify.data import StudyData
 
-PASS, FAIL, KNOWN, XPASS, ERROR = "PASS", "FAIL", "KNOWN", "XPASS", "ERROR"
+PASS, FAIL, KNOWN, XPASS, ERROR, WAIT = "PASS", "FAIL", "KNOWN", "XPASS", "ERROR", "WAIT"
 FATAL = (FAIL, ERROR)
 
 
@@ -41,6 +43,7 @@ class CardResult:
     tracking_uri: str | None
     outcomes: list[Outcome]
     pending: bool = False  # a pending card whose experiment is not in this store
+    in_progress: int | None = None  # a pending card with some runs in this store: how many have finished
 
     @property
     def fatal(self) -> list[Outcome]:
@@ -50,11 +53,13 @@ class CardResult:
         return sum(o.status == status for o in self.outcomes)
 
 
-def evaluate_claim(claim: Claim, ctx: ClaimContext) -> Outcome:
+def evaluate_claim(claim: Claim, ctx: ClaimContext, in_progress: bool = False) -> Outcome:
     kind = CLAIM_KINDS.get(claim.kind)
     requirement = kind.requirement(claim)
     try:
         checks = kind.evaluate(claim, ctx)
+    except MissingRuns as e:
+        return Outcome(claim, WAIT if in_progress else ERROR, [], requirement, str(e))
     except (ClaimError, KeyError, ValueError) as e:
         return Outcome(claim, ERROR, [], requirement, f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e))
     held = bool(checks) and all(c.ok for c in checks)
@@ -72,7 +77,8 @@ def verify_card(card: Card, tracking_uri: str | None = None, study: StudyData | 
     if card.pending and not study.available():
         return CardResult(card, uri, [], pending=True)
     ctx = ClaimContext(study)
-    return CardResult(card, uri, [evaluate_claim(c, ctx) for c in card.claims])
+    running = study.finished_count() if card.pending else None
+    return CardResult(card, uri, [evaluate_claim(c, ctx, bool(running)) for c in card.claims], in_progress=running)
 
 
 # --------------------------------------------------------------------------------------------- text
@@ -84,6 +90,9 @@ def format_result(result: CardResult, verbose: bool = True) -> str:
         lines.append(f"  PENDING  no finished run of {card.experiment!r} in this store: {card.pending}")
         lines += [f"         to check: {c.id}: {c.says}" for c in card.claims]
         return "\n".join(lines)
+    if result.in_progress:
+        lines.append(f"  IN PROGRESS  {result.in_progress} finished runs so far; the card is marked pending: "
+                     f"{card.pending}")
     for o in result.outcomes:
         lines.append(f"  {o.status:<5}  {o.claim.id}: {o.claim.says}")
         if o.requirement:
@@ -98,7 +107,8 @@ def format_result(result: CardResult, verbose: bool = True) -> str:
         if o.status == XPASS:
             lines.append("         listed as a known difference but holds on these runs: move it to the agreements "
                          f"(drop known_difference in {card.path})")
-    counts = ", ".join(f"{result.count(s)} {s.lower()}" for s in (PASS, KNOWN, XPASS, FAIL, ERROR) if result.count(s))
+    counts = ", ".join(f"{result.count(s)} {s.lower()}" for s in (PASS, KNOWN, XPASS, FAIL, ERROR, WAIT)
+                       if result.count(s))
     lines.append(f"  {card.name}: {counts}")
     return "\n".join(lines)
 
@@ -128,12 +138,15 @@ def markdown(result: CardResult, link_base: str | Path | None = None) -> str:
         out += ["", *_protocol(card)]
         return "\n".join(out).rstrip() + "\n"
     conf = {o.claim.confidence for o in result.outcomes}
-    head = (f"**Against the paper** — {card.paper}. Checked by `benchkit verify {card.name}` on these runs, from "
+    progress = (f"In progress: {result.in_progress} runs have finished so far ({card.pending}); the claims below are "
+                "checked on them, and those whose runs are not there yet wait. " if result.in_progress else "")
+    head = (f"**Against the paper** — {card.paper}. {progress}Checked by `benchkit verify {card.name}` on these runs, from "
             f"[`{card.path.name}`]({link}): {len(result.outcomes)} claims; two strategies are compared seed by seed, "
             f"with {'/'.join(f'{c:.0%}' for c in sorted(conf))} t-intervals over the seeds (\"within noise\": the seeds "
             "cannot tell the difference from zero).")
     agrees = [o for o in result.outcomes if o.holds]
-    differs = [o for o in result.outcomes if not o.holds]
+    waiting = [o for o in result.outcomes if o.status == WAIT]
+    differs = [o for o in result.outcomes if not o.holds and o.status != WAIT]
     out = [head, ""]
     if agrees:
         out.append("Agrees:")
@@ -145,6 +158,10 @@ def markdown(result: CardResult, link_base: str | Path | None = None) -> str:
             reason = (o.claim.known_difference or "").strip().rstrip(".")
             why = f" Why: {reason}." if reason else " (not a known difference)"
             out.append(f"- {o.claim.says} — measured {_numbers(o)}.{why}")
+        out.append("")
+    if waiting:
+        out.append("Waiting for runs:")
+        out += [f"- {o.claim.says} — {o.error}." for o in waiting]
         out.append("")
     out += _protocol(card)
     return "\n".join(out).rstrip() + "\n"
