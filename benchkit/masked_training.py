@@ -80,6 +80,13 @@ def refresh_masked_weights(model: nn.Module) -> None:
 
 
 
+# torch's optimisers whose update of an entry reads only that entry's gradient and state: what happens at a
+# pruned entry (then set back to zero) cannot reach a survivor, so the fast path may leave its gradient unmasked.
+# Exact types: a subclass may override step with anything.
+ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
+                          torch.optim.Adagrad, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax)
+
+
 @contextmanager
 def masked_training(model: nn.Module, optimizer: torch.optim.Optimizer, *, private: bool = False) -> Iterator[None]:
     """What ``train`` wraps its loop in: :func:`keep_pruned_at_zero` for the whole loop and, when ``private``
@@ -87,7 +94,7 @@ def masked_training(model: nn.Module, optimizer: torch.optim.Optimizer, *, priva
     handle = keep_pruned_at_zero(model, optimizer)
     try:
         if private:
-            with skip_mask_multiply(model):
+            with skip_mask_multiply(model, mask_grads=type(optimizer) not in ELEMENTWISE_OPTIMIZERS):
                 yield
         else:
             yield
@@ -96,16 +103,19 @@ def masked_training(model: nn.Module, optimizer: torch.optim.Optimizer, *, priva
 
 
 @contextmanager
-def skip_mask_multiply(model: nn.Module) -> Iterator[None]:
+def skip_mask_multiply(model: nn.Module, mask_grads: bool = True) -> Iterator[None]:
     """The one special path, isolated here and taken only while nothing but ``train``'s own loop touches the
     model: each masked ``weight`` *is* ``weight_orig`` (whose pruned entries are exactly zero, kept so by
     :func:`keep_pruned_at_zero`) instead of torch's hook computing ``weight_orig * weight_mask`` before every
-    forward, and the gradient is masked in place as backward writes it. Forward values and gradients are
-    the hook's bit for bit (``tests/test_training.py``); what it saves is the hook's multiply in forward and in
-    backward: masked LeNet-300-100 with SGD cost 1.27x a plain dense loop through the hooks and
-    about 1.05-1.10x this way (benchmarks/bench_masked_training.py; figures in results/benchmarks.md).
-    Parameters under anything but one 0/1 torch prune method keep their hook. Hooks come back, in their
-    order, when the block ends."""
+    forward. Forward values are the hook's bit for bit, and so is every survivor after every step
+    (``tests/test_training.py``). With ``mask_grads`` the gradient is masked in place as backward writes it;
+    without (torch's element-wise optimisers, :data:`ELEMENTWISE_OPTIMIZERS`) pruned entries keep their
+    gradient and optimiser state, which only they read, and are zeroed after the step like the rest.
+    What it saves: the hook's multiply in forward and backward, and with Adam the zero second moments of
+    pruned entries, whose square root is several times slower than a non-zero one on x86 CPUs. Measured on
+    masked LeNet-300-100 against a plain dense loop (benchmarks/bench_masked_training.py, results/benchmarks.md):
+    see the figures recorded there for SGD and Adam. Parameters under anything but one 0/1 torch prune
+    method keep their hook. Hooks come back, in their order, when the block ends."""
     zero_pruned(model)  # pruned entries of *_orig zero now (the first step would make them so anyway)
     entries = []
     try:
@@ -117,13 +127,14 @@ def skip_mask_multiply(model: nn.Module) -> Iterator[None]:
                 continue
             order = list(hooks)
             hook = hooks.pop(mine[0])
-            grad_hook = orig.register_post_accumulate_grad_hook(_mask_grad(mask))
+            grad_hook = orig.register_post_accumulate_grad_hook(_mask_grad(mask)) if mask_grads else None
             entries.append((module, name, orig, mask, mine[0], hook, order, grad_hook))
             module.__dict__[name] = orig  # the attribute the hook would have set, without the product
         yield
     finally:
         for module, name, orig, mask, hid, hook, order, grad_hook in reversed(entries):
-            grad_hook.remove()
+            if grad_hook is not None:
+                grad_hook.remove()
             hooks = module._forward_pre_hooks
             hooks[hid] = hook
             rank = {h: i for i, h in enumerate(order)}
