@@ -8,8 +8,9 @@ runs. Each config is read from the run's own config.yaml artifact (old keys tran
     .venv/bin/python experiments/migrate_round1_hashes.py sqlite:///results/studies/mlflow.db \
         fashion-lenet300 strategies strategies-lenet5 lottery iterative timing
 
-(The granularity studies were re-run instead: channel pruning now keeps the output layer's classes and
-global group ranking is normalised per layer.)"""
+Not for the granularity studies: channel pruning now keeps the output layer's classes and global group
+ranking is normalised per layer, so today's code would not reproduce their runs; their committed results stay
+round 1's, and re-running their sweeps redoes them (the difference then explained in results/README.md)."""
 import sys
 import warnings
 from pathlib import Path

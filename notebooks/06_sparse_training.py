@@ -293,10 +293,11 @@ if {"erk", "uniform"} <= set(ALLOCATIONS):
         study.publish(flops.reset_index(), "flops", floatfmt=".3g")
         for m in MODELS:
             if m in flops.index.get_level_values(0):
-                f = flops.loc[m]
-                study.finding(f"{m}: ERK's masks keep " + ", ".join(
-                    f"{r['uniform / ERK FLOPs']:.2f}× the non-zero FLOPs of uniform at {s:g}%" for s, r in f.iterrows()
-                    if pd.notna(r["uniform / ERK FLOPs"])) + f" (theoretical speedup of the {reference} runs' masks).")
+                f = flops.loc[m].dropna(subset=["uniform / ERK FLOPs"])
+                if not f.empty:  # both allocations present at some sparsity
+                    study.finding(f"{m}: ERK's masks keep " + ", ".join(
+                        f"{r['uniform / ERK FLOPs']:.2f}× the non-zero FLOPs of uniform at {s:g}%" for s, r in f.iterrows())
+                        + f" (theoretical speedup of the {reference} runs' masks).")
 
 # %% [markdown]
 # ## The mask updates of SET and RigL
