@@ -116,18 +116,21 @@ for a, b in pairs:
     if {a, b} <= set(key["method"]):
         parts.append(bv.compare(key, {"method": a}, {"method": b}, metric="test_acc1", by="point", scale=100)
                      .assign(comparison=f"{a} − {b}"))
-diffs = pd.concat(parts, ignore_index=True)
-COMPARISONS = [f"{a} − {b}" for a, b in pairs]
-diffs = diffs.assign(c=diffs["comparison"].map(COMPARISONS.index), p=diffs["point"].map(PATTERNS.index))
-diffs = diffs.sort_values(["c", "p"])
-diffs = diffs[["comparison", "point", "n", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "distinguishable"]].rename(
-    columns={"point": "pattern", "mean_a": "a (%)", "mean_b": "b (%)", "diff": "a − b (pp)"})
-study.publish(diffs, "paired_differences", floatfmt=".3g")
-for comp, g in diffs.groupby("comparison", sort=False):
-    study.finding(f"{comp}: " + "; ".join(
-        f"{r['pattern']} {r['a − b (pp)']:+.2f} pp" + (f" [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]" if r["n"] > 1 else "")
-        + ("" if r["distinguishable"] else " (one seed)" if r["n"] < 2 else " (within noise)") for _, r in g.iterrows())
-        + ".")
+if not parts:  # a study still running: no two methods share a pattern yet
+    study.finding("No pair of methods has finished runs at a common pattern yet: no paired differences.")
+else:
+    diffs = pd.concat(parts, ignore_index=True)
+    COMPARISONS = [f"{a} − {b}" for a, b in pairs]
+    diffs = diffs.assign(c=diffs["comparison"].map(COMPARISONS.index), p=diffs["point"].map(PATTERNS.index))
+    diffs = diffs.sort_values(["c", "p"])
+    diffs = diffs[["comparison", "point", "n", "mean_a", "mean_b", "diff", "ci_low", "ci_high", "distinguishable"]].rename(
+        columns={"point": "pattern", "mean_a": "a (%)", "mean_b": "b (%)", "diff": "a − b (pp)"})
+    study.publish(diffs, "paired_differences", floatfmt=".3g")
+    for comp, g in diffs.groupby("comparison", sort=False):
+        study.finding(f"{comp}: " + "; ".join(
+            f"{r['pattern']} {r['a − b (pp)']:+.2f} pp" + (f" [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]" if r["n"] > 1 else "")
+            + ("" if r["distinguishable"] else " (one seed)" if r["n"] < 2 else " (within noise)") for _, r in g.iterrows())
+            + ".")
 # the language-model papers' shape, transferred: magnitude is the least accurate at every pattern
 worst = means.loc[means.groupby("pattern")["test_acc1"].idxmin()].set_index("pattern")["method"]
 mag = [p for p in PATTERNS if worst[p].startswith("magnitude")]
