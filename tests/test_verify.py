@@ -22,7 +22,7 @@ from benchkit.verify import (
     read_blocks,
     verify_card,
 )
-from benchkit.verify.report import markdown
+from benchkit.verify.report import WAIT, markdown
 
 REPO = Path(__file__).resolve().parents[1]
 STORE = REPO / "results" / "studies" / "mlflow.db"
@@ -55,7 +55,9 @@ def test_every_claim_holds_or_is_a_known_difference(committed, path):
     bad = [f"{o.status} {o.claim.id}: {o.error or '; '.join(c.text for c in o.checks if not c.ok)}"
            for o in result.outcomes if o.status in (FAIL, ERROR, XPASS)]
     assert not bad, f"{path.name} against {STORE}:\n  " + "\n  ".join(bad)
-    assert all(o.status in (PASS, KNOWN) for o in result.outcomes)
+    # a study still running (its card pending, some runs in) may have claims waiting for their runs
+    allowed = (PASS, KNOWN, WAIT) if result.in_progress else (PASS, KNOWN)
+    assert all(o.status in allowed for o in result.outcomes)
     assert all(o.claim.known_difference for o in result.outcomes if o.status == KNOWN)
 
 
