@@ -208,7 +208,7 @@ def _select(grid: dict[str, list[Any]], zipped: dict[str, list[Any]], only: dict
         if axis is None:
             raise ConfigError(f"{path}: --only {k}: not a grid or zip axis of this sweep; axes: "
                               + ", ".join([*grid, *zipped]))
-        keep = [i for i, v in enumerate(axis) if any(v == w or str(v) == str(w) for w in wanted)]
+        keep = [i for i, v in enumerate(axis) if any(_same_value(v, w) for w in wanted)]
         if not keep:
             raise ConfigError(f"{path}: --only {k}={want}: no such value on the axis; it has "
                               + ", ".join(map(str, dict.fromkeys(map(str, axis)))))
@@ -358,11 +358,16 @@ def _matches(flat: dict[str, Any], match: dict[str, Any]) -> bool:
         key, want = rename_legacy_key(key, want)
         have = flat.get(key, _lookup_free_form(flat, key))
         if isinstance(want, list) and not isinstance(have, list):
-            if have not in want and str(have) not in map(str, want):
+            if not any(_same_value(have, w) for w in want):
                 return False
-        elif have != want and str(have) != str(want):
+        elif not _same_value(have, want):
             return False
     return True
+
+
+def _same_value(have: Any, want: Any) -> bool:
+    """A config value against one written in a sweep file or on the command line (``2`` matches ``"2"``)."""
+    return have == want or str(have) == str(want)
 
 
 def _lookup_free_form(flat: dict[str, Any], key: str) -> Any:
