@@ -12,6 +12,7 @@ The store defaults to MLflow's embedded ``sqlite:///mlflow.db`` in the working d
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import random
@@ -97,6 +98,19 @@ def _is_transient(exc: BaseException) -> bool:
     cannot be opened, a read-only store): they do not go away."""
     text = f"{type(exc).__name__}: {exc}".lower()
     return any(s in text for s in ("database is locked", "database table is locked", "temporarily unavailable"))
+
+
+class _RetriedLockErrors(logging.Filter):
+    """MLflow logs every sqlite OperationalError with its traceback before raising it. A lock error is
+    retried by ``with_retry`` (and raised with its message if it persists), so its traceback is noise
+    that reads like a crash in the middle of a sweep's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and _is_transient(exc))
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_RetriedLockErrors())
 
 
 def with_retry(fn: Callable[..., T], *args: Any, attempts: int = 8, base_delay: float = 0.05, **kwargs: Any) -> T:

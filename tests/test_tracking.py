@@ -68,6 +68,33 @@ def test_retry_on_database_is_locked_then_give_up_on_other_errors():
                    attempts=3, base_delay=0.001)
 
 
+def test_lock_errors_that_are_retried_print_no_traceback_and_other_store_errors_still_do(tmp_path, caplog):
+    """MLflow logs each sqlite OperationalError with its traceback before raising it; a lock error is
+    retried (``with_retry``), so under a sweep's contention that traceback read like a crash (CI saw
+    one when a SIGTERM'd worker and the driver both marked runs KILLED)."""
+    import logging
+
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.db.utils import _get_managed_session_maker
+    from sqlalchemy.orm import sessionmaker
+
+    import benchkit.tracking  # noqa: F401 - installs the filter
+
+    maker = _get_managed_session_maker(sessionmaker(bind=sqlalchemy.create_engine(
+        f"sqlite:///{tmp_path / 'x.db'}")), "sqlite")
+
+    def fail(message):
+        with pytest.raises(MlflowException, match=message), maker(read_only=False):
+            raise sqlalchemy.exc.OperationalError("INSERT INTO tags", {}, sqlite3.OperationalError(message))
+
+    with caplog.at_level(logging.ERROR, logger="mlflow.store.db.utils"):
+        fail("database is locked")
+        assert not caplog.records
+        fail("attempt to write a readonly database")  # not retried: MLflow's report stays
+        assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+
+
 def test_result_rows_history_by_phase_and_levels_by_branch():
     result = SimpleNamespace(
         metrics={"compression_ratio": 4.0, "test_acc1": 0.9, "time_total_s": 3.0},
