@@ -114,8 +114,10 @@ def settings(granularity: str, sparsities: Sequence[float]) -> list[tuple[str, f
     return [(granularity, s) for s in sparsities]
 
 
-def prune_for(study: StudyModel, granularity: str, sparsity: float | None) -> bool:
-    """Prune ``study.model`` in place; False when the granularity has nothing to prune here."""
+def prune_for(study: StudyModel, granularity: str, sparsity: float | None) -> str | None:
+    """Prune ``study.model`` in place; or say why this setting has nothing to measure on this model (no
+    such structure, or a layer too small for the sparsity: LeNet-5's conv1 has 20 kernels, so 98% of them
+    per layer would remove it)."""
     import benchkit as bk
 
     model = study.model
@@ -124,20 +126,23 @@ def prune_for(study: StudyModel, granularity: str, sparsity: float | None) -> bo
         try:
             find_units(model, structure)
             bk.prune(model, sparsity=sparsity, granularity=granularity, scope="layer")
-        except (StructureError, CompressionError):
-            return False
-        return True
+        except (StructureError, CompressionError) as e:
+            return str(e)
+        return None
     exclude: list[str] = []
     if granularity == "channel" and study.classifier:
         exclude = [study.classifier]
     if ":" in granularity:
         exclude = _nm_exclusions(model, int(granularity.split(":")[1]))
     if granularity == "kernel" and not any(isinstance(m, nn.Conv2d) for m in prunable_layers(model).values()):
-        return False  # a Linear layer's kernel is one weight: the same as element
+        return "no convolution (a Linear layer's kernel is one weight: the same as element)"
     if len(exclude) == len(prunable_layers(model)):
-        return False
-    bk.prune(model, sparsity=sparsity, granularity=granularity, scope="layer", exclude=exclude)
-    return True
+        return f"no layer whose input size {granularity} divides"
+    try:
+        bk.prune(model, sparsity=sparsity, granularity=granularity, scope="layer", exclude=exclude)
+    except CompressionError as e:
+        return str(e)
+    return None
 
 
 def run_study(models: Sequence[str], *, granularities: Sequence[str] = GRANULARITIES,
@@ -155,7 +160,10 @@ def run_study(models: Sequence[str], *, granularities: Sequence[str] = GRANULARI
             for gran, sparsity in settings(granularity, sparsities):
                 torch.manual_seed(0)
                 study = make()
-                if not prune_for(study, gran, sparsity):
+                why_not = prune_for(study, gran, sparsity)
+                if why_not is not None:
+                    if progress:
+                        progress(f"{name} {gran} {sparsity if sparsity is not None else ''}: not measured: {why_not}")
                     continue
                 sample = study.inputs(1)
                 metrics = model_metrics(study.model, tuple(sample[0].shape[1:])) if len(sample) == 1 else {}
