@@ -69,14 +69,8 @@ PATTERNS = ba.pattern_order(runs.loc[runs["method"] != "dense", "pattern"])
 
 
 def first(column: str):
-    """The value of a setting the runs share (the first logged one: a dense run logs no calibration), as text."""
-    values = runs[column].dropna() if column in runs else []
-    if not len(values):
-        return None
-    v = values.iloc[0]
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    """The value of a setting the runs share, as text (`benchkit.analysis.shared_setting`)."""
+    return ba.shared_setting(runs, column)
 
 
 kwargs = first("model.kwargs") or {}

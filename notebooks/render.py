@@ -44,6 +44,7 @@ STUDIES = {
     "lm-pruning": "08_lm_pruning",
     "vit-pruning": "09_vit_pruning",
     "rethinking": "10_rethinking",
+    "lm-heads": "11_lm_heads",
 }
 REPORT_ONLY = "fashion-lenet300"
 KERNEL = "benchkit-render"

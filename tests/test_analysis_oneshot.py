@@ -111,3 +111,14 @@ def test_the_wanda_reference_uses_the_names_the_runs_get():
     for p in ("50%", "4:8", "2:4"):
         assert paper["magnitude (per layer)"][p] > max(paper["Wanda"][p], paper["SparseGPT"][p])
     assert abs(paper["Wanda"]["50%"] - paper["SparseGPT"]["50%"]) < 0.1
+
+
+def test_shared_setting_reads_the_first_logged_value_for_a_sentence():
+    from benchkit.analysis import shared_setting
+
+    runs = pd.DataFrame({"samples": [None, 128.0, 128.0], "works": [None, ["Macbeth", "Hamlet"], None],
+                         "lr": [0.002, 0.002, 0.002]})
+    assert shared_setting(runs, "samples") == 128 and isinstance(shared_setting(runs, "samples"), int)
+    assert shared_setting(runs, "works") == "Macbeth, Hamlet"  # the dense run (first row) logged none
+    assert shared_setting(runs, "lr") == 0.002
+    assert shared_setting(runs, "missing") is None

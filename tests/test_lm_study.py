@@ -117,3 +117,11 @@ def test_the_character_lm_is_in_the_deploy_study_with_heads_and_neurons():
     # head 50% -> q/k/v/out halve (a third of the blocks' weights); neuron 50% -> fc/proj halve (two thirds)
     by = df.set_index(["granularity", "target_sparsity"])["theoretical_compacted"]
     assert by[("head", 0.5)] > 1 and by[("neuron", 0.5)] > by[("head", 0.5)]
+
+
+def test_a_model_without_heads_says_so_once_not_once_per_sparsity():
+    said: list[str] = []
+    df = run_study(["lenet300"], granularities=["head"], sparsities=[0.5, 0.7, 0.9], batches=[1],
+                   kernels=("csr",), warmup=0, repeats=1, progress=said.append)
+    assert df.empty
+    assert len(said) == 1 and "lenet300 head 0.5: not measured" in said[0]

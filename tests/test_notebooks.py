@@ -39,7 +39,7 @@ FAKE_EXPERIMENTS = {"sweep": SWEEP, "lottery": LOTTERY}
 KIND = {"00_quickstart": "sweep", "01_strategies": "sweep", "02_lottery": "lottery", "03_iterative": "iterative",
         "04_granularity": "granularity", "05_timing": "timing", "06_sparse_training": "sparse-training",
         "07_at_init_sanity": "at-init-sanity", "08_lm_pruning": "lm-pruning", "09_vit_pruning": "vit-pruning",
-        "10_rethinking": "rethinking"}
+        "10_rethinking": "rethinking", "11_lm_heads": "lm-heads"}
 
 # Tiny real sweeps of the study YAMLs: the same grid, minutes of work cut to seconds.
 SYNTHETIC_28 = ["data.name=synthetic", "data.input_shape=[1,28,28]", "data.num_samples=240", "data.val_size=60",
@@ -62,13 +62,17 @@ STUDY_SWEEPS: dict[str, list[str]] = {
                    "train.eval_every=10", "train.batch_size=8", "prune.calibration.samples=8", "seed=0"],
     "vit-pruning": [*SYNTHETIC_28, "train.epochs=1", "prune.calibration.samples=16", "seed=0"],
     "rethinking": [*SYNTHETIC_28, "train.epochs=1", "prune.post.finetune.epochs=1", "seed=0"],
+    # the same tiny GPT with 4 heads (75% of them leaves one), latency timed 3 times; 13 runs
+    "lm-heads": ["data.root={texts}", "data.val_works=[b]", "data.test_works=[c]", "data.context=16",
+                 "model.kwargs={n_layer: 2, n_embd: 16, n_head: 4, dropout: 0.0}", "train.iterations=20",
+                 "train.eval_every=10", "train.batch_size=8", "latency.repeats=3", "seed=0"],
 }
 STUDY_MORE: dict[str, list[list[str]]] = {  # further sweeps of the same YAML into the same experiment
     "at-init-sanity": [["data.name=digits", "data.val_size=200", "train.epochs=1", "prune.lottery.levels=2",
                         "prune.iterations=5", "seed=1", "prune.sparsity=0.9"]],
 }
 STUDY_FILES = {"sparse-training": "sparse_training", "at-init-sanity": "at_init_sanity", "lm-pruning": "lm_pruning",
-               "vit-pruning": "vit_pruning"}  # experiment -> YAML name
+               "vit-pruning": "vit_pruning", "lm-heads": "lm_heads"}  # experiment -> YAML name
 KINDS = {**FAKE_EXPERIMENTS, **{k: k for k in STUDY_SWEEPS}}
 
 
@@ -396,9 +400,33 @@ def check_rethinking(out: Path, store) -> None:
     assert mine.to_numpy() == pytest.approx(((wide["Scratch-B"] - wide["fine-tuned"]) * 100).to_numpy())
 
 
+def check_lm_heads(out: Path, store) -> None:
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == store.finished["lm-heads"] == 13  # dense, (heads, neurons) x 25/50/75% x (one shot, tuned)
+    table = pd.read_csv(out / "perplexity.csv", keep_default_na=False, dtype=str)
+    assert list(table.columns) == ["arm", "0%", "25%", "50%", "75%", "n"]
+    assert list(table["arm"]) == ["dense", "heads, one shot", "heads, fine-tuned 300 steps", "MLP neurons, one shot",
+                                  "MLP neurons, fine-tuned 300 steps"]
+    speed = pd.read_csv(out / "size_speed.csv").set_index(["units", "removed"])
+    # width 16, 4 heads of 4, MLP 64, 2 blocks, 7744 parameters: compaction removes what the masks select. k heads
+    # of a block: q/k/v/out lose 16 x 4k weights each, q/k/v 4k biases; k quarters of the neurons: 16k fc rows
+    # (16 weights and a bias each) and 16k proj columns (16 weights each)
+    for k, removed in ((1, 25), (2, 50), (3, 75)):
+        gone = {"heads": 2 * (4 * 16 * 4 * k + 3 * 4 * k), "MLP neurons": 2 * (16 * k * (16 + 1) + 16 * k * 16)}
+        for unit, n in gone.items():
+            assert speed.loc[(unit, removed), "params kept (%)"] == pytest.approx(100 * (7744 - n) / 7744), unit
+    # the measured speedup is the ratio of the two logged latencies of each run
+    one = runs[(runs["arm"] == "heads, one shot") & (runs["removed"] == 50)].iloc[0]
+    assert speed.loc[("heads", 50), "measured (×)"] == pytest.approx(one["latency_ms"] / one["latency_compacted_ms"])
+    diffs = pd.read_csv(out / "paired_differences.csv")
+    assert set(diffs["n"]) == {1} and not diffs["distinguishable"].any()  # one seed: nothing told apart
+    assert len(diffs) == 2 * 2 + 2 * 3  # two steps of removal and three fine-tuning pairs, per kind of unit
+    assert "heads_neurons.png" in {p.name for p in out.iterdir()}
+
+
 CHECKS = {"01": check_strategies, "02": check_lottery, "03": check_iterative, "04": check_granularity,
           "05": check_timing, "06": check_sparse_training, "07": check_at_init_sanity, "08": check_lm_pruning,
-          "09": check_vit_pruning, "10": check_rethinking}
+          "09": check_vit_pruning, "10": check_rethinking, "11": check_lm_heads}
 
 
 TINY_SWEEP = """

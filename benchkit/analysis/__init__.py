@@ -49,6 +49,7 @@ from benchkit.analysis.runs import (
     param_columns,
     parse_param,
     runs_frame,
+    shared_setting,
 )
 from benchkit.analysis.studies import Study
 from benchkit.analysis.tables import save_table, summary_table, to_markdown
@@ -89,6 +90,7 @@ __all__ = [
     "plot_training_curves",
     "runs_frame",
     "save_table",
+    "shared_setting",
     "strategy_columns",
     "summary_table",
     "to_markdown",

@@ -208,6 +208,19 @@ def load_runs(
     return runs_frame(runs, names)
 
 
+def shared_setting(runs: pd.DataFrame, column: str) -> Any:
+    """The value of a setting the runs share, for a sentence: the first logged one (a dense run logs no
+    calibration, so ``None`` values are skipped), a whole float as int, a list as comma-separated text;
+    ``None`` when no run logged it."""
+    values = runs[column].dropna() if column in runs else []
+    if not len(values):
+        return None
+    v = values.iloc[0]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+
+
 def runs_frame(runs: Iterable, experiment_names: dict[str, str] | None = None) -> pd.DataFrame:
     """Build the tidy frame from ``mlflow.entities.Run`` objects (see the module docstring)."""
     rows, param_keys, metric_keys, tag_keys = [], set(), set(), set()

@@ -155,6 +155,7 @@ def run_study(models: Sequence[str], *, granularities: Sequence[str] = GRANULARI
         if g not in GRANULARITIES:
             raise ValueError(f"granularity {g!r}: allowed {', '.join(GRANULARITIES)}")
     rows = []
+    said: set[tuple[str, str, str]] = set()
     for name, make in makers.items():
         for granularity in granularities:
             for gran, sparsity in settings(granularity, sparsities):
@@ -162,7 +163,8 @@ def run_study(models: Sequence[str], *, granularities: Sequence[str] = GRANULARI
                 study = make()
                 why_not = prune_for(study, gran, sparsity)
                 if why_not is not None:
-                    if progress:
+                    if progress and (name, gran, why_not) not in said:  # a missing structure: once, not per sparsity
+                        said.add((name, gran, why_not))
                         progress(f"{name} {gran} {sparsity if sparsity is not None else ''}: not measured: {why_not}")
                     continue
                 sample = study.inputs(1)
