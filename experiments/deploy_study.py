@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         f"* machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), torch "
         f"{torch.__version__}; 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after; "
         f"{args.repeats} interleaved calls per candidate after {args.warmup} warm-up, medians",
-        "* models: random weights, magnitude pruning layer by layer; inputs 1x28x28 (Fashion-MNIST's shape)",
+        "* models: random weights, magnitude pruning layer by layer; inputs 1x28x28 (Fashion-MNIST's shape) for "
+        "the image models, windows of 128 token ids for charlm",
         "* columns: theoretical_* = FLOP ratios (ShrinkBench's dense/non-zero; after channel compaction), "
         "measured_deployed = dense / bk.deploy's model (whole network), layers_<kernel> = prunable layers' "
         "dense time / their time in that kernel (csr = CSR through F.embedding_bag, torch_csr = torch.sparse.mm "

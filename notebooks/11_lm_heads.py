@@ -98,27 +98,19 @@ print(f"{len(runs)} finished runs; arms {ARMS}; removed {REMOVED}%; seeds {SEEDS
 # Mean ± std over seeds, per arm and share of the units removed in every layer; the dense model in the first column.
 
 # %%
-
-
-def cell(values: pd.Series, digits: int = 3) -> str:
-    if values.empty:
-        return ""
-    return f"{values.mean():.{digits}f}" + (f" ± {values.std():.{digits}f}" if len(values) > 1 else "")
-
-
 rows = []
 for arm in ARMS:
     part = runs[runs["arm"] == arm]
     row = {"arm": arm}
     for r in ([0] if arm == "dense" else REMOVED):
-        row[f"{r}%"] = cell(part[part["removed"] == r]["test_perplexity"])
+        row[f"{r}%"] = ba.mean_std(part[part["removed"] == r]["test_perplexity"], 3)
     row["n"] = int(part.groupby("removed")["seed"].nunique().min())
     rows.append(row)
 table = pd.DataFrame(rows).reindex(columns=["arm", "0%", *[f"{r}%" for r in REMOVED], "n"]).fillna("")
 study.publish(table, "perplexity")
 means = runs[~runs["dense"]].groupby(["arm", "units", "finetune", "removed"])["test_perplexity"].mean().reset_index()
 d = dense.groupby("seed")["test_perplexity"].mean()
-study.finding(f"Dense: test perplexity {cell(d)} (seeds {d.index.tolist()}).")
+study.finding(f"Dense: test perplexity {ba.mean_std(d, 3)} (seeds {d.index.tolist()}).")
 for arm in [a for a in ARMS if a in set(means["arm"])]:
     g = means[means["arm"] == arm]
     study.finding(f"{arm}: " + ", ".join(f"{r['removed']}% removed {r['test_perplexity']:.3f} "

@@ -91,6 +91,14 @@ def test_method_table_takes_its_dense_row_from_elsewhere_and_shows_one_seed_with
     assert (table["n"] == 1).all()
 
 
+def test_mean_std_is_the_sample_std_over_seeds_and_drops_what_it_cannot_show():
+    values = [5.31, 5.10, 4.82]
+    expected = f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    assert ba.mean_std(pd.Series(values), 3) == expected == "5.077 ± 0.246"
+    assert ba.mean_std([5.0, float("nan")]) == "5.00"  # one seed left: no std
+    assert ba.mean_std([]) == "" and ba.format_mean_std(math.nan, 1.0) == ""
+
+
 def test_method_table_refuses_two_runs_in_one_cell_and_a_missing_metric():
     runs = runs_frame()
     twice = pd.concat([runs, runs[runs["method"] == "Wanda"].assign(allocation="owl")])

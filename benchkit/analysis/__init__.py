@@ -22,7 +22,9 @@ from benchkit.analysis.figures import (
     plot_training_curves,
 )
 from benchkit.analysis.oneshot import (
+    format_mean_std,
     label_runs,
+    mean_std,
     method_label,
     method_order,
     method_table,
@@ -70,7 +72,9 @@ __all__ = [
     "load_history",
     "load_layers",
     "load_levels",
+    "format_mean_std",
     "label_runs",
+    "mean_std",
     "load_runs",
     "log_figure",
     "lth_lenet300_percent_remaining",

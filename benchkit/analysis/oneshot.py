@@ -137,12 +137,23 @@ def method_table(runs: pd.DataFrame, metric: str, *, scale: float = 1.0, decimal
     return table.reindex(columns=cols).fillna("")
 
 
+def format_mean_std(mean: float, std: float, decimals: int = 2) -> str:
+    """A table cell: ``mean ± std``; the mean alone where ``std`` is NaN (one seed); empty where ``mean`` is."""
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.{decimals}f}" if pd.isna(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def mean_std(values: Sequence[float] | pd.Series, decimals: int = 2) -> str:
+    """:func:`format_mean_std` of ``values`` (e.g. one metric over seeds), sample std (ddof=1)."""
+    v = pd.Series(values, dtype=float).dropna()
+    return format_mean_std(v.mean(), v.std(ddof=1), decimals) if len(v) else ""
+
+
 def _cells(rows: pd.DataFrame, metric: str, scale: float, decimals: int, method: str) -> dict[str, Any]:
     agg = aggregate(rows, by=["pattern"], metrics=[metric])
     out: dict[str, Any] = {"method": method}
     for _, r in agg.iterrows():
-        mean, std = r[f"{metric}_mean"] * scale, r[f"{metric}_std"] * scale
-        out[r["pattern"]] = "" if pd.isna(mean) else (
-            f"{mean:.{decimals}f}" if pd.isna(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}")
+        out[r["pattern"]] = format_mean_std(r[f"{metric}_mean"] * scale, r[f"{metric}_std"] * scale, decimals)
     out["n"] = int(agg["n"].min())
     return out
