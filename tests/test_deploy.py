@@ -267,6 +267,11 @@ def test_compaction_then_sparse_forms_reproduce_the_masked_model():
     assert conv1.form == "dense" and "max_density" in conv1.not_measured["csr"]  # compacted rows are dense
     assert conv2.form == "csr" and dep.layers[2].form == "csr"
     assert dep.compacted_theoretical_speedup == pytest.approx(dep.compaction.flops_speedup)
+    # the compaction's model stays the plain compacted network (what the size files and the ONNX export use):
+    # the sparse forms went into the deployed copy only (a CSR form there broke torch.export in CI)
+    plain = dep.compaction.model
+    assert plain is not dep.model and type(plain.fc) is nn.Linear and type(plain.conv2) is nn.Conv2d
+    assert plain.conv1.weight.shape == (11, 3, 3, 3) and type(dep.model.fc) is not nn.Linear
     x2 = torch.randn(5, 3, 5, 5)
     with torch.no_grad():
         ref, got = net.eval()(x2), dep.model(x2)

@@ -281,9 +281,11 @@ def deploy(
     result: CompactResult | None = None
     if compaction and any(n > 0 for n in dead_channels(masked).values()):
         result = compact(masked, as32, measure_latency=False)
-    net = (result.model if result is not None else deepcopy_model(base)).eval().to(dev, dtype)
+    if result is not None:  # kept as it is: ``Deployment.compaction.model`` is the plain compacted model
+        result.model.eval().to(dev, dtype)
+    net = deepcopy_model(result.model if result is not None else base).eval().to(dev, dtype)
     base.to(dev, dtype)
-    compacted_dense = deepcopy_model(net) if result is not None else None
+    compacted_dense = result.model if result is not None else None
     xs = tuple(t.to(dev) for t in with_batch_size(cpu_inputs, batch_size))
 
     net_layers = prunable_layers(net)
