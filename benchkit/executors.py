@@ -210,6 +210,16 @@ def _watch_parent() -> None:
     os._exit(1)
 
 
+def _drop_swallowed_stop(unraisable: Any) -> None:
+    """``sys.unraisablehook`` in a worker: a stop that lands in a finaliser (SQLAlchemy's weakref
+    cleanup, a DataLoader iterator's ``__del__``) is swallowed by Python, which would print it as an
+    "Exception ignored ... Traceback" although nothing went wrong: the next repeat of the stop signal
+    does stop the run (see :func:`_on_stop`). Anything else is reported as usual."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _init_worker(threads: int, environ: dict[str, str]) -> None:
     # the sweep's environment as of this worker's start (a forked worker would otherwise see the fork
     # server's, as of the server's start: BENCHKIT_*, MLFLOW_* set since then would be missed)
@@ -218,6 +228,7 @@ def _init_worker(threads: int, environ: dict[str, str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     signal.signal(signal.SIGTERM, _on_stop)
     signal.signal(signal.SIGUSR1, _on_stop)
+    sys.unraisablehook = _drop_swallowed_stop
     set_torch_threads(threads)
     threading.Thread(target=_watch_parent, daemon=True, name="benchkit-parent-watch").start()
 

@@ -146,3 +146,29 @@ def test_repeated_ctrl_c_under_cpu_load_always_stops_the_sweep(tmp_path):
     finally:
         for b in burners:
             b.kill()
+
+
+def test_a_stop_swallowed_by_a_finaliser_is_not_printed_but_other_errors_are(capsys):
+    """A worker's stop signal can land in a finaliser (SQLAlchemy's weakref cleanup did, under load);
+    Python then prints "Exception ignored ... Traceback" though the next repeat stops the run. The
+    worker's hook drops exactly that case and reports any other unraisable error as Python would."""
+    from benchkit.executors import _drop_swallowed_stop
+    from benchkit.jobs import Interrupted
+
+    class Finalised:
+        def __init__(self, exc: BaseException):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = _drop_swallowed_stop
+    try:
+        Finalised(Interrupted("interrupted (Ctrl-C)"))  # dropped at once: CPython runs __del__ here
+        assert capsys.readouterr().err == ""
+        Finalised(ValueError("a real bug in a finaliser"))
+        err = capsys.readouterr().err
+    finally:
+        sys.unraisablehook = previous
+    assert "Exception ignored" in err and "ValueError: a real bug in a finaliser" in err
