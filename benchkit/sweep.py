@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -810,8 +811,31 @@ def run_sweep(entries: list[PlanEntry], *, experiment: str, tracker: Tracker, ex
             outcomes.append(outcome)
     finally:
         bar.close()
+    for o in confirm_finished(tracker, outcomes):
+        print(f"run #{o.index} {o.run_id}: {o.error}", file=sys.stderr)
     not_started = len(tasks) - len({o.index for o in outcomes}) if stopped else 0
     return SweepSummary(outcomes, skipped, excluded, interrupted, reason, stopped, not_started)
+
+
+def confirm_finished(tracker: Tracker, outcomes: list[RunOutcome]) -> list[RunOutcome]:
+    """Re-read the store's status of every run the sweep saw finish; one the store does not show
+    FINISHED (seen once: a run logged in full but left RUNNING) becomes ``failed`` with the reason, so
+    the sweep does not exit "successfully" over it. Re-running the sweep redoes such a run. Returns
+    the outcomes changed."""
+    changed = []
+    for o in outcomes:
+        if o.status != "finished" or not o.run_id:
+            continue
+        try:
+            status = tracker.run_status(o.run_id)
+        except Exception as e:  # noqa: BLE001 - unreadable is unconfirmed, said as such
+            status = f"unreadable ({type(e).__name__}: {e})"
+        if status != "FINISHED":
+            o.status = "failed"
+            o.error = (f"the run reported finished but the store shows it {status}; "
+                       "run the same command again to redo it")
+            changed.append(o)
+    return changed
 
 
 def sweep_view(entries: Sequence[PlanEntry]) -> dict[str, Any]:

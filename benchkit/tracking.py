@@ -638,6 +638,10 @@ class Tracker:
         for batch in chunks(items, MAX_PARAMS_PER_BATCH):
             with_retry(self.client.log_batch, run_id, tags=list(batch))
 
+    def run_status(self, run_id: str) -> str:
+        """The store's status of the run: RUNNING, FINISHED, FAILED, KILLED or SCHEDULED."""
+        return with_retry(self.client.get_run, run_id).info.status
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         with_retry(self.client.set_terminated, run_id, status)
 

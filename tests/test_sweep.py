@@ -453,3 +453,30 @@ def test_a_fresh_process_reads_axes_of_any_timing_section(study):
     assert r.returncode == 0, r.stderr
     total, excluded = map(int, r.stdout.split())
     assert total == {"sparse_training": 240, "at_init_sanity": 36, "timing": 21}[study] and excluded == 0
+
+
+def test_a_run_reported_finished_but_left_running_in_the_store_fails_the_sweep(tmp_path, capsys):
+    """Seen once: a run printed "finished" while the store kept it RUNNING. The sweep re-reads the
+    store after its loop, so such a run counts as failed (exit code non-zero), with the reason, and
+    the next sweep redoes it; runs the store shows FINISHED stay finished."""
+    from benchkit.jobs import RunOutcome
+    from benchkit.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = write(tmp_path, BASE.replace("experiment: unit", "experiment: confirm") + "grid:\n  seed: [0, 1]\n")
+    tracker = Tracker(uri)
+
+    def run_fn(task):  # finishes seed 0 properly; leaves seed 1 RUNNING but says "finished"
+        run_id = tracker.client.create_run(task.experiment_id, tags={TAG_HASH: task.config_hash}).info.run_id
+        if task.index == 0:
+            tracker.end_run(run_id, "FINISHED")
+        return RunOutcome(task.index, task.config_hash, "finished", run_id)
+
+    summary = run_sweep(plan_sweep(expand(load_sweep(p)), tracker, "confirm"), experiment="confirm",
+                        tracker=tracker, verbose=False, run_fn=run_fn)
+    assert [o.status for o in sorted(summary.outcomes, key=lambda o: o.index)] == ["finished", "failed"]
+    assert not summary.ok
+    err = capsys.readouterr().err
+    assert "reported finished but the store shows it RUNNING" in err
+    statuses = [e.status for e in plan_sweep(expand(load_sweep(p)), tracker, "confirm")]
+    assert statuses[0] == "finished-skip" and statuses[1] != "finished-skip"
