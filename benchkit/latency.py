@@ -9,6 +9,7 @@ interleaved.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,25 @@ import torch
 from torch import Tensor, nn
 
 from benchkit.metrics import Inputs, as_tuple, deepcopy_model
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU a timing ran on, e.g. ``AMD EPYC (family 26, model 2; AVX-512)``: the same VM name can
+    hide CPU generations whose kernels differ by 2-4x, so every recorded timing names it."""
+    info: dict[str, str] = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "AVX" if "avx" in flags else ""
+    parts = [f"family {info['cpu family']}, model {info['model']}"] if "cpu family" in info and "model" in info else []
+    details = "; ".join(p for p in (", ".join(parts), simd) if p)
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return f"{name} ({details})" if details else name
 
 
 @dataclass(frozen=True)

@@ -363,6 +363,7 @@ def runtime_tags(device: str) -> dict[str, str]:
     import torch
 
     import benchkit
+    from benchkit.latency import cpu_description
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -372,6 +373,7 @@ def runtime_tags(device: str) -> dict[str, str]:
         "benchkit.device": device,
         "benchkit.threads": str(torch.get_num_threads()),
         "benchkit.hostname": socket.gethostname(),
+        "benchkit.cpu": cpu_description(),  # timings and even float results can differ between CPU generations
     }
 
 

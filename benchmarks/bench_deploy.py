@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import benchkit as bk  # noqa: E402
 from benchkit.config import ModelConfig  # noqa: E402
-from benchkit.latency import time_callables  # noqa: E402
+from benchkit.latency import cpu_description, time_callables  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
 from benchkit.pruning.masks import deepcopy_model, make_permanent  # noqa: E402
 
@@ -179,7 +178,7 @@ def main(argv=None) -> int:
                                [1, 8] if args.quick else [1, 64], args)
     report = "\n".join([
         "## bk.deploy: measured speedups (issue 19)", "",
-        f"* machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread; "
+        f"* machine: {cpu_description()}, {os.cpu_count()} CPUs, 1 torch thread; "
         f"torch {torch.__version__}; 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after; "
         f"{args.rounds} rounds x {args.repeats} interleaved calls per candidate, medians"
         + (" (--quick: NOT a measurement)" if args.quick else ""),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchkit.deployment import study  # noqa: E402
+from benchkit.latency import cpu_description  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         "# Theory vs practice: measured speedups of pruned models on this CPU (issue 19)", "",
         f"* command: `{cmd.strip()}` ({time.perf_counter() - start:.0f} s)"
         + (" — --quick: a smoke test, NOT a measurement" if args.quick else ""),
-        f"* machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), torch "
+        f"* machine: {cpu_description()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), torch "
         f"{torch.__version__}; 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after; "
         f"{args.repeats} interleaved calls per candidate after {args.warmup} warm-up, medians",
         "* models: random weights, magnitude pruning layer by layer; inputs 1x28x28 (Fashion-MNIST's shape) for "

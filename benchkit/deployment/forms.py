@@ -9,7 +9,8 @@ forms are what they are:
   output is the weighted sum of the input rows its non-zeros select, which is exactly a CSR matrix
   times a dense matrix, computed by FBGEMM's SpMDM kernel. At batch 64 on one thread it ran a
   1024x1024 layer about 2x faster than ``torch.sparse.mm`` on the same CSR (which calls MKL, whose
-  sparse kernels are slow on this AMD CPU) and about 4x faster than dense at 90% sparsity. Every
+  sparse kernels are slow on AMD CPUs) and 4x (AVX2 EPYC) to 6x (AVX-512 EPYC) faster than dense at
+  90% sparsity, transposes in and out included (results/deploy/bench.md). Every
   buffer is a dense tensor, so the model goes through ``torch.export`` unchanged.
 * ``torch_csr`` and ``torch_bsr<b>``: ``torch.sparse.mm`` on a CSR / BSR (b x b blocks) tensor with
   int32 indices (int64 indices are converted on every call: about 1.3x slower). At batch 1 MKL's CSR
@@ -113,9 +114,12 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.kernel(x.reshape(-1, self.in_features).t().contiguous())  # (out, M)
+        # (M, out) contiguous, as nn.Linear's output is: a transposed view made every op after it slow
+        # (measured on the character GPT at batch 64: attention fell off its fused kernel and the deployed
+        # model ran 1.6x slower than dense although each of its layers ran 2.3x faster)
+        y = y.t().contiguous()
         if self.bias is not None:
-            y = y + self.bias[:, None]
-        y = y.t()  # a transposed view: the next layer's .t().contiguous() is then free
+            y = y.add_(self.bias)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
