@@ -35,8 +35,8 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
         return platform.processor() or platform.machine()
     flags = set(info.get("flags", "").split())
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "AVX" if "avx" in flags else ""
-    parts = [f"family {info['cpu family']}, model {info['model']}"] if "cpu family" in info and "model" in info else []
-    details = "; ".join(p for p in (", ".join(parts), simd) if p)
+    family = f"family {info['cpu family']}, model {info['model']}" if "cpu family" in info and "model" in info else ""
+    details = "; ".join(p for p in (family, simd) if p)
     name = info.get("model name") or platform.processor() or platform.machine()
     return f"{name} ({details})" if details else name
 

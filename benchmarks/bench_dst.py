@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import random
 import statistics
 import time
@@ -34,6 +33,7 @@ from torch import nn
 
 from benchkit.config import DataConfig, ModelConfig, TrainConfig
 from benchkit.data import DataBundle, DataNotFoundError, load_data
+from benchkit.latency import cpu_description
 from benchkit.models import build_model
 from benchkit.pruning.engine import prune
 from benchkit.pruning.masks import deepcopy_model, get_masks
@@ -115,7 +115,7 @@ def main() -> None:
     lr = 0.0012 if args.optimizer == "adam" else 0.01
     cfg = TrainConfig(optimizer=args.optimizer, lr=lr, momentum=0.9, epochs=1, select_best=False,
                       batch_size=args.batch_size)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()},"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_description()},"
           f" {os.cpu_count()} logical CPUs; data {data_name}: {len(data.train)} steps/epoch at batch {args.batch_size};"
           f" {args.optimizer}; sparsity {args.sparsity:.0%} (random ERK mask); RigL every {args.delta_t} steps;"
           f" {args.blocks} ABBA blocks\n")

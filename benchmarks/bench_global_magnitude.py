@@ -165,8 +165,10 @@ def mismatches(a: str, b: str) -> int:
 def hardware() -> str:
     import torch
 
+    from benchkit.latency import cpu_description
+
     return (
-        f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, "
+        f"{os.cpu_count()}-core CPU ({cpu_description()}), no GPU, "
         f"1 thread per method; Python {platform.python_version()}, torch {torch.__version__}"
     )
 

@@ -22,7 +22,6 @@ import argparse
 import copy
 import dataclasses
 import os
-import platform
 import random
 import statistics
 import time
@@ -35,6 +34,7 @@ from torch import nn
 
 from benchkit.config import DataConfig, ModelConfig, TrainConfig
 from benchkit.data import DataBundle, DataNotFoundError, load_data
+from benchkit.latency import cpu_description
 from benchkit.models import build_model
 from benchkit.pruning.layers import prunable_layers
 from benchkit.pruning.masks import apply_masks
@@ -131,7 +131,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     data, data_name = load(args.train_subset, args.batch_size)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()},"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {cpu_description()},"
           f" {os.cpu_count()} logical CPUs; {args.model}, {args.sparsity:.0%} masked; data {data_name}:"
           f" {data.sizes['train']} training examples, batch {args.batch_size} ({len(data.train)} steps/epoch);"
           f" {args.optimizer} lr {lr:g}; {args.blocks} ABBA blocks")

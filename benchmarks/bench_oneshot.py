@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchkit.config import ModelConfig  # noqa: E402
+from benchkit.latency import cpu_description  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
 from benchkit.pruning.calibrated import prune_calibrated  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"GPT {args.n_layer}x{args.n_embd} ({params:,} parameters), context {args.context}, "
           f"{args.samples} calibration windows in batches of {args.batch}, {args.granularity}, "
           f"median of {args.repeats}, {args.threads} thread(s), {args.device}, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}")
+          f"{cpu_description()}")
     print("| method | whole call (s) | pruning steps (s) |")
     print("|---|---|---|")
     for m in METHODS:
