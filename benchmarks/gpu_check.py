@@ -5,7 +5,12 @@
   2. 2:4 semi-structured Linear (``torch.sparse.to_sparse_semi_structured``) against dense ``F.linear``
      at fp16 and bf16, a few LLM-sized shapes, batch 64 and 4096 tokens: speedup and max |difference|;
   3. ``bk.deploy`` of a 2:4 MLP in fp16 on CUDA: which forms it picks, measured vs theoretical speedup,
-     whether the deployed model saves (torch.export, else TorchScript) and loads back with torch alone.
+     whether the deployed model saves (torch.export, else TorchScript) and loads back with torch alone;
+  4. a whole 2:4 GPT (1024 wide) dense vs semi-structured, eager and replayed from a CUDA graph.
+
+Check 2 and 4 time each 2:4 product twice: eager (what ``bk.deploy`` measures and a user's eager model
+gets) and replayed from a CUDA graph (the kernels alone: torch 2.11's cuSPARSELt path builds and frees its
+matmul descriptors on every eager call, pytorch/pytorch#153825, about 0.7 ms on an H200).
 
 Prints one Markdown table (check | setting | result | status); exit code 0 when every check passed,
 1 when one failed, 2 when there is no CUDA device (nothing is checked). ``--device cpu`` runs checks 1
@@ -72,13 +77,67 @@ def check_training(device: torch.device, quick: bool) -> None:
                     device=device, epochs=1)
     seconds = time.perf_counter() - start
     losses = [r["train_loss"] for r in history.records if r.get("train_loss") is not None]
-    held = all(float(m.weight_orig[~m.weight_mask.bool()].abs().max()) == 0
+    held = all(float(m.weight_orig.detach()[~m.weight_mask.bool()].abs().max()) == 0
                for m in bk.pruning.layers.prunable_layers(model).values())
-    where = {str(p.device) for p in model.parameters()}
-    ok = bool(losses) and all(v == v and abs(v) < 1e6 for v in losses) and held and where == {str(device)}
+    where = {p.device.type for p in model.parameters()}
+    ok = bool(losses) and all(v == v and abs(v) < 1e6 for v in losses) and held and where == {device.type}
     row("training step", f"lenet300 2:4, synthetic {samples}x1x28x28, batch 64, {device}",
         f"1 epoch {seconds:.2f} s, loss {losses[-1] if losses else float('nan'):.3f}, masks held {held}, "
         f"params on {sorted(where)}", ok)
+
+
+def graph_ms(fn, calls: int = 20, replays: int = 7, outputs: list | None = None) -> float | str:
+    """Per-call GPU time of ``fn`` replayed from a CUDA graph of ``calls`` calls (CUDA events, median of
+    ``replays``): the kernels alone, without the CPU work torch does around each call (for cuSPARSELt,
+    building and freeing its matmul descriptors on every call: pytorch/pytorch#153825). ``outputs``, when
+    given, receives the graph's last output as the replays left it (to check it against eager)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                out = fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        if outputs is not None:
+            outputs.append(out)
+        return statistics.median(times)
+    except Exception as err:  # noqa: BLE001 - a capture torch refuses is a finding, not a crash
+        return f"not capturable ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
+
+
+def replayed(graph: dict) -> str:
+    d, s = graph["dense"], graph["2:4"]
+    if isinstance(d, float) and isinstance(s, float):
+        return f"dense {d:.4f} ms, 2:4 {s:.4f} ms, speedup {d / s:.2f}x"
+    return f"dense {d if isinstance(d, str) else f'{d:.4f} ms'}, 2:4 {s if isinstance(s, str) else f'{s:.4f} ms'}"
+
+
+def cutlass(w: torch.Tensor, x: torch.Tensor, dense_ms: float) -> str:
+    """torch's other 2:4 backend (CUTLASS, built for sm_8x): its eager time, or why it refused."""
+    try:
+        from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+        wc = SparseSemiStructuredTensorCUTLASS.from_dense(w)
+        with torch.no_grad():
+            F.linear(x, wc)
+            ms = median_ms({"cutlass": lambda: F.linear(x, wc)}, x.device, repeats=20)["cutlass"]
+        return f"CUTLASS eager {ms:.3f} ms ({dense_ms / ms:.2f}x)"
+    except Exception as err:  # noqa: BLE001
+        return f"CUTLASS refused ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
 
 
 def check_semi_structured(device: torch.device, quick: bool) -> None:
@@ -100,12 +159,57 @@ def check_semi_structured(device: torch.device, quick: bool) -> None:
                         scale = float(ref.float().abs().max())
                         t = median_ms({"dense": lambda w=w, x=x: F.linear(x, w),
                                        "2:4": lambda ws=ws, x=x: F.linear(x, ws)}, device)
+                        graph = {"dense": graph_ms(lambda w=w, x=x: F.linear(x, w)),
+                                 "2:4": graph_ms(lambda ws=ws, x=x: F.linear(x, ws))}
                     speedup = t["dense"] / t["2:4"]
                     row("2:4 semi-structured vs dense", setting,
-                        f"dense {t['dense']:.3f} ms, 2:4 {t['2:4']:.3f} ms, speedup {speedup:.2f}x, "
+                        f"eager: dense {t['dense']:.3f} ms, 2:4 {t['2:4']:.3f} ms, speedup {speedup:.2f}x; "
+                        f"CUDA-graph replay (kernels alone): {replayed(graph)}; {cutlass(w, x, t['dense'])}; "
                         f"max|diff| {diff:.3g} (max|y| {scale:.3g})", diff <= 1e-3 + 3e-2 * scale)
                 except Exception as err:  # noqa: BLE001 - one row per failure, keep checking
                     row("2:4 semi-structured vs dense", setting, f"{type(err).__name__}: {err}", False)
+
+
+@torch.no_grad()
+def check_whole_model_graphs(device: torch.device, quick: bool) -> None:
+    """A 2:4 GPT (deploy study's charlm_wide: Linear layers 1024 to 4096 wide) with every Linear it can take
+    as a semi-structured weight, against the same model dense, both fp16: eager, and replayed from a CUDA
+    graph (what serving stacks do to remove per-call CPU work). Outputs of both paths are checked."""
+    from benchkit.deployment import study
+    from benchkit.deployment.forms import FORMS
+    from benchkit.pruning.layers import prunable_layers
+    from benchkit.pruning.masks import deepcopy_model, make_permanent
+
+    name = "charlm" if quick else "charlm_wide"
+    torch.manual_seed(0)
+    sm = study.STUDY_MODELS.get(name)()
+    why = study.prune_for(sm, "2:4", None)
+    if why is not None:
+        row("whole model 2:4, CUDA graphs", name, f"not prunable: {why}", False)
+        return
+    dense = make_permanent(deepcopy_model(sm.model)).eval().to(device, torch.float16)
+    sparse = deepcopy_model(dense)
+    form, swapped, layers = FORMS.get("semi_structured"), 0, prunable_layers(sparse)
+    for lname, layer in layers.items():
+        if form.check(layer, device) is None:
+            sparse.set_submodule(lname, form.build(layer))
+            swapped += 1
+    for batch in (1, 64):
+        x = sm.inputs(batch)[0].to(device)
+        ref = dense(x).float()
+        scale = float(ref.abs().max())
+        diff = float((sparse(x).float() - ref).abs().max())
+        eager = median_ms({"dense": lambda x=x: dense(x), "2:4": lambda x=x: sparse(x)}, device, repeats=20)
+        outs: list = []
+        graph = {"dense": graph_ms(lambda x=x: dense(x), calls=5, outputs=outs),
+                 "2:4": graph_ms(lambda x=x: sparse(x), calls=5, outputs=outs)}
+        graph_diff = (float((outs[1].float() - ref).abs().max()) if len(outs) == 2 else float("nan"))
+        ok = diff <= 1e-2 + 3e-2 * scale and (len(outs) < 2 or graph_diff <= 1e-2 + 3e-2 * scale)
+        row("whole model 2:4, CUDA graphs",
+            f"{name} ({swapped} of {len(layers)} Linear layers 2:4), batch {batch} x {x.shape[1]} tokens, float16",
+            f"eager: dense {eager['dense']:.3f} ms, 2:4 {eager['2:4']:.3f} ms ({eager['dense'] / eager['2:4']:.2f}x); "
+            f"CUDA-graph replay: {replayed(graph)}; max|diff| eager {diff:.3g}, replayed {graph_diff:.3g} "
+            f"(max|y| {scale:.3g})", ok)
 
 
 def check_deploy(device: torch.device, quick: bool) -> None:
@@ -157,7 +261,9 @@ def main(argv=None) -> int:
     for check in (lambda: check_training(device, args.quick),
                   lambda: check_semi_structured(device, args.quick) if device.type == "cuda" else row(
                       "2:4 semi-structured vs dense", "", "skipped: CUDA only", None),
-                  lambda: check_deploy(device, args.quick)):
+                  lambda: check_deploy(device, args.quick),
+                  lambda: check_whole_model_graphs(device, args.quick) if device.type == "cuda" else row(
+                      "whole model 2:4, CUDA graphs", "", "skipped: CUDA only", None)):
         try:
             check()
         except Exception as err:  # noqa: BLE001 - report and go on with the next check

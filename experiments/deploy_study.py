@@ -7,6 +7,8 @@ break_even.csv. Needs a quiet machine: every figure is a ratio of times measured
     .venv/bin/python experiments/deploy_study.py                       # the full study (tens of minutes)
     .venv/bin/python experiments/deploy_study.py --quick --out /tmp/s  # smoke test: tiny grid, NOT a measurement
     .venv/bin/python experiments/deploy_study.py --models lenet5,charlm  # any name in STUDY_MODELS
+    python experiments/deploy_study.py --device cuda --dtype float16 --out results/deploy/gpu  # on a GPU:
+        # 2:4 semi-structured tensor cores, cuSPARSE CSR and the embedding-bag CSR against CUDA dense
 
 More models: register them in benchkit.deployment.study.STUDY_MODELS (see its docstring), e.g. the
 language model of the transformer issue, then pass its name to --models.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,9 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from benchkit.deployment import study  # noqa: E402
+from benchkit.deployment.forms import FORMS  # noqa: E402
 from benchkit.latency import cpu_description  # noqa: E402
 
 
@@ -36,6 +41,12 @@ def main(argv=None) -> int:
     p.add_argument("--granularities", default=",".join(study.GRANULARITIES))
     p.add_argument("--sparsities", default=",".join(str(s) for s in study.SPARSITIES))
     p.add_argument("--batches", default=",".join(str(b) for b in study.BATCHES))
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU run: see --dtype)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the deployed models' dtype (2:4 tensor cores take float16 / bfloat16)")
+    p.add_argument("--kernels", default=None,
+                   help=f"comma-separated deploy forms to measure beside dense (default {','.join(study.KERNELS)} "
+                        f"on cpu, {','.join(study.CUDA_KERNELS)} on cuda)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -52,16 +63,41 @@ def main(argv=None) -> int:
         study.STUDY_MODELS.get(name)  # an unknown name fails here, listing the registered ones
     if not all(0 < s < 1 for s in sparsities) or not all(b >= 1 for b in batches):
         p.error("sparsities must be in (0, 1) and batches >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here")
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] if args.kernels else None
+    for k in kernels or ():
+        FORMS.get(k)  # an unknown form fails here, listing the registered ones
+    dtype = getattr(torch, args.dtype)
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    df = study.run_study(models, granularities=granularities, sparsities=sparsities, batches=batches,
-                         threads=args.threads, warmup=args.warmup, repeats=args.repeats)
+    rows: list[dict] = []
+    stopped = ""
+    # SIGTERM (e.g. `timeout`) stops the study like Ctrl-C: the rows measured so far are written, marked partial
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        study.run_study(models, granularities=granularities, sparsities=sparsities, batches=batches,
+                        kernels=kernels, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+                        device=args.device, dtype=dtype, rows=rows)
+    except KeyboardInterrupt:
+        stopped = f" — PARTIAL: stopped after {len(rows)} rows"
+        print(f"stopped: writing the {len(rows)} rows measured so far", file=sys.stderr)
+        if not rows:
+            return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    df = pd.DataFrame(rows)
     cmd = "python experiments/deploy_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    where = cpu_description()
+    if args.device.startswith("cuda"):
+        where = (f"{torch.cuda.get_device_name(args.device)} (CUDA {torch.version.cuda}, cuSPARSELt "
+                 f"{torch.backends.cusparselt.is_available()}), {args.dtype}; host {where}")
     header = "\n".join([
-        "# Theory vs practice: measured speedups of pruned models on this CPU (issue 19)", "",
+        f"# Theory vs practice: measured speedups of pruned models on this {'GPU' if 'cuda' in args.device else 'CPU'}"
+        " (issue 19)", "",
         f"* command: `{cmd.strip()}` ({time.perf_counter() - start:.0f} s)"
-        + (" — --quick: a smoke test, NOT a measurement" if args.quick else ""),
-        f"* machine: {cpu_description()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), torch "
+        + (" — --quick: a smoke test, NOT a measurement" if args.quick else "") + stopped,
+        f"* machine: {where}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), torch "
         f"{torch.__version__}; 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after; "
         f"{args.repeats} interleaved calls per candidate after {args.warmup} warm-up, medians",
         "* models: random weights, magnitude pruning layer by layer; inputs 1x28x28 (Fashion-MNIST's shape) for "
@@ -69,10 +105,10 @@ def main(argv=None) -> int:
         "* columns: theoretical_* = FLOP ratios (ShrinkBench's dense/non-zero; after channel compaction), "
         "measured_deployed = dense / bk.deploy's model (whole network), layers_<kernel> = prunable layers' "
         "dense time / their time in that kernel (csr = CSR through F.embedding_bag, torch_csr = torch.sparse.mm "
-        "on CSR, torch_bsr8 = BSR 8x8)"])
+        "on CSR (cuSPARSE on CUDA), torch_bsr8 = BSR 8x8, semi_structured = 2:4 sparse tensor cores)"])
     for path in study.write(df, args.out, header=header):
         print(f"wrote {path}")
-    return 0
+    return 130 if stopped else 0
 
 
 if __name__ == "__main__":

@@ -108,6 +108,24 @@ def test_semi_structured_refuses_cpu_cleanly():
             bk.deploy(nn.Sequential(layer), torch.randn(2, 64), device="cuda")
 
 
+def test_semi_structured_names_the_shapes_torch_refuses(monkeypatch):
+    # found on an H200: a GPT's 85-token lm_head (85x1024, 2:4) passed the check, then
+    # to_sparse_semi_structured refused it ("both dimensions must be ... a multiple of (16, 16)")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    form, cuda = FORMS.get("semi_structured"), torch.device("cuda")
+
+    def two_four(rows: int, cols: int) -> nn.Linear:
+        layer = nn.Linear(cols, rows)
+        with torch.no_grad():
+            layer.weight.mul_(torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(rows, cols // 4))
+        return layer
+
+    assert "multiples of 16" in form.check(two_four(85, 1024), cuda)
+    assert "multiples of 16" in form.check(two_four(96, 1000), cuda)
+    assert form.check(two_four(96, 1024), cuda) is None
+    assert "not 2:4" in form.check(nn.Linear(1024, 96), cuda)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 semi-structured kernels need CUDA")
 def test_semi_structured_on_cuda_matches_dense():
     layer = nn.Linear(128, 64).cuda().half()

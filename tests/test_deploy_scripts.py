@@ -4,12 +4,14 @@ no timing is asserted: the figures need a quiet machine and are the coordinator'
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +42,7 @@ def test_gpu_check_says_so_without_cuda_and_smoke_runs_on_cpu():
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     checks = [line.split(" | ")[0].removeprefix("| ") for line in rows[1:]]
     assert checks == ["environment", "training step", "2:4 semi-structured vs dense", "bk.deploy 2:4 MLP",
-                      "save + load with torch alone"]
+                      "save + load with torch alone", "whole model 2:4, CUDA graphs"]
     assert "masks held True" in r.stdout and "FAILED" not in r.stdout
 
 
@@ -81,3 +83,39 @@ def test_break_even_interpolates_between_measured_sparsities():
 def test_study_refuses_unknown_models_before_work():
     r = run("experiments/deploy_study.py", "--models", "lenet300,nosuchmodel", timeout=120)
     assert r.returncode != 0 and "unknown study model 'nosuchmodel'" in r.stderr and "charlm" in r.stderr
+
+
+def test_study_keeps_the_rows_measured_before_a_stop(tmp_path, monkeypatch):
+    """A study stopped by Ctrl-C or SIGTERM (a time limit) writes the rows it finished, marked PARTIAL."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import deploy_study
+
+    from benchkit.deployment import study
+
+    real = study.run_study
+
+    def stop_after_first_row(*args, rows, **kwargs):
+        def progress(msg: str) -> None:
+            if rows:
+                raise KeyboardInterrupt
+        return real(*args, rows=rows, progress=progress, **kwargs)
+
+    monkeypatch.setattr(study, "run_study", stop_after_first_row)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = deploy_study.main(["--quick", "--out", str(tmp_path), "--granularities", "element"])
+    assert rc == 130
+    df = pd.read_csv(tmp_path / "study.csv")
+    assert len(df) == 1 and df.loc[0, "granularity"] == "element" and df.loc[0, "batch"] == 1
+    assert "PARTIAL: stopped after 1 rows" in (tmp_path / "study.md").read_text()
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
+def test_study_runs_in_the_asked_dtype_and_says_where():
+    from benchkit.deployment.study import run_study
+
+    rows: list[dict] = []
+    df = run_study(["lenet300"], granularities=["element"], sparsities=[0.9], batches=[2], kernels=["csr"],
+                   repeats=1, warmup=0, dtype=torch.float16, progress=None, rows=rows)
+    assert len(rows) == 1 and df.loc[0, "dtype"] == "float16" and df.loc[0, "device"] == "cpu"
+    assert df.loc[0, "theoretical_shrinkbench"] == pytest.approx(10)
+    assert list(df.columns).count("layers_csr") == 1 and "layers_torch_csr" not in df

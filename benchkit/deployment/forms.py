@@ -19,7 +19,10 @@ forms are what they are:
   tensors in any form (FakeTensor has no ``_sparse_addmm``), so models using these forms are saved
   with TorchScript (:func:`benchkit.deployment.save.save_deployed`).
 * ``semi_structured``: a 2:4 Linear weight as ``torch.sparse.to_sparse_semi_structured`` (CUTLASS /
-  cuSPARSELt), CUDA only; torch refuses CPU tensors and so does this form, with a clear reason.
+  cuSPARSELt), CUDA only; torch refuses CPU tensors and so does this form, with a clear reason. On an
+  H200 with torch 2.11 it never beat dense eagerly (0.09-0.61x): cuSPARSELt rebuilds its matmul
+  descriptors on every call (pytorch/pytorch#153825, ~0.7-1 ms of host work) and CUTLASS refuses sm_90;
+  replayed from a CUDA graph the kernels ran 1.15-1.59x faster at 4096 tokens (results/deploy/gpu).
 * Convolutions use the same kernels on an im2col matrix built from strided views (one copy; torch's
   ``F.unfold`` was 3-10x slower than that copy), with groups == 1 and zero padding only. It pays for
   1x1 convolutions and at high sparsity; the measurement decides, never this module.
@@ -296,6 +299,10 @@ class SemiStructuredForm(Form):
             return f"{type(layer).__name__}: 2:4 semi-structured is for Linear layers"
         if torch.cuda.get_device_capability(device)[0] < 8:
             return "2:4 sparse tensor cores need compute capability >= 8.0"
+        rows, cols = layer.weight.shape
+        if rows % 16 or cols % 16:
+            return (f"weight {rows}x{cols}: torch's 2:4 kernels take both dimensions in multiples of 16 "
+                    "(cuSPARSELt; 32x64 for CUTLASS)")
         if not is_two_four(layer.weight):
             return "the weight is not 2:4 along its input dimension"
         return None

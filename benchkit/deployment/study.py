@@ -46,6 +46,10 @@ from benchkit.pruning.units import StructureError, find_units
 from benchkit.registry import Registry
 
 KERNELS = ("csr", "torch_csr", "torch_bsr8")
+#: on a GPU: NVIDIA's 2:4 sparse tensor cores and cuSPARSE CSR. Opt in with ``kernels=``: the
+#: embedding-bag CSR (an FBGEMM CPU kernel; on an H200 1.3-50x slower than dense wherever measured,
+#: results/deploy/gpu) and BSR (torch's Triton kernels compile per shape)
+CUDA_KERNELS = ("semi_structured", "torch_csr")
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 NM = ("2:4", "1:4", "1:8", "1:16")  # 50%, 75%, 87.5%, 93.75%
 GRANULARITIES = ("element", "n:m", "kernel", "channel", "head", "neuron")
@@ -91,6 +95,20 @@ def _language_model() -> StudyModel:
 
 
 STUDY_MODELS.register("charlm", _language_model)
+
+
+def _wide_language_model() -> StudyModel:
+    """charlm's GPT at GPT-2-medium width (1024, 16 heads, 4 layers): Linear layers of 1024x1024 to
+    4096x1024, where 2:4 sparse tensor cores can pay on a GPU. Heavy on one CPU thread (64x charlm's FLOPs)."""
+    from benchkit.models import build_model
+
+    context, vocab = CHARLM["context"], CHARLM["vocab"]
+    kwargs = {"n_layer": 4, "n_embd": 1024, "n_head": 16}
+    model = build_model(ModelConfig(name="gpt", kwargs=kwargs), (context,), vocab)
+    return StudyModel(model, lambda b: (torch.randint(0, vocab, (b, context)),), classifier="lm_head")
+
+
+STUDY_MODELS.register("charlm_wide", _wide_language_model)
 
 
 def _nm_exclusions(model: nn.Module, m: int) -> list[str]:
@@ -147,14 +165,22 @@ def prune_for(study: StudyModel, granularity: str, sparsity: float | None) -> st
 
 def run_study(models: Sequence[str], *, granularities: Sequence[str] = GRANULARITIES,
               sparsities: Sequence[float] = SPARSITIES, batches: Sequence[int] = BATCHES,
-              kernels: Sequence[str] = KERNELS, threads: int = 1, warmup: int = 3, repeats: int = 20,
-              progress: Callable[[str], None] | None = print) -> pd.DataFrame:
-    """One row per (model, granularity, sparsity, batch); see the module docstring."""
+              kernels: Sequence[str] | None = None, threads: int = 1, warmup: int = 3, repeats: int = 20,
+              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              progress: Callable[[str], None] | None = print, rows: list[dict] | None = None) -> pd.DataFrame:
+    """One row per (model, granularity, sparsity, batch); see the module docstring. On ``device``
+    ``cuda`` the models run in ``dtype`` (fp16 / bf16: what 2:4 tensor cores take) and ``kernels``
+    defaults to :data:`CUDA_KERNELS`; pruning, FLOPs and the reference outputs stay fp32 on the CPU.
+    Each row is appended to ``rows`` (when given) as soon as it is measured, so a caller that is
+    interrupted keeps the finished ones."""
+    device = torch.device(device)
+    if kernels is None:
+        kernels = CUDA_KERNELS if device.type == "cuda" else KERNELS
     makers = {name: STUDY_MODELS.get(name) for name in models}  # unknown names fail before any work
     for g in granularities:
         if g not in GRANULARITIES:
             raise ValueError(f"granularity {g!r}: allowed {', '.join(GRANULARITIES)}")
-    rows = []
+    rows = [] if rows is None else rows
     said: set[tuple[str, str, str]] = set()
     for name, make in makers.items():
         for granularity in granularities:
@@ -169,12 +195,14 @@ def run_study(models: Sequence[str], *, granularities: Sequence[str] = GRANULARI
                     continue
                 sample = study.inputs(1)
                 metrics = model_metrics(study.model, tuple(sample[0].shape[1:])) if len(sample) == 1 else {}
+                study.model.to(dtype)
                 for batch in batches:
                     start = time.perf_counter()
-                    dep = deploy(study.model, study.inputs(batch), threads=threads, warmup=warmup, repeats=repeats,
-                                 forms=["dense", *kernels], max_density=1.0)
+                    dep = deploy(study.model, study.inputs(batch), device=device, threads=threads, warmup=warmup,
+                                 repeats=repeats, forms=["dense", *kernels], max_density=1.0)
                     row = {"model": name, "granularity": gran, "target_sparsity": sparsity,
-                           "sparsity": metrics.get("sparsity", math.nan), "batch": batch, "threads": threads,
+                           "sparsity": metrics.get("sparsity", math.nan), "batch": batch, "device": device.type,
+                           "dtype": str(dtype).removeprefix("torch."), "threads": threads,
                            "theoretical_shrinkbench": dep.theoretical_speedup,
                            "theoretical_compacted": dep.compacted_theoretical_speedup or math.nan,
                            "measured_deployed": dep.measured_speedup, "deployed_variant": dep.variant,
@@ -193,10 +221,13 @@ def run_study(models: Sequence[str], *, granularities: Sequence[str] = GRANULARI
     return pd.DataFrame(rows)
 
 
-def break_even(df: pd.DataFrame, kernels: Sequence[str] = KERNELS) -> pd.DataFrame:
-    """Per model, granularity family, batch and kernel: the lowest measured sparsity where the kernel's
-    layers are at least as fast as dense, linearly interpolated from the point below ("< lowest" when
-    it already pays at the lowest sparsity measured, NaN when it never does)."""
+def break_even(df: pd.DataFrame, kernels: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per model, granularity family, batch and kernel (default: every ``layers_<kernel>`` column): the
+    lowest measured sparsity where the kernel's layers are at least as fast as dense, linearly
+    interpolated from the point below ("< lowest" when it already pays at the lowest sparsity measured,
+    NaN when it never does)."""
+    if kernels is None:
+        kernels = [c.removeprefix("layers_") for c in df.columns if c.startswith("layers_")]
     rows = []
     fam = df.assign(family=df["granularity"].where(~df["granularity"].str.contains(":"), "n:m"))
     for (model, family, batch), part in fam.groupby(["model", "family", "batch"], sort=False):
