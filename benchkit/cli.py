@@ -258,10 +258,23 @@ def _execute(entries, experiment: str, tracker, *, workers: int, executor: str, 
               file=sys.stderr)
         return EXIT_FAILED_RUNS
     if summary.count("failed"):
-        print("failed runs carry their traceback as the artifact traceback.txt; "
-              f"list them with: benchkit report -e {experiment} --all --filter \"attributes.status = 'FAILED'\"")
+        print("\n".join(failure_lines(summary, experiment)))
         return EXIT_FAILED_RUNS
     return EXIT_OK
+
+
+def failure_lines(summary, experiment: str, limit: int = 10) -> list[str]:
+    """The failed runs by name (index, config hash, MLflow run id, first line of the error), then where
+    their tracebacks are. Named here, not only through a store query: a run the store still shows
+    RUNNING (``sweep.confirm_finished``) is not FAILED there."""
+    failed = sorted((o for o in summary.outcomes if o.status == "failed"), key=lambda o: o.index)
+    lines = [f"failed: #{o.index} {o.config_hash[:8]} run {o.run_id or '-'}: "
+             f"{(o.error or 'no error recorded').strip().splitlines()[0][:200]}" for o in failed[:limit]]
+    if len(failed) > limit:
+        lines.append(f"... and {len(failed) - limit} more")
+    lines.append("failed runs carry their traceback as the artifact traceback.txt; list those the store marks "
+                 f"FAILED with: benchkit report -e {experiment} --all --filter \"attributes.status = 'FAILED'\"")
+    return lines
 
 
 HIDDEN_PARAMS = ("output_dir", "cache_dir", "progress", "data.root", "name", "experiment", "plugins")

@@ -20,6 +20,7 @@ the sweep.
 from __future__ import annotations
 
 import _thread
+import faulthandler
 import ipaddress
 import multiprocessing as mp
 import os
@@ -92,6 +93,9 @@ STOP_SIGNALS = {SIGINT_REASON: signal.SIGUSR1, SIGTERM_REASON: signal.SIGTERM}
 #: Seconds the in-flight runs get to mark themselves KILLED after a stop request before their workers are
 #: killed (the sweep then marks those runs KILLED itself).
 STOP_GRACE_S = 30.0
+#: A worker prints its threads' stacks (faulthandler) on this signal: sent to a worker that did not stop
+#: within STOP_GRACE_S, just before it is killed, so the output says where it was stuck.
+DUMP_STACK_SIGNAL = signal.SIGUSR2
 
 
 @contextmanager
@@ -124,6 +128,26 @@ def _stop_signals(on_stop: Callable[[str], bool] | None = None) -> Iterator[None
         for sig, h in previous.items():
             signal.signal(sig, h)
         take_pending_interrupt()
+
+
+@contextmanager
+def _bookkeeping(raise_held: bool = True) -> Iterator[None]:
+    """In the sweep's process: hold a Ctrl-C / SIGTERM while it notes which worker runs which task (the
+    stop signals' handler honours ``INTERRUPT_DEFERRED``), and raise it right after (``raise_held``), or
+    leave it for :func:`_raise_held` once what was received has been passed on."""
+    INTERRUPT_DEFERRED.set()
+    try:
+        yield
+    finally:
+        INTERRUPT_DEFERRED.clear()
+    if raise_held:
+        _raise_held()
+
+
+def _raise_held() -> None:
+    pending = take_pending_interrupt()
+    if pending is not None:
+        raise pending
 
 
 # --------------------------------------------------------------------------------------------- serial
@@ -229,6 +253,7 @@ def _init_worker(threads: int, environ: dict[str, str]) -> None:
     signal.signal(signal.SIGTERM, _on_stop)
     signal.signal(signal.SIGUSR1, _on_stop)
     sys.unraisablehook = _drop_swallowed_stop
+    faulthandler.register(DUMP_STACK_SIGNAL, all_threads=True)  # where a worker that does not stop is stuck
     set_torch_threads(threads)
     threading.Thread(target=_watch_parent, daemon=True, name="benchkit-parent-watch").start()
 
@@ -328,6 +353,7 @@ class ProcessPoolRunner:
             try:
                 self._pool = [self._spawn() for _ in range(min(self.workers, len(self._queue)))]
                 while True:
+                    _raise_held()  # a stop held while an outcome was received, now that it is handed on
                     self._dispatch()
                     busy = [w for w in self._pool if w.task is not None]
                     if not busy:
@@ -366,22 +392,25 @@ class ProcessPoolRunner:
         return _Worker(proc, parent)
 
     def _dispatch(self) -> None:
-        """Hand the next tasks to idle workers, replacing any that died between runs."""
+        """Hand the next tasks to idle workers, replacing any that died between runs. Handing a task over
+        and noting it is one step for a Ctrl-C (:func:`_bookkeeping`): one landing in between left a run
+        that the sweep did not know about, so nobody stopped it and the shutdown killed it, RUNNING."""
         for i, w in enumerate(self._pool):
             while self._queue and w.task is None:
                 if not w.proc.is_alive():
                     w.proc.join()
                     w.conn.close()
                     w = self._pool[i] = self._spawn()
-                task = self._queue.popleft()
-                try:
-                    w.conn.send(task)
-                    w.task = task
-                except OSError:  # it died before taking the task: a new worker gets it
-                    self._queue.appendleft(task)
-                    w.proc.join(timeout=5)
-                    if w.proc.is_alive():
-                        w.proc.kill()
+                with _bookkeeping():
+                    task = self._queue.popleft()
+                    try:
+                        w.conn.send(task)
+                        w.task = task
+                    except OSError:  # it died before taking the task: a new worker gets it
+                        self._queue.appendleft(task)
+                        w.proc.join(timeout=5)
+                        if w.proc.is_alive():
+                            w.proc.kill()
 
     def _collect(self, w: _Worker, ready: Sequence[Any], status: str = "FAILED",
                  why: str | None = None) -> RunOutcome | None:
@@ -390,8 +419,9 @@ class ProcessPoolRunner:
             return None
         try:
             if w.conn.poll():  # an outcome, even from a worker that died right after sending it
-                outcome = w.conn.recv()
-                w.task = None
+                with _bookkeeping(raise_held=False):  # received and noted, or neither; a held stop is
+                    outcome = w.conn.recv()             # raised once the outcome is handed on (run's loop)
+                    w.task = None
                 return outcome
         except (EOFError, OSError):
             pass  # the pipe closed: the worker died (waited for below)
@@ -416,6 +446,9 @@ class ProcessPoolRunner:
             finished = False
         if finished:  # it died after its run was FINISHED: the run is fine
             return RunOutcome(task.index, task.config_hash, "finished", run_id)
+        if run_id is None and self._stopping and exitcode == -STOP_SIGNALS.get(self._reason, signal.SIGTERM):
+            # a worker just started, stopped by the sweep's signal before it could take it: no run was begun
+            return RunOutcome(task.index, task.config_hash, "killed", error=self._reason)
         return RunOutcome(task.index, task.config_hash, "failed" if status == "FAILED" else "killed", run_id,
                           error=reason)
 
@@ -459,6 +492,15 @@ class ProcessPoolRunner:
                 if not busy:
                     break
                 if self._hurry or time.monotonic() >= deadline:
+                    if not self._hurry:  # stuck, not hurried: say where before killing it
+                        for w in busy:
+                            print(f"benchkit: worker process {w.proc.pid} did not stop within {STOP_GRACE_S:g} s; "
+                                  "its stacks:", file=sys.stderr, flush=True)
+                            try:
+                                os.kill(w.proc.pid, DUMP_STACK_SIGNAL)
+                            except (ProcessLookupError, TypeError):
+                                pass
+                        time.sleep(1.0)
                     for w in busy:
                         w.proc.kill()
                     why = ("was killed: the sweep was interrupted again while it stopped" if self._hurry else

@@ -416,6 +416,7 @@ def tune_sqlite_connections(db: Path) -> None:
     it touches only connections to the files registered here, never other sqlite databases the
     process opens.
     """
+    _quiet_closed_cursor_noise()
     if os.environ.get(SQLITE_WAL_ENV, "1") == "0":
         return
     if not _WAL_STORES:
@@ -424,6 +425,35 @@ def tune_sqlite_connections(db: Path) -> None:
 
         event.listen(Engine, "connect", _wal_on_connect)
     _WAL_STORES.add(os.path.realpath(db))
+
+
+class _ClosedCursorNoise(logging.Filter):
+    """Drops SQLAlchemy's "Error closing cursor" log when the cursor's sqlite connection is already closed.
+
+    A stop (Ctrl-C, SIGTERM) that lands inside a query makes SQLAlchemy invalidate the connection; it
+    then tries to close the cursor on it and logs that failure with a traceback. The stop itself is
+    raised and handled (the run is marked KILLED); the log is only a traceback printed at the user.
+    Any other error while closing a cursor is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import sqlite3
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage() == "Error closing cursor" and isinstance(exc, sqlite3.ProgrammingError)
+                    and "closed database" in str(exc))
+
+
+_NOISE_FILTER = _ClosedCursorNoise()
+
+
+def _quiet_closed_cursor_noise() -> None:
+    """Install :class:`_ClosedCursorNoise` on the loggers of SQLAlchemy's pool classes (idempotent)."""
+    from sqlalchemy import pool
+
+    for cls in (pool.QueuePool, pool.NullPool, pool.SingletonThreadPool, pool.StaticPool):
+        logger = logging.getLogger(f"{cls.__module__}.{cls.__name__}")
+        if _NOISE_FILTER not in logger.filters:
+            logger.addFilter(_NOISE_FILTER)
 
 
 def _wal_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -442,12 +472,14 @@ def _wal_on_connect(dbapi_connection: Any, _record: Any) -> None:
         pass
 
 
-def _open_lock(db: Path) -> Any:
+def _open_lock(db: Path, purpose: str = "") -> Any:
+    """A lock file per sqlite store (and ``purpose``): processes and threads of this machine take turns."""
     from filelock import FileLock
 
     from benchkit.config import stable_hash
 
-    return FileLock(str(Path(tempfile.gettempdir()) / f"benchkit-store-{stable_hash(str(db.resolve()))}.lock"),
+    suffix = f"-{purpose}" if purpose else ""
+    return FileLock(str(Path(tempfile.gettempdir()) / f"benchkit-store-{stable_hash(str(db.resolve()))}{suffix}.lock"),
                     timeout=300)
 
 
@@ -525,8 +557,18 @@ class Tracker:
         ``<name>.deleted-<id>`` (:func:`retired_name`) and deleted again, runs included. It stays in the
         bin as it was, restorable under that name and purged by ``mlflow gc`` as before, and a new
         experiment takes ``name``. :func:`benchkit.sweep.plan_sweep` plans exactly that (every config
-        new). A sweep that looks the name up during the moment it is restored sees the old runs.
+        new). On a sqlite store, lookup, move and creation hold a lock file, so two sweeps starting at once
+        agree on the new experiment; through a tracking server (no lock to share) a sweep that looks the
+        name up during the moment it is restored sees the old runs.
         """
+        db = sqlite_path(self.uri)
+        if db is None:
+            return self._ensure_experiment(name)
+        _ = self.client  # opened first, under its own lock
+        with _open_lock(db, "experiments"):
+            return self._ensure_experiment(name)
+
+    def _ensure_experiment(self, name: str) -> str:
         exp = with_retry(self.client.get_experiment_by_name, name)
         if exp is not None and exp.lifecycle_stage == "deleted":
             self._retire_deleted(exp.experiment_id, name)

@@ -480,3 +480,22 @@ def test_a_run_reported_finished_but_left_running_in_the_store_fails_the_sweep(t
     assert "reported finished but the store shows it RUNNING" in err
     statuses = [e.status for e in plan_sweep(expand(load_sweep(p)), tracker, "confirm")]
     assert statuses[0] == "finished-skip" and statuses[1] != "finished-skip"
+    # the CLI names the run itself: a store query for FAILED runs would not find it (it is RUNNING there)
+    from benchkit.cli import failure_lines
+
+    lines = failure_lines(summary, "confirm")
+    bad = next(o for o in summary.outcomes if o.status == "failed")
+    assert lines[0].startswith(f"failed: #1 {bad.config_hash[:8]} run {bad.run_id}: the run reported finished")
+    assert len(lines) == 2 and "traceback.txt" in lines[-1]
+
+
+def test_failure_lines_name_at_most_ten_runs_then_count_the_rest():
+    from benchkit.cli import failure_lines
+    from benchkit.jobs import RunOutcome
+    from benchkit.sweep import SweepSummary
+
+    outcomes = [RunOutcome(i, f"{i:032x}", "failed", f"r{i}", error=f"boom {i}\ntraceback line") for i in range(12)]
+    outcomes.append(RunOutcome(12, "f" * 32, "finished", "r12"))
+    lines = failure_lines(SweepSummary(outcomes, skipped=0, excluded=0), "exp")
+    assert lines[0] == f"failed: #0 {0:08x} run r0: boom 0"  # first line of the error only
+    assert len(lines) == 12 and lines[10] == "... and 2 more" and "exp" in lines[11]

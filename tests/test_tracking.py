@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import textwrap
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,14 +135,22 @@ def test_deleted_experiment_is_moved_aside_not_restored_even_by_two_sweeps_at_on
     trackers = [Tracker(uri), Tracker(uri)]
     for t in trackers:
         _ = t.client  # open the store first: the threads race on the experiment, not on the migration
+        restore = t.client.restore_experiment
+
+        def slow_restore(experiment_id, restore=restore):  # widen the moment the old experiment is active
+            restore(experiment_id)           # again under its name (CI once saw the other thread take it)
+            time.sleep(0.3)
+
+        t.client.restore_experiment = slow_restore
     got: list[str] = []
     barrier = threading.Barrier(2)
 
-    def ensure(t: Tracker) -> None:
+    def ensure(t: Tracker, delay: float) -> None:
         barrier.wait()
+        time.sleep(delay)  # the second looks the name up while the first has the old experiment restored
         got.append(t.ensure_experiment("gone"))
 
-    threads = [threading.Thread(target=ensure, args=(t,)) for t in trackers]
+    threads = [threading.Thread(target=ensure, args=(t, d)) for t, d in zip(trackers, (0.0, 0.15))]
     for th in threads:
         th.start()
     for th in threads:
@@ -377,3 +386,30 @@ def test_cpu_description_names_the_cpu_generation_and_its_vector_units(tmp_path)
     info.write_text("model name\t: Some CPU\n")
     assert cpu_description(str(info)) == "Some CPU"
     assert cpu_description(str(tmp_path / "missing"))  # no /proc: platform's name, never an error
+
+
+def test_a_stop_inside_a_query_prints_no_cursor_traceback_but_other_cursor_errors_do(tmp_path, caplog):
+    """Seen under Ctrl-C stress: SQLAlchemy, after a stop landed inside a query, logged "Error closing
+    cursor" with a traceback for a cursor whose connection it had itself closed. Only that is dropped."""
+    import logging
+    import sqlite3
+
+    _ = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}").client  # opening a sqlite store installs the filter
+    logger = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+    connection = sqlite3.connect(":memory:")
+    cursor = connection.cursor()
+    connection.close()
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == logger.name]
+
+    with caplog.at_level(logging.ERROR, logger=logger.name):
+        try:
+            cursor.execute("select 1")  # sqlite3.ProgrammingError: Cannot operate on a closed database
+        except sqlite3.ProgrammingError:
+            logger.error("Error closing cursor", exc_info=True)
+        assert logged() == []
+        try:
+            raise sqlite3.OperationalError("disk I/O error")
+        except sqlite3.OperationalError:
+            logger.error("Error closing cursor", exc_info=True)
+        assert logged() == ["Error closing cursor"]
