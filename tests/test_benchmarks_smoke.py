@@ -51,3 +51,12 @@ def test_startup_benchmark_runs_every_variant():
     assert r.returncode == 0, r.stdout + r.stderr
     for label in ("all tricks", "without gc ", "without preload", "without gc,preload"):
         assert f"workers=2  {label}" in r.stdout, r.stdout
+
+
+def test_sparse_linear_parts_prints_every_part_and_the_bound():
+    r = subprocess.run([sys.executable, "benchmarks/sparse_linear_parts.py", "--quick"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 512x512") or line.startswith("| 1024")]
+    assert [row.split(" | ")[1] for row in rows] == ["0.9", "0.95", "0.98", "0.98"]
+    assert all(len(row.split(" | ")) == 14 for row in rows) and "bound x = dense /" in r.stdout
