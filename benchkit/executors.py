@@ -52,6 +52,7 @@ from benchkit.jobs import (
     RunTask,
     cores,
     hold_interrupt,
+    raise_pending_interrupt,
     repeats_for_every_run,
     take_pending_interrupt,
 )
@@ -134,20 +135,15 @@ def _stop_signals(on_stop: Callable[[str], bool] | None = None) -> Iterator[None
 def _bookkeeping(raise_held: bool = True) -> Iterator[None]:
     """In the sweep's process: hold a Ctrl-C / SIGTERM while it notes which worker runs which task (the
     stop signals' handler honours ``INTERRUPT_DEFERRED``), and raise it right after (``raise_held``), or
-    leave it for :func:`_raise_held` once what was received has been passed on."""
+    leave it to be raised (:func:`~benchkit.jobs.raise_pending_interrupt`) once what was received has been
+    passed on."""
     INTERRUPT_DEFERRED.set()
     try:
         yield
     finally:
         INTERRUPT_DEFERRED.clear()
     if raise_held:
-        _raise_held()
-
-
-def _raise_held() -> None:
-    pending = take_pending_interrupt()
-    if pending is not None:
-        raise pending
+        raise_pending_interrupt()
 
 
 # --------------------------------------------------------------------------------------------- serial
@@ -353,7 +349,7 @@ class ProcessPoolRunner:
             try:
                 self._pool = [self._spawn() for _ in range(min(self.workers, len(self._queue)))]
                 while True:
-                    _raise_held()  # a stop held while an outcome was received, now that it is handed on
+                    raise_pending_interrupt()  # a stop held while an outcome was received, now handed on
                     self._dispatch()
                     busy = [w for w in self._pool if w.task is not None]
                     if not busy:

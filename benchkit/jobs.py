@@ -89,6 +89,13 @@ def take_pending_interrupt() -> Interrupted | None:
     return Interrupted(_PENDING_REASON[0] if _PENDING_REASON else SIGINT_REASON)
 
 
+def raise_pending_interrupt() -> None:
+    """Raise the interrupt held during a deferral, if any: called where stopping is safe again."""
+    pending = take_pending_interrupt()
+    if pending is not None:
+        raise pending
+
+
 # errno values of failures that have nothing to do with the config: the next run hits them too.
 _REPEATING_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
 

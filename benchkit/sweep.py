@@ -51,8 +51,8 @@ from benchkit.jobs import (
     INTERRUPT_HANDLED,
     RunOutcome,
     RunTask,
+    raise_pending_interrupt,
     repeats_for_every_run,
-    take_pending_interrupt,
 )
 from benchkit.plugins import PluginError, load_plugins
 from benchkit.startup import freeze_heap, import_run_modules
@@ -634,9 +634,7 @@ def run_tracked(task: RunTask) -> RunOutcome:
 
     t0 = time.time()
     INTERRUPT_HANDLED.clear()
-    pending = take_pending_interrupt()
-    if pending is not None:  # the stop request came between two runs: claim nothing
-        raise pending
+    raise_pending_interrupt()  # the stop request came between two runs: claim nothing
     tracker = Tracker.shared(task.tracking_uri)
     exp_id, h = task.experiment_id, task.config_hash
     cfg = ExperimentConfig.from_dict(task.config)  # imports the config's plugins first
@@ -657,9 +655,7 @@ def run_tracked(task: RunTask) -> RunOutcome:
         raise
     try:  # entered with the deferral still on: from here on, every interrupt marks this run KILLED
         INTERRUPT_DEFERRED.clear()
-        pending = take_pending_interrupt()
-        if pending is not None:  # interrupted while the run was being created: it is ours to mark KILLED
-            raise pending
+        raise_pending_interrupt()  # interrupted while the run was being created: it is ours to mark KILLED
         others = [r for r in tracker.runs(exp_id, h) if r.info.run_id != run_id]
         state = HashState.of(others)
         earlier_alive = [r for r in state.alive if (r.info.start_time, r.info.run_id) < (started, run_id)]
