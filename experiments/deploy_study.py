@@ -8,7 +8,7 @@ break_even.csv. Needs a quiet machine: every figure is a ratio of times measured
     .venv/bin/python experiments/deploy_study.py --quick --out /tmp/s  # smoke test: tiny grid, NOT a measurement
     .venv/bin/python experiments/deploy_study.py --models lenet5,charlm  # any name in STUDY_MODELS
     python experiments/deploy_study.py --device cuda --dtype float16 --out results/deploy/gpu  # on a GPU:
-        # 2:4 semi-structured tensor cores, cuSPARSE CSR and the embedding-bag CSR against CUDA dense
+        # 2:4 semi-structured tensor cores and cuSPARSE CSR against CUDA dense (--kernels for others)
 
 More models: register them in benchkit.deployment.study.STUDY_MODELS (see its docstring), e.g. the
 language model of the transformer issue, then pass its name to --models.
@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         study.STUDY_MODELS.get(name)  # an unknown name fails here, listing the registered ones
     if not all(0 < s < 1 for s in sparsities) or not all(b >= 1 for b in batches):
         p.error("sparsities must be in (0, 1) and batches >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA device here")
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()] if args.kernels else None
     for k in kernels or ():
@@ -89,11 +90,11 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     cmd = "python experiments/deploy_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     where = cpu_description()
-    if args.device.startswith("cuda"):
+    if cuda:
         where = (f"{torch.cuda.get_device_name(args.device)} (CUDA {torch.version.cuda}, cuSPARSELt "
                  f"{torch.backends.cusparselt.is_available()}), {args.dtype}; host {where}")
     header = "\n".join([
-        f"# Theory vs practice: measured speedups of pruned models on this {'GPU' if 'cuda' in args.device else 'CPU'}"
+        f"# Theory vs practice: measured speedups of pruned models on this {'GPU' if cuda else 'CPU'}"
         " (issue 19)", "",
         f"* command: `{cmd.strip()}` ({time.perf_counter() - start:.0f} s)"
         + (" — --quick: a smoke test, NOT a measurement" if args.quick else "") + stopped,

@@ -19,7 +19,7 @@ the kernel's layers run at least as fast as dense (linear interpolation between 
 Adding a model is one registration, as the character language model of the transformer studies
 (``charlm``: experiments/lm_pruning.yaml's GPT, random weights, batches of 128 token ids) is:
 
-    STUDY_MODELS.register("charlm", _language_model)
+    STUDY_MODELS.register("charlm", _language_model())
 
 after which ``--models charlm`` runs it (granularities that do not apply to its layers are skipped).
 """
@@ -85,30 +85,23 @@ STUDY_MODELS.register("resnet18", _image_model("resnet18"))  # torchvision's, fi
 CHARLM = {"context": 128, "vocab": 85, "kwargs": {"n_layer": 4, "n_embd": 128, "n_head": 4}}  # lm_pruning.yaml's
 
 
-def _language_model() -> StudyModel:
-    """The character GPT of experiments/lm_pruning.yaml (Shakespeare's 85 characters, context 128)."""
-    from benchkit.models import build_model
+def _language_model(**width: int) -> Callable[[], StudyModel]:
+    """The character GPT of experiments/lm_pruning.yaml (Shakespeare's 85 characters, context 128), its
+    ``n_layer`` / ``n_embd`` / ``n_head`` replaced by ``width``'s."""
+    def make() -> StudyModel:
+        from benchkit.models import build_model
 
-    context, vocab = CHARLM["context"], CHARLM["vocab"]
-    model = build_model(ModelConfig(name="gpt", kwargs=dict(CHARLM["kwargs"])), (context,), vocab)
-    return StudyModel(model, lambda b: (torch.randint(0, vocab, (b, context)),), classifier="lm_head")
-
-
-STUDY_MODELS.register("charlm", _language_model)
-
-
-def _wide_language_model() -> StudyModel:
-    """charlm's GPT at GPT-2-medium width (1024, 16 heads, 4 layers): Linear layers of 1024x1024 to
-    4096x1024, where 2:4 sparse tensor cores can pay on a GPU. Heavy on one CPU thread (64x charlm's FLOPs)."""
-    from benchkit.models import build_model
-
-    context, vocab = CHARLM["context"], CHARLM["vocab"]
-    kwargs = {"n_layer": 4, "n_embd": 1024, "n_head": 16}
-    model = build_model(ModelConfig(name="gpt", kwargs=kwargs), (context,), vocab)
-    return StudyModel(model, lambda b: (torch.randint(0, vocab, (b, context)),), classifier="lm_head")
+        context, vocab = CHARLM["context"], CHARLM["vocab"]
+        kwargs = {**CHARLM["kwargs"], **width}
+        model = build_model(ModelConfig(name="gpt", kwargs=kwargs), (context,), vocab)
+        return StudyModel(model, lambda b: (torch.randint(0, vocab, (b, context)),), classifier="lm_head")
+    return make
 
 
-STUDY_MODELS.register("charlm_wide", _wide_language_model)
+STUDY_MODELS.register("charlm", _language_model())
+# GPT-2-medium width: Linear layers of 1024x1024 to 4096x1024, where 2:4 sparse tensor cores can pay on a
+# GPU; heavy on one CPU thread (64x charlm's FLOPs)
+STUDY_MODELS.register("charlm_wide", _language_model(n_embd=1024, n_head=16))
 
 
 def _nm_exclusions(model: nn.Module, m: int) -> list[str]:
