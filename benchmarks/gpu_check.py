@@ -116,14 +116,19 @@ def graph_ms(fn, calls: int = 20, replays: int = 7, outputs: list | None = None)
             outputs.append(out)
         return statistics.median(times)
     except Exception as err:  # noqa: BLE001 - a capture torch refuses is a finding, not a crash
-        return f"not capturable ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
+        return f"not capturable ({brief(err)})"
 
 
-def replayed(graph: dict) -> str:
+def brief(err: Exception) -> str:
+    """An error on one table line: its type and the first 80 characters, whitespace collapsed."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:80]}"
+
+
+def replayed(graph: dict[str, float | str]) -> str:
+    """``graph_ms``'s dense and 2:4 results (times, or why a capture failed) and their ratio."""
     d, s = graph["dense"], graph["2:4"]
-    if isinstance(d, float) and isinstance(s, float):
-        return f"dense {d:.4f} ms, 2:4 {s:.4f} ms, speedup {d / s:.2f}x"
-    return f"dense {d if isinstance(d, str) else f'{d:.4f} ms'}, 2:4 {s if isinstance(s, str) else f'{s:.4f} ms'}"
+    text = ", ".join(f"{k} {v if isinstance(v, str) else f'{v:.4f} ms'}" for k, v in graph.items())
+    return text + (f", speedup {d / s:.2f}x" if isinstance(d, float) and isinstance(s, float) else "")
 
 
 def cutlass(w: torch.Tensor, x: torch.Tensor, dense_ms: float) -> str:
@@ -137,7 +142,7 @@ def cutlass(w: torch.Tensor, x: torch.Tensor, dense_ms: float) -> str:
             ms = median_ms({"cutlass": lambda: F.linear(x, wc)}, x.device, repeats=20)["cutlass"]
         return f"CUTLASS eager {ms:.3f} ms ({dense_ms / ms:.2f}x)"
     except Exception as err:  # noqa: BLE001
-        return f"CUTLASS refused ({type(err).__name__}: {' '.join(str(err).split())[:80]})"
+        return f"CUTLASS refused ({brief(err)})"
 
 
 def check_semi_structured(device: torch.device, quick: bool) -> None:
