@@ -392,13 +392,13 @@ def test_a_stop_inside_a_query_prints_no_cursor_traceback_but_other_cursor_error
     """Seen under Ctrl-C stress: SQLAlchemy, after a stop landed inside a query, logged "Error closing
     cursor" with a traceback for a cursor whose connection it had itself closed. Only that is dropped."""
     import logging
-    import sqlite3
 
     _ = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}").client  # opening a sqlite store installs the filter
     logger = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
     connection = sqlite3.connect(":memory:")
     cursor = connection.cursor()
     connection.close()
+
     def logged() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == logger.name]
 
