@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forms to measure (default: dense,csr,torch_csr,semi_structured; see benchkit.FORMS)")
     d.add_argument("--repeats", type=int, default=20, help="timed calls per candidate (default 20)")
     d.add_argument("--warmup", type=int, default=3)
+    d.add_argument("--compile", action="store_true",
+                   help="also time each whole model (dense included) under torch.compile and keep the fastest; "
+                        "needs a C++ compiler on CPU")
     d.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime check")
     d.add_argument("--no-sizes", action="store_true", help="skip writing the storage formats")
     v = sub.add_parser("verify", help="check a study's reproduction card (or the ShrinkBench checklist) against runs",
@@ -455,7 +458,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     forms = [f.strip() for f in args.forms.split(",") if f.strip()] if args.forms else None
     deploy_checkpoint(source, out, config=args.config, device=args.device, batch_size=args.batch_size,
                       threads=args.threads, forms=forms, warmup=args.warmup, repeats=args.repeats,
-                      onnx=not args.no_onnx, sizes=not args.no_sizes)
+                      onnx=not args.no_onnx, sizes=not args.no_sizes, compile=args.compile)
     print((out / "deploy_report.md").read_text(), end="")
     print(f"written to {out}")
     return EXIT_OK

@@ -6,6 +6,10 @@
       Goals: deployed speedup >= 0.3 x theoretical (1 / density), and >= the bare CSR's.
   (b) channel-compacted models (layer-wise channel pruning, 2x and 4x): dense vs deployed.
       Goal: measured speedup >= 0.7 x the compacted theoretical one (FLOPs before / after compaction).
+
+  (a) and (b) have two rows per case: ``runtime eager`` (bk.deploy's default, against eager dense) and
+  ``runtime compiled`` (``bk.deploy(compile=True)``, against the faster of eager and compiled dense,
+  timed in the same interleaved run: the compiler's gain is not credited to pruning).
   (c) never slower: element-wise pruned LeNet-300-100 and LeNet-5 at 0-98% sparsity, batch 1 and 64:
       deployed / dense time, against the noise floor (a second copy of the dense model timed in the same
       interleaved run). Goal: deployed <= dense x (1 + max(5%, noise)) everywhere.
@@ -21,6 +25,7 @@ rounds and reports medians; timings need a quiet machine (the coordinator runs t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -37,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import benchkit as bk  # noqa: E402
 from benchkit.config import ModelConfig  # noqa: E402
+from benchkit.deployment.compiled import compile_copy  # noqa: E402
 from benchkit.latency import cpu_description, time_callables  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
 from benchkit.pruning.masks import deepcopy_model, make_permanent  # noqa: E402
@@ -61,6 +67,30 @@ def dense_copy(model: nn.Module) -> nn.Module:
     return make_permanent(deepcopy_model(model)).eval()
 
 
+def dense_peers(dense: nn.Module, x: torch.Tensor) -> dict:
+    """The dense model eager and compiled (``torch.compile``, the same compile step deploy uses): a
+    compiled deployed model is measured against the faster of the two, so compiling is not credited
+    to pruning."""
+    peers = {"dense": partial(dense, x)}
+    compiled, why = compile_copy(dense, (x,), threads=1)
+    if compiled is None:
+        print(f"dense compiled: not measured ({why})", file=sys.stderr)
+    else:
+        peers["dense compiled"] = partial(compiled, x)
+    return peers
+
+
+def runtimes(net: nn.Module, x: torch.Tensor, args) -> dict[str, bk.deployment.Deployment]:
+    """bk.deploy eager, and with ``compile=True``."""
+    return {"eager": bk.deploy(net, x, threads=1, repeats=args.repeats, warmup=args.warmup),
+            "compiled": bk.deploy(net, x, threads=1, repeats=args.repeats, warmup=args.warmup, compile=True)}
+
+
+def baseline(t: dict[str, float], runtime: str) -> float:
+    """Eager rows against eager dense; compiled rows against the faster dense runtime."""
+    return t["dense"] if runtime == "eager" else min(t["dense"], t.get("dense compiled", math.inf))
+
+
 @torch.no_grad()
 def bench_linear(sizes: list[int], sparsities: list[float], batch: int, args) -> list[dict]:
     rows = []
@@ -75,18 +105,22 @@ def bench_linear(sizes: list[int], sparsities: list[float], batch: int, args) ->
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                 csr = w.to_sparse_csr()  # what torch gives by default: int64 indices
             x = torch.randn(batch, n)
-            dep = bk.deploy(net, x, threads=1, repeats=args.repeats, warmup=args.warmup)
-            t = medians({"dense": partial(dense, x), "torch.sparse.mm CSR": partial(bare_csr, csr, b, x),
-                         "deployed": partial(dep.model, x)}, args.rounds, args.repeats, args.warmup)
+            deps = runtimes(net, x, args)
+            fns = {**dense_peers(dense, x), "torch.sparse.mm CSR": partial(bare_csr, csr, b, x),
+                   **{f"deployed {k}": partial(d.model, x) for k, d in deps.items()}}
+            t = medians(fns, args.rounds, args.repeats, args.warmup)
             theory = 1 / (1 - s)
-            speedup = t["dense"] / t["deployed"]
-            rows.append({"layer": f"{n}x{n}", "sparsity": s, "batch": batch, "form": dep.forms["0"],
-                         "dense ms": t["dense"], "CSR ms": t["torch.sparse.mm CSR"], "deployed ms": t["deployed"],
-                         "theoretical x": theory, "CSR x": t["dense"] / t["torch.sparse.mm CSR"],
-                         "deployed x": speedup, "deployed / theory": speedup / theory,
-                         "deployed / CSR": t["torch.sparse.mm CSR"] / t["deployed"],
-                         "goal": "met" if speedup >= 0.3 * theory and t["deployed"] <= t["torch.sparse.mm CSR"]
-                         else "not met"})
+            for runtime, dep in deps.items():
+                base, mine = baseline(t, runtime), t[f"deployed {runtime}"]
+                speedup = base / mine
+                rows.append({"layer": f"{n}x{n}", "sparsity": s, "batch": batch, "runtime": runtime,
+                             "form": dep.forms["0"] + (" (compiled)" if dep.variant.endswith("_compiled") else ""),
+                             "dense ms": base, "CSR ms": t["torch.sparse.mm CSR"], "deployed ms": mine,
+                             "theoretical x": theory, "CSR x": base / t["torch.sparse.mm CSR"],
+                             "deployed x": speedup, "deployed / theory": speedup / theory,
+                             "deployed / CSR": t["torch.sparse.mm CSR"] / mine,
+                             "goal": "met" if speedup >= 0.3 * theory and mine <= t["torch.sparse.mm CSR"]
+                             else "not met"})
     return rows
 
 
@@ -109,17 +143,18 @@ def bench_channels(batch: int, args) -> list[dict]:
             exclude = [list(bk.pruning.layers.prunable_layers(net))[-1]]  # the classifier keeps its logits
             bk.prune(net, compression=compression, granularity="channel", scope="layer", exclude=exclude)
             x = torch.randn(batch, *shape)
-            dep = bk.deploy(net, x, threads=1, repeats=args.repeats, warmup=args.warmup)
-            dense = dense_copy(net)
-            t = medians({"dense": partial(dense, x), "deployed": partial(dep.model, x)}, args.rounds, args.repeats,
-                        args.warmup)
-            theory = dep.compacted_theoretical_speedup or 1.0
-            speedup = t["dense"] / t["deployed"]
-            rows.append({"model": name, "channels": f"{compression}x layer-wise", "batch": batch,
-                         "variant": dep.variant, "dense ms": t["dense"], "deployed ms": t["deployed"],
-                         "compacted theoretical x": theory, "ShrinkBench x": dep.theoretical_speedup,
-                         "measured x": speedup, "measured / compacted theory": speedup / theory,
-                         "goal": "met" if speedup >= 0.7 * theory else "not met"})
+            deps = runtimes(net, x, args)
+            fns = {**dense_peers(dense_copy(net), x), **{f"deployed {k}": partial(d.model, x) for k, d in deps.items()}}
+            t = medians(fns, args.rounds, args.repeats, args.warmup)
+            for runtime, dep in deps.items():
+                theory = dep.compacted_theoretical_speedup or 1.0
+                base, mine = baseline(t, runtime), t[f"deployed {runtime}"]
+                speedup = base / mine
+                rows.append({"model": name, "channels": f"{compression}x layer-wise", "batch": batch,
+                             "runtime": runtime, "variant": dep.variant, "dense ms": base, "deployed ms": mine,
+                             "compacted theoretical x": theory, "ShrinkBench x": dep.theoretical_speedup,
+                             "measured x": speedup, "measured / compacted theory": speedup / theory,
+                             "goal": "met" if speedup >= 0.7 * theory else "not met"})
     return rows
 
 

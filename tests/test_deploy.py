@@ -326,6 +326,55 @@ def test_the_report_table_and_summary():
     assert "| 0 | 8x3x3x3 |" in dep.markdown()
 
 
+def test_compiled_variants_are_timed_beside_eager_and_credited_against_compiled_dense(tmp_path):
+    """compile=True times every whole-model variant compiled too, dense included; the speedup divides the
+    *fastest dense* runtime (here the compiled one, 2.5 ms), not eager dense (4 ms), by the kept variant."""
+    net = pruned()
+    x = torch.randn(4, 3, 6, 6)
+    calls: list = []
+    dep = bk.deploy(
+        net, x, compile=True, threads=1,
+        timer=fake_timer({"csr": 0.5}, {"dense": 4.0, "deployed": 2.0, "dense_compiled": 2.5,
+                                        "deployed_compiled": 1.0}, calls))
+    assert [c[1] for c in calls if c[0] == MODEL] == [["dense", "dense_compiled", "deployed", "deployed_compiled"]]
+    assert dep.variant == "deployed_compiled" and dep.not_measured == {}
+    assert dep.dense_ms == 2.5 and dep.measured_speedup == 2.5
+    assert dep.summary()["latency_dense_ms"] == 2.5 and dep.summary()["latency_deployed_ms"] == 1.0
+    assert dep.model._compiled_call_impl is not None  # really compiled (nn.Module.compile)
+    assert dep.eager_model is not None and dep.eager_model._compiled_call_impl is None
+    assert set(dep.forms.values()) == {"csr"}
+    with torch.no_grad():
+        ref, got = net.eval()(x), dep.model(x)
+    assert (got - ref).abs().max().item() <= dep.tolerance and dep.max_abs_diff <= dep.tolerance
+    # saved: the eager module, which torch alone loads (compile it again after loading)
+    saved = dep.save(tmp_path / "model")
+    with torch.no_grad():
+        again = saved.load()(x)
+    assert saved.format == "torch.export" and (again - ref).abs().max().item() <= dep.tolerance
+    # the compiler's own gain is not pruning's: compiled dense fastest -> measured speedup 1
+    dep = bk.deploy(net, x, compile=True, threads=1,
+                    timer=fake_timer({"csr": 0.5}, {"dense": 4.0, "deployed": 3.0, "dense_compiled": 1.0,
+                                                    "deployed_compiled": 1.02}))
+    assert dep.variant == "dense_compiled" and dep.measured_speedup == 1.0 and set(dep.forms.values()) == {"dense"}
+
+
+def test_a_compiler_that_fails_is_reported_and_the_eager_model_kept():
+    """No working C++ compiler (a path that does not exist): every compiled variant is 'not measured'
+    with torch's error, the eager choice stands, nothing raises."""
+    import torch._inductor.config as inductor
+
+    torch.compiler.reset()
+    net = pruned()
+    x = torch.randn(4, 3, 6, 6)
+    with inductor.patch({"cpp.cxx": ("/nonexistent/bin/c++",), "fx_graph_cache": False}):
+        dep = bk.deploy(net, x, compile=True, timer=fake_timer({"csr": 0.5}))
+    torch.compiler.reset()
+    assert set(dep.not_measured) == {"dense_compiled", "deployed_compiled"}
+    assert all(v.startswith("torch.compile failed: ") for v in dep.not_measured.values())
+    assert dep.variant == "deployed" and dep.eager_model is None
+    assert "dense_compiled not measured: torch.compile failed" in dep.markdown()
+
+
 def test_deploy_name_survives_importing_the_package():
     """The package is benchkit.deployment: a package named deploy would shadow bk.deploy once imported."""
     import benchkit.deployment.artifacts  # noqa: F401

@@ -262,10 +262,13 @@ def test_cli_deploy_writes_model_report_sizes_and_onnx(tmp_path, capsys):
     run = write_checkpoint(tmp_path / "run")
     out = tmp_path / "out"
     assert main(["deploy", str(run), "--out", str(out), "--batch-size", "4", "--threads", "1", "--repeats", "2",
-                 "--warmup", "0"]) == 0
+                 "--warmup", "0", "--compile"]) == 0
     printed = capsys.readouterr().out
     assert "deployed as" in printed and f"written to {out}" in printed
     report = json.loads((out / "deploy.json").read_text())
+    # --compile: every whole-model variant timed compiled too, the dense one included
+    assert report["not_measured"] == {} and report["latency_variant_dense_compiled_ms"] > 0
+    assert report["latency_variant_compacted_compiled_ms"] > 0
     assert Path(report["saved"]).exists() and report["saved_format"] in ("torch.export", "torchscript")
     assert report["deploy_batch_size"] == 4 and report["deploy_threads"] == 1
     assert report["structured_speedup_compacted"] > 1 and report["compacted_params"] > 0

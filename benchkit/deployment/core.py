@@ -11,7 +11,9 @@ Steps: (1) masks are folded into a copy; (2) whole dead channels are removed wit
 one that beats its dense self by ``min_gain`` (:func:`benchkit.deployment.choose.pick`); (4) the whole
 model is timed three ways — dense (masks folded), compacted, deployed — and the fastest is kept by the
 same rule, so the result is never slower than the dense model within the timer's resolution;
-(5) the outputs are checked against the masked model's.
+(5) the outputs are checked against the masked model's. With ``compile=True`` each whole-model
+variant is also timed compiled (``torch.compile``, :mod:`benchkit.deployment.compiled`), the dense
+model included, so the measured speedup never credits the compiler to the pruning.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, pick
 from benchkit.deployment.compact import CompactResult, _flatten_outputs, compact
+from benchkit.deployment.compiled import SUFFIX, compile_copy, eager_name
 from benchkit.deployment.forms import DEFAULT_FORMS, FORMS, Form
 from benchkit.latency import with_batch_size
 from benchkit.metrics import Inputs, as_tuple, count_flops, dead_channels, effective
@@ -46,10 +49,13 @@ class Deployment:
     """The deployed model and what was measured to choose it.
 
     ``variant`` is the whole-model form kept (``dense``: masks folded, ``compacted``: dead channels
-    removed, ``deployed``: compacted plus the per-layer forms); ``times_ms`` are the whole-model medians
-    of the three at ``setting``. ``theoretical_speedup`` is ShrinkBench's (dense / non-zero FLOPs of
-    the prunable layers) and ``compacted_theoretical_speedup`` the FLOP ratio after compaction.
-    ``tolerance`` is the output agreement required of ``model`` (``max_abs_diff`` is what it got)."""
+    removed, ``deployed``: compacted plus the per-layer forms; each with ``_compiled`` appended when
+    deploy compiled it); ``times_ms`` are the whole-model medians of the variants at ``setting``, and
+    ``not_measured`` says why a variant asked for was not timed (e.g. ``torch.compile`` failed).
+    ``theoretical_speedup`` is ShrinkBench's (dense / non-zero FLOPs of the prunable layers) and
+    ``compacted_theoretical_speedup`` the FLOP ratio after compaction. ``tolerance`` is the output
+    agreement required of ``model`` (``max_abs_diff`` is what it got). ``measured_speedup`` divides the
+    fastest *dense* runtime measured by the kept variant's time."""
 
     model: nn.Module
     layers: list[LayerReport]
@@ -63,10 +69,18 @@ class Deployment:
     tolerance: float
     example_inputs: tuple[Tensor, ...] = field(repr=False)
     compaction: CompactResult | None = field(default=None, repr=False)
+    not_measured: dict[str, str] = field(default_factory=dict)
+    eager_model: nn.Module | None = field(default=None, repr=False)  # ``model`` before torch.compile
+
+    @property
+    def dense_ms(self) -> float:
+        """The fastest dense runtime measured (eager, or compiled when deploy compiled): the baseline."""
+        return min(self.times_ms[k] for k in ("dense", "dense" + SUFFIX) if k in self.times_ms)
 
     @property
     def measured_speedup(self) -> float:
-        return self.times_ms["dense"] / self.times_ms[self.variant]
+        """Fastest dense runtime / the kept variant's time: compiling is not credited to pruning."""
+        return self.dense_ms / self.times_ms[self.variant]
 
     @property
     def efficiency(self) -> float:
@@ -88,7 +102,7 @@ class Deployment:
         """Flat whole-model figures (``deploy_*``, ``latency_*_ms``) and the setting."""
         out: dict[str, float | str] = {
             "deploy_variant": self.variant,
-            "latency_dense_ms": self.times_ms["dense"],
+            "latency_dense_ms": self.dense_ms,  # the baseline: the fastest dense runtime
             "latency_deployed_ms": self.times_ms[self.variant],
             "deploy_theoretical_speedup": self.theoretical_speedup,
             "deploy_measured_speedup": self.measured_speedup,
@@ -98,6 +112,7 @@ class Deployment:
         }
         if "compacted" in self.times_ms:
             out["latency_compacted_ms"] = self.times_ms["compacted"]
+        out.update({f"latency_variant_{k}_ms": v for k, v in self.times_ms.items()})  # every variant timed
         if self.compacted_theoretical_speedup is not None:
             out["deploy_compacted_theoretical_speedup"] = self.compacted_theoretical_speedup
         out.update({f"deploy_{k}": v for k, v in self.setting.items()})
@@ -114,7 +129,8 @@ class Deployment:
                    f"(ShrinkBench), efficiency {self.efficiency:.2f}"
                  + (f"; compacted theoretical {self.compacted_theoretical_speedup:.2f}x, efficiency "
                     f"{self.measured_speedup / self.compacted_theoretical_speedup:.2f}"
-                    if self.compacted_theoretical_speedup else ""),
+                    if self.compacted_theoretical_speedup else "")
+                 + "".join(f"; {k} not measured: {v}" for k, v in self.not_measured.items()),
                  "",
                  "| layer | shape | density | form | dense ms | deployed ms | measured x | theoretical x | "
                  "efficiency | why |",
@@ -130,7 +146,8 @@ class Deployment:
         :func:`benchkit.deployment.save.save_deployed`."""
         from benchkit.deployment.save import save_deployed
 
-        return save_deployed(self.model, path, self.example_inputs, exportable=self.exportable,
+        model = self.eager_model if self.eager_model is not None else self.model
+        return save_deployed(model, path, self.example_inputs, exportable=self.exportable,
                              tolerance=self.tolerance)
 
 
@@ -231,6 +248,7 @@ def deploy(
     min_gain: float = 0.05,
     max_density: float = 0.9,
     compaction: bool = True,
+    compile: bool = False,
     timer: Timer | None = None,
 ) -> Deployment:
     """Deploy a pruned (``torch.nn.utils.prune``-masked, or plain) model; see the module docstring.
@@ -239,7 +257,9 @@ def deploy(
     :data:`~benchkit.deployment.forms.DEFAULT_FORMS`; ``dense`` is always measured). ``batch_size``
     (default: the example's) and ``threads`` (default: torch's) are the setting every time is measured
     at. Sparse forms are not tried on layers denser than ``max_density``. ``timer`` replaces the
-    default :class:`~benchkit.deployment.choose.MedianTimer` (e.g. a fake one in tests).
+    default :class:`~benchkit.deployment.choose.MedianTimer` (e.g. a fake one in tests). ``compile``
+    also times every whole-model variant under ``torch.compile`` (:mod:`benchkit.deployment.compiled`);
+    ``save`` then writes the eager module.
 
     Returns a :class:`Deployment` whose ``model`` (eval mode, on ``device``, in the model's dtype) gives
     the masked model's outputs (computed in fp32 on CPU) within ``atol + rtol * max|output|`` of the
@@ -311,16 +331,28 @@ def deploy(
 
     variants = {"dense": base, "compacted": compacted_dense, "deployed": net if replacements else None}
     variants = {k: v for k, v in variants.items() if v is not None}
+    not_measured: dict[str, str] = {}
+    compiled_diff = 0.0
+    if compile:
+        compiled, compiled_diffs = _compiled_variants(variants, xs, threads, floor, reports)
+        not_measured.update({k: v for k, v in compiled.items() if isinstance(v, str)})
+        variants.update({k: v for k, v in compiled.items() if isinstance(v, nn.Module)})
     times = timer(MODEL, {k: (lambda m=m: m(*xs)) for k, m in variants.items()})
     variant, why = pick({k: times[k] for k in variants}, "dense", min_gain)
-    if variant != "deployed":
+    if compile and variant.endswith(SUFFIX):
+        compiled_diff = compiled_diffs[variant]
+    if eager_name(variant) != "deployed":
         for r in reports.values():
             if r.form != "dense":
                 r.reason = f"dense: the whole model with the per-layer forms was not faster ({r.form}: {r.reason})"
                 r.form = "dense"
     chosen = variants[variant].eval()
-    diff, tolerance = _check_outputs(chosen, cpu_inputs, reference, [FORMS.get(r.form) for r in reports.values()],
+    eager = variants[eager_name(variant)].eval()
+    # the eager twin is checked against the masked model on the caller's example; a compiled variant was
+    # checked against its eager twin at ``batch_size`` (calling it at another shape would recompile it)
+    diff, tolerance = _check_outputs(eager, cpu_inputs, reference, [FORMS.get(r.form) for r in reports.values()],
                                      dev, reports, floor)
+    diff += compiled_diff
 
     flops = count_flops(masked, tuple(t[:1] for t in as32)).by_module
     dense_flops = sum(flops.get(n, 0) for n in reports)
@@ -338,8 +370,33 @@ def deploy(
         model=chosen, layers=list(reports.values()), variant=variant, reason=why,
         times_ms={k: float(times[k]) for k in variants}, setting=setting, theoretical_speedup=theoretical,
         compacted_theoretical_speedup=compacted_theoretical, max_abs_diff=diff, tolerance=tolerance,
-        example_inputs=cpu_inputs, compaction=result,
+        example_inputs=cpu_inputs, compaction=result, not_measured=not_measured,
+        eager_model=eager if eager is not chosen else None,
     )
+
+
+def _compiled_variants(variants: dict[str, nn.Module], xs: tuple[Tensor, ...], threads: int | None,
+                       floor: tuple[float, float], reports: dict[str, LayerReport]
+                       ) -> tuple[dict[str, nn.Module | str], dict[str, float]]:
+    """Each variant compiled (name + ``_compiled``) and checked against its eager self on ``xs``, or
+    the reason it is not measured; and each compiled variant's largest output difference."""
+    out: dict[str, nn.Module | str] = {}
+    diffs: dict[str, float] = {}
+    for name, model in variants.items():
+        key = name + SUFFIX
+        compiled, why = compile_copy(model, xs, threads)
+        if compiled is None:
+            out[key] = why
+            continue
+        want, got = _flatten_outputs(model(*xs)), _flatten_outputs(compiled(*xs))
+        scale = max((float(t.abs().max()) for t in want), default=0.0)
+        allowed = _tolerance([FORMS.get(r.form) for r in reports.values()] + [FORMS.get("dense")], floor, scale)
+        diff = max((float((a.float() - b.float()).abs().max()) for a, b in zip(want, got)), default=0.0)
+        if len(want) != len(got) or not diff <= allowed:
+            out[key] = f"compiled outputs differ from eager {name} by {diff:.3g} > {allowed:.3g}"
+            continue
+        out[key], diffs[key] = compiled, diff
+    return out, diffs
 
 
 @torch.no_grad()
