@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +96,30 @@ def raise_pending_interrupt() -> None:
     pending = take_pending_interrupt()
     if pending is not None:
         raise pending
+
+
+@contextmanager
+def store_call() -> Iterator[None]:
+    """Hold a stop signal (Ctrl-C, SIGTERM, the sweep's stop request) while one tracking-store call runs,
+    and raise it right after the call returns.
+
+    Why: a stop landing inside SQLAlchemy's commit, or inside the rollback that a first stop started (the
+    sweep sends its request repeatedly until the run stops), leaves that sqlite connection mid-transaction,
+    still holding the store's write lock, and referenced from the traceback being handled. Every later
+    write then waits on it: the run's own KILLED mark in this process and every other worker's writes, until
+    the sweep's grace period kills them all. Only on the main thread (the only one Python delivers signals
+    to), and a no-op inside an outer deferral (which raises the interrupt itself) or while a run marks
+    itself KILLED (stop requests are ignored then)."""
+    if (threading.current_thread() is not threading.main_thread() or INTERRUPT_DEFERRED.is_set()
+            or INTERRUPT_HANDLED.is_set()):
+        yield
+        return
+    INTERRUPT_DEFERRED.set()
+    try:
+        yield
+    finally:
+        INTERRUPT_DEFERRED.clear()
+    raise_pending_interrupt()
 
 
 # errno values of failures that have nothing to do with the config: the next run hits them too.

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from benchkit.jobs import store_call
+
 if TYPE_CHECKING:  # mlflow and torch are imported lazily: `benchkit --help` must stay fast
     from mlflow import MlflowClient
     from mlflow.entities import Run
@@ -118,10 +120,12 @@ def with_retry(fn: Callable[..., T], *args: Any, attempts: int = 8, base_delay: 
 
     sqlite's busy timeout (MLflow sets 20 s) does not cover every case: a deferred transaction that
     must upgrade its lock fails with "database is locked" at once, which is what parallel workers hit.
+    A stop signal arriving during a call is raised when the call returns, never inside it.
     """
     for i in range(attempts):
         try:
-            return fn(*args, **kwargs)
+            with store_call():  # a stop is held until the call returns: see benchkit.jobs.store_call
+                return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - filtered below
             if i == attempts - 1 or not _is_transient(e):
                 raise

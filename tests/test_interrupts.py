@@ -85,6 +85,35 @@ class _Runner(ProcessPoolRunner):
         return w
 
 
+def test_a_stop_during_a_store_call_lands_after_the_call_returns():
+    """A Ctrl-C inside a tracking-store call (here: a fake write that receives the signal half-way) must not
+    cut it short: cut inside SQLAlchemy's commit or rollback, the sqlite connection kept the store's write
+    lock and every later write waited on it, both workers' KILLED marks included (the stress test's grace
+    kill). The call finishes; the interrupt is raised right after, with its reason."""
+    from benchkit.executors import _stop_signals
+    from benchkit.jobs import INTERRUPT_HANDLED, SIGINT_REASON, Interrupted
+    from benchkit.tracking import with_retry
+
+    done: list[str] = []
+
+    def write() -> str:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs during this sleep, inside the call
+        done.append("committed")
+        return "ok"
+
+    with _stop_signals():
+        with pytest.raises(Interrupted) as caught:
+            with_retry(write)
+        assert done == ["committed"] and str(caught.value) == SIGINT_REASON
+        # while a run marks itself KILLED, stop requests are ignored: none is held and raised afterwards
+        INTERRUPT_HANDLED.set()
+        try:
+            assert with_retry(write) == "ok" and done == ["committed"] * 2
+        finally:
+            INTERRUPT_HANDLED.clear()
+
+
 def test_ctrl_c_between_handing_out_a_task_and_noting_it_still_stops_that_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # where a worker stopped before its run began is looked up
     tasks = [RunTask(i, {"seconds": 120}, f"h{i}", f"r{i}", {}, "0", uri, "s") for i in (1, 2)]
