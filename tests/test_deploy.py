@@ -15,12 +15,19 @@ from torch import nn
 import benchkit as bk
 from benchkit.deployment.choose import pick
 from benchkit.deployment.core import MODEL, DeployError
-from benchkit.deployment.forms import FORMS, FormError, SparseConv2d, SparseLinear, is_two_four
+from benchkit.deployment.forms import (
+    FORMS,
+    FormError,
+    FusedCsrLinear,
+    SparseConv2d,
+    SparseLinear,
+    is_two_four,
+)
 from benchkit.pruning.masks import apply_masks
 from benchkit.registry import UnknownNameError
 
 torch.set_num_threads(1)
-SPARSE_FORMS = ["csr", "torch_csr", "torch_bsr4", "torch_bsr8", "torch_bsr16"]
+SPARSE_FORMS = ["csr", "fused_csr", "torch_csr", "torch_bsr4", "torch_bsr8", "torch_bsr16"]
 
 
 def fake_timer(layer_ms: dict[str, float], model_ms: dict[str, float] | None = None, calls: list | None = None):
@@ -69,13 +76,16 @@ def test_every_sparse_form_reproduces_the_dense_layer(form_name, case):
     x = torch.randn(shape)
     form = FORMS.get(form_name)
     reason = form.check(layer, torch.device("cpu"))
+    if reason is not None and form_name == "fused_csr":  # Linear only
+        assert isinstance(layer, nn.Conv2d) and "Linear" in reason
+        return
     if reason is not None:  # only BSR may refuse, and only for shapes that are not whole blocks
         assert form_name.startswith("torch_bsr") and "blocks" in reason
         rows, cols = layer.weight.shape[0], layer.weight[0].numel()
         assert rows % form.blocksize or cols % form.blocksize
         return
     module = form.build(layer)
-    assert isinstance(module, SparseLinear | SparseConv2d)
+    assert isinstance(module, SparseLinear | SparseConv2d | FusedCsrLinear)
     with torch.no_grad():
         ref, got = layer(x), module(x)
     assert got.shape == ref.shape
@@ -85,6 +95,55 @@ def test_every_sparse_form_reproduces_the_dense_layer(form_name, case):
     # fp32 sums in another order: the stated tolerance atol + rtol * max|dense|, and it is tight
     assert (got - ref).abs().max().item() <= form.tolerance(ref)
     assert form.tolerance(ref) < 1e-3
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 64, 70])
+@pytest.mark.parametrize("shape,density,bias", [((512, 512), 0.02, True), ((37, 29), 0.3, False),
+                                                ((300, 784), 0.1, True), ((16, 24), 0.0, True),
+                                                ((24, 16), 1.0, False)])
+def test_fused_csr_kernel_equals_f_linear(rows, shape, density, bias):
+    """benchkit::csr_linear against F.linear on the same (masked) weight: every block size the kernel picks
+    (16, 32 samples; partial blocks), tails past its 8x8 transposes (37x29), empty and full rows, no bias,
+    and with two threads splitting the outputs."""
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < density)
+    weight[1] = 0  # an empty CSR row
+    b = torch.randn(shape[0], generator=g) if bias else None
+    layer = nn.Linear(shape[1], shape[0], bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias:
+            layer.bias.copy_(b)
+    module = FORMS.get("fused_csr").build(layer)
+    x = torch.randn(rows, shape[1], generator=g)
+    ref = torch.nn.functional.linear(x, weight, b)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                got = module(x)
+            assert got.shape == ref.shape and got.is_contiguous()
+            assert (got - ref).abs().max().item() <= FORMS.get("fused_csr").tolerance(ref)
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():  # any leading dims, as nn.Linear
+        assert module(x.reshape(1, rows, -1)).shape == (1, rows, shape[0]) and module(x[0]).shape == (shape[0],)
+
+
+def test_fused_csr_without_a_compiler_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    """No C++ compiler (CXX points nowhere, a fresh build folder): the form says why, deploy measures the
+    others and reports it, nothing raises."""
+    from benchkit.deployment import fused
+
+    monkeypatch.setattr(fused, "_STATE", {})
+    monkeypatch.setattr(fused, "_cpu_tag", lambda: "nocompiler")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    reason = FORMS.get("fused_csr").check(nn.Linear(8, 4), torch.device("cpu"))
+    assert reason is not None and "fused CSR kernel could not be built" in reason and "C++ compiler" in reason
+    dep = bk.deploy(pruned(), torch.randn(4, 3, 6, 6), forms=["fused_csr", "csr"], timer=fake_timer({"csr": 0.1}))
+    assert dep.layers[2].not_measured["fused_csr"] == reason and dep.layers[2].form == "csr"
 
 
 def test_grouped_and_string_padded_convs_are_left_dense():
@@ -195,14 +254,15 @@ def test_deployed_model_reproduces_the_masked_one(form_name):
 def test_a_slower_form_is_never_chosen():
     net = pruned()
     calls: list = []
-    dep = bk.deploy(net, torch.randn(4, 3, 6, 6), timer=fake_timer({"dense": 1.0, "csr": 1.5, "torch_csr": 1.01},
-                                                                    calls=calls))
+    dep = bk.deploy(net, torch.randn(4, 3, 6, 6), timer=fake_timer({"dense": 1.0, "csr": 1.5, "torch_csr": 1.01,
+                                                                     "fused_csr": 1.02}, calls=calls))
     assert set(dep.forms.values()) == {"dense"} and dep.variant == "dense"
-    assert not any(isinstance(m, SparseLinear | SparseConv2d) for m in dep.model.modules())
-    # every layer was measured with both CPU sparse forms; 2:4 says why not
+    assert not any(isinstance(m, SparseLinear | SparseConv2d | FusedCsrLinear) for m in dep.model.modules())
+    # every layer was measured with the CPU sparse forms (the fused kernel: Linear layers); 2:4 says why not
     layer_calls = [c for c in calls if c[0] != MODEL]
     assert [c[0] for c in layer_calls] == ["0", "2", "6", "8"]
-    assert all(c[1] == ["csr", "dense", "torch_csr"] for c in layer_calls)
+    assert [c[1] for c in layer_calls] == [["csr", "dense", "torch_csr"]] * 2 + [["csr", "dense", "fused_csr", "torch_csr"]] * 2
+    assert "Linear" in dep.layers[0].not_measured["fused_csr"]
     assert all("CUDA" in r.not_measured["semi_structured"] for r in dep.layers)
     assert all("not 5% faster" in r.reason for r in dep.layers)
     assert calls[-1] == (MODEL, ["dense"])  # nothing else to compare at the model level
@@ -356,6 +416,32 @@ def test_compiled_variants_are_timed_beside_eager_and_credited_against_compiled_
                     timer=fake_timer({"csr": 0.5}, {"dense": 4.0, "deployed": 3.0, "dense_compiled": 1.0,
                                                     "deployed_compiled": 1.02}))
     assert dep.variant == "dense_compiled" and dep.measured_speedup == 1.0 and set(dep.forms.values()) == {"dense"}
+    # benchkit's own operator compiles too (its shape function is registered with torch.library)
+    dep = bk.deploy(net, x, forms=["fused_csr"], compile=True, threads=1,
+                    timer=fake_timer({"fused_csr": 0.5}, {"dense": 4.0, "deployed": 2.0, "dense_compiled": 2.5,
+                                                         "deployed_compiled": 1.0}))
+    assert dep.variant == "deployed_compiled" and dep.forms["6"] == "fused_csr" and dep.not_measured == {}
+    with torch.no_grad():
+        assert (dep.model(x) - ref).abs().max().item() <= dep.tolerance
+
+
+def test_a_compiled_variant_is_never_an_eager_one_in_disguise():
+    """Every nn.Module.compile'd module shares one entry of torch's cache, which holds 8 compilations; past
+    that torch runs the module eagerly with only a logged warning. compile_copy refuses that (the variant is
+    not measured, with the reason); deploy clears the cache first, so a long sweep of deploys compiles each."""
+    from benchkit.deployment.compiled import compile_copy
+
+    torch.compiler.reset()
+    outcomes = []
+    for width in range(2, 14):  # a new Linear shape each time: a new compilation
+        model = nn.Sequential(nn.Linear(width, 3)).eval()
+        outcomes.append(compile_copy(model, (torch.randn(2, width),), threads=1))
+    refused = [why for m, why in outcomes if m is None]
+    assert refused and all("recompile" in why.lower() for why in refused)
+    assert all(m is not None for m, _ in outcomes[:8])
+    dep = bk.deploy(pruned(), torch.randn(4, 3, 6, 6), compile=True, timer=fake_timer({"csr": 0.5}))
+    assert dep.not_measured == {} and {"dense_compiled", "deployed_compiled"} <= set(dep.times_ms)
+    torch.compiler.reset()
 
 
 def test_a_compiler_that_fails_is_reported_and_the_eager_model_kept():
@@ -401,11 +487,14 @@ torch.save(y, ypath)
 """
 
 
-@pytest.mark.parametrize("form_name,suffix", [("csr", ".pt2"), ("torch_csr", ".ts")])
+@pytest.mark.parametrize("form_name,suffix", [("csr", ".pt2"), ("torch_csr", ".ts"), ("fused_csr", ".pt2")])
 def test_saved_model_loads_with_torch_alone(tmp_path, form_name, suffix):
     net = pruned()
     dep = bk.deploy(net, torch.randn(4, 3, 6, 6), forms=[form_name], timer=fake_timer({form_name: 0.1}))
+    if form_name == "fused_csr":  # the Linear layers run benchkit's kernel; the file holds their csr twin
+        assert dep.forms == {"0": "dense", "2": "dense", "6": "fused_csr", "8": "fused_csr"}
     saved = dep.save(tmp_path / "model")
+    assert ("csr twin" in saved.note) == (form_name == "fused_csr")
     assert saved.path.suffix == suffix and saved.path.exists() and saved.dynamic_batch
     assert saved.format == ("torch.export" if suffix == ".pt2" else "torchscript")
     x = torch.randn(5, 3, 6, 6)

@@ -15,6 +15,13 @@ Limits, stated: Inductor needs a C++ compiler on CPU (``g++``/``clang``; the var
 not measured, with the compiler's error); the generated code is specialised to the input shapes and to
 the thread count it was compiled under (deploy compiles under its ``threads``); saving writes the
 uncompiled module (``torch.export``), which the user compiles again after loading.
+
+A trap this module guards against: every module compiled with ``nn.Module.compile`` shares one code
+object in torch's cache, which holds 8 entries (``torch._dynamo.config.recompile_limit``); past it, torch
+*silently* runs the module eagerly (a logged warning), and a "compiled" timing would be an eager one. So
+the first call is made with ``fail_on_recompile_limit_hit`` (the variant is then reported not measured),
+and deploy clears torch's compile caches (:func:`fresh_cache`) before compiling its variants: a process
+that deploys many models (the benchmark deploys 30) compiles each of them for real.
 """
 
 from __future__ import annotations
@@ -49,13 +56,19 @@ def compile_copy(model: nn.Module, xs: tuple[Tensor, ...], threads: int | None) 
     under ``threads`` because Inductor's CPU kernels keep the thread count they were generated for."""
     compiled = deepcopy_model(model).eval()
     try:
-        with _threads(threads):
+        with _threads(threads), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             compiled.compile(dynamic=False)
             compiled(*xs)
     except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: the eager model stays
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return None, f"torch.compile failed: {type(err).__name__}: {first[:300]}"
     return compiled, ""
+
+
+def fresh_cache() -> None:
+    """``torch.compiler.reset()``: room for the next compilations in torch's per-code-object cache. Modules
+    compiled earlier in this process keep working; each recompiles on its next call."""
+    torch.compiler.reset()
 
 
 def eager_name(variant: str) -> str:

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, pick
 from benchkit.deployment.compact import CompactResult, _flatten_outputs, compact
-from benchkit.deployment.compiled import SUFFIX, compile_copy, eager_name
-from benchkit.deployment.forms import DEFAULT_FORMS, FORMS, Form
+from benchkit.deployment.compiled import SUFFIX, compile_copy, eager_name, fresh_cache
+from benchkit.deployment.forms import DEFAULT_FORMS, FORMS, Form, portable
 from benchkit.latency import with_batch_size
 from benchkit.metrics import Inputs, as_tuple, count_flops, dead_channels, effective
 from benchkit.pruning.layers import prunable_layers
@@ -144,11 +144,17 @@ class Deployment:
     def save(self, path: str | Path):
         """Write the model so that torch alone loads it back; see
         :func:`benchkit.deployment.save.save_deployed`."""
+        from dataclasses import replace
+
         from benchkit.deployment.save import save_deployed
 
-        model = self.eager_model if self.eager_model is not None else self.model
-        return save_deployed(model, path, self.example_inputs, exportable=self.exportable,
-                             tolerance=self.tolerance)
+        model, swapped = portable(self.eager_model if self.eager_model is not None else self.model)
+        saved = save_deployed(model, path, self.example_inputs, exportable=self.exportable, tolerance=self.tolerance)
+        if swapped:
+            note = (f"{', '.join(swapped)}: benchkit's fused kernel written as its csr twin (F.embedding_bag), "
+                    "which torch alone runs")
+            saved = replace(saved, note="; ".join(x for x in (saved.note, note) if x))
+        return saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,8 +264,8 @@ def deploy(
     (default: the example's) and ``threads`` (default: torch's) are the setting every time is measured
     at. Sparse forms are not tried on layers denser than ``max_density``. ``timer`` replaces the
     default :class:`~benchkit.deployment.choose.MedianTimer` (e.g. a fake one in tests). ``compile``
-    also times every whole-model variant under ``torch.compile`` (:mod:`benchkit.deployment.compiled`);
-    ``save`` then writes the eager module.
+    also times every whole-model variant under ``torch.compile`` (:mod:`benchkit.deployment.compiled`;
+    it clears torch's compile caches first); ``save`` then writes the eager module.
 
     Returns a :class:`Deployment` whose ``model`` (eval mode, on ``device``, in the model's dtype) gives
     the masked model's outputs (computed in fp32 on CPU) within ``atol + rtol * max|output|`` of the
@@ -382,6 +388,7 @@ def _compiled_variants(variants: dict[str, nn.Module], xs: tuple[Tensor, ...], t
     the reason it is not measured; and each compiled variant's largest output difference."""
     out: dict[str, nn.Module | str] = {}
     diffs: dict[str, float] = {}
+    fresh_cache()  # else past torch's 8 cached compilations a "compiled" variant would silently run eagerly
     for name, model in variants.items():
         key = name + SUFFIX
         compiled, why = compile_copy(model, xs, threads)

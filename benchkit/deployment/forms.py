@@ -12,6 +12,11 @@ forms are what they are:
   sparse kernels are slow on AMD CPUs) and 4x (AVX2 EPYC) to 6x (AVX-512 EPYC) faster than dense at
   90% sparsity, transposes in and out included (results/deploy/bench.md). Every
   buffer is a dense tensor, so the model goes through ``torch.export`` unchanged.
+* ``fused_csr`` (Linear, CPU, fp32): benchkit's own kernel (:mod:`benchkit.deployment.fused`), the
+  CSR product with row-major input and output and the bias fused, built on first use with the machine's C++
+  compiler. Every torch CSR product computes ``W @ Xᵀ`` and so pays two layout copies that cap a
+  512x512 layer at batch 64 near 10x (results/deploy/parts.md); this one does its transposes in cache,
+  eight by eight. A saved model holds its ``csr`` twin (:func:`portable`), which torch alone runs.
 * ``torch_csr`` and ``torch_bsr<b>``: ``torch.sparse.mm`` on a CSR / BSR (b x b blocks) tensor with
   int32 indices (int64 indices are converted on every call: about 1.3x slower). At batch 1 MKL's CSR
   beats the embedding-bag kernel. The sparse tensor is rebuilt from dense index buffers on each call
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchkit.deployment import fused as _fused
 from benchkit.registry import Registry
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
@@ -100,6 +106,50 @@ class TorchSparse(nn.Module):
         build = torch.sparse_csr_tensor if self.blocksize is None else torch.sparse_bsr_tensor
         w = build(self.crow_indices, self.col_indices, self.values, self.shape, check_invariants=False)
         return torch.sparse.mm(w, xt)
+
+
+class FusedCsrLinear(nn.Module):
+    """``nn.Linear`` semantics (any leading dims) through ``benchkit::csr_linear``: CSR weight, row-major
+    input and output, bias fused."""
+
+    def __init__(self, weight2d: Tensor, bias: Tensor | None):
+        super().__init__()
+        crow, col, values = _csr_parts(weight2d)
+        self.register_buffer("crow_indices", crow)
+        self.register_buffer("col_indices", col)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.out_features, self.in_features = weight2d.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        # kept to the op call: at 512x512 / 98% the whole layer takes about 20 us, and each Python step here
+        # (an import, a reshape of a 2-D input) cost a measurable share of it
+        op = _fused.op()
+        if x.dim() == 2:
+            return op(x, self.crow_indices, self.col_indices, self.values, self.bias, self.out_features)
+        y = op(x.reshape(-1, self.in_features), self.crow_indices, self.col_indices, self.values, self.bias,
+               self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def portable(self) -> nn.Module:
+        """The same layer as the ``csr`` form (``F.embedding_bag``): torch alone runs it."""
+        shape = (self.out_features, self.in_features)
+        weight = torch.sparse_csr_tensor(self.crow_indices.long(), self.col_indices.long(), self.values, shape)
+        return SparseLinear(EmbeddingBagCsr(weight.to_dense()), self.in_features, self.out_features, self.bias)
+
+
+def portable(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``model``, or a copy whose layers that need benchkit's compiled kernel are replaced by their
+    torch-only twins (``portable()``), and the names replaced: what a saved model holds."""
+    names = [n for n, m in model.named_modules() if hasattr(m, "portable")]
+    if not names:
+        return model, []
+    import copy
+
+    out = copy.deepcopy(model)
+    for name in names:
+        out.set_submodule(name, out.get_submodule(name).portable())
+    return out, names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +295,24 @@ class CsrForm(KernelForm):
         return EmbeddingBagCsr(weight2d)
 
 
+class FusedCsrForm(Form):
+    """benchkit's fused CSR kernel for Linear layers on CPU (:class:`FusedCsrLinear`); built on first use."""
+
+    name = "fused_csr"
+
+    def check(self, layer: nn.Module, device: torch.device) -> str | None:
+        if not isinstance(layer, nn.Linear):
+            return f"{type(layer).__name__}: fused_csr is for Linear layers (convolutions use csr on im2col)"
+        if device.type != "cpu" or layer.weight.dtype != torch.float32:
+            return f"fused_csr runs fp32 on CPU (here: {layer.weight.dtype} on {device.type})"
+        return _fused.available()
+
+    def build(self, layer: nn.Module) -> nn.Module:
+        if not isinstance(layer, nn.Linear):
+            raise FormError(f"fused_csr takes Linear layers, got {type(layer).__name__}")
+        return FusedCsrLinear(layer.weight.detach(), layer.bias).to(layer.weight.device)
+
+
 class TorchCsrForm(KernelForm):
     """``torch.sparse.mm`` on CSR (MKL on CPU, cuSPARSE on CUDA); TorchScript only."""
 
@@ -326,10 +394,10 @@ class SemiStructuredForm(Form):
         return out
 
 
-for _form in (DenseForm(), CsrForm(), TorchCsrForm(), TorchBsrForm(4), TorchBsrForm(8), TorchBsrForm(16),
+for _form in (DenseForm(), CsrForm(), FusedCsrForm(), TorchCsrForm(), TorchBsrForm(4), TorchBsrForm(8), TorchBsrForm(16),
               SemiStructuredForm()):
     FORMS.register(_form.name, _form)
 
 #: what :func:`benchkit.deployment.deploy` measures by default (BSR is opt-in: it never won on this CPU
 #: and its im2col timings are long)
-DEFAULT_FORMS = ("dense", "csr", "torch_csr", "semi_structured")
+DEFAULT_FORMS = ("dense", "csr", "fused_csr", "torch_csr", "semi_structured")
