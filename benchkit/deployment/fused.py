@@ -16,6 +16,8 @@ it: its layers are written as their ``csr`` twin (``F.embedding_bag``), which to
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def available() -> str | None:
         try:
             from torch.utils.cpp_extension import load
 
+            _ninja_on_path()
             load(name=f"benchkit_csr_linear_{_cpu_tag()}", sources=[str(SOURCE)], is_python_module=False,
                  extra_cflags=["-O3", "-march=native"], verbose=False)
             _register_fake()
@@ -57,6 +60,17 @@ def available() -> str | None:
             return str(_STATE["error"])
         _STATE["ok"] = True
         return None
+
+
+def _ninja_on_path() -> None:
+    """torch looks for ``ninja`` on PATH; the ``ninja`` wheel (a dependency) puts it in the environment's
+    bin folder, which is not on PATH when Python is run as ``.venv/bin/python`` without activating."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _register_fake() -> None:
