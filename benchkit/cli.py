@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=64, help="batch every time is measured at (default 64)")
     d.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
     d.add_argument("--forms", default=None, metavar="A,B,...",
-                   help="forms to measure (default: dense,csr,torch_csr,semi_structured; see benchkit.FORMS)")
+                   help="forms to measure (default: dense,csr,fused_csr,torch_csr,semi_structured; see benchkit.FORMS)")
     d.add_argument("--repeats", type=int, default=20, help="timed calls per candidate (default 20)")
     d.add_argument("--warmup", type=int, default=3)
     d.add_argument("--compile", action="store_true",

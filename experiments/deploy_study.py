@@ -105,8 +105,9 @@ def main(argv=None) -> int:
         "the image models, windows of 128 token ids for charlm",
         "* columns: theoretical_* = FLOP ratios (ShrinkBench's dense/non-zero; after channel compaction), "
         "measured_deployed = dense / bk.deploy's model (whole network), layers_<kernel> = prunable layers' "
-        "dense time / their time in that kernel (csr = CSR through F.embedding_bag, torch_csr = torch.sparse.mm "
-        "on CSR (cuSPARSE on CUDA), torch_bsr8 = BSR 8x8, semi_structured = 2:4 sparse tensor cores)"])
+        "dense time / their time in that kernel (csr = CSR through F.embedding_bag, fused_csr = benchkit's own "
+        "CSR kernel, Linear layers only, torch_csr = torch.sparse.mm on CSR (cuSPARSE on CUDA), torch_bsr8 = "
+        "BSR 8x8, semi_structured = 2:4 sparse tensor cores)"])
     for path in study.write(df, args.out, header=header):
         print(f"wrote {path}")
     return 130 if stopped else 0

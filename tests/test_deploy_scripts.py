@@ -61,7 +61,8 @@ def test_study_quick_writes_csv_and_markdown(tmp_path):
     assert (df["coverage_torch_bsr8"] == 0).all() and df["layers_torch_bsr8"].isna().all()
     assert (df["coverage_csr"] == 1).all() and (df["layers_csr"] > 0).all()
     be = pd.read_csv(tmp_path / "break_even.csv")
-    assert set(be["kernel"]) == {"csr", "torch_csr"}
+    assert set(be["kernel"]) == {"csr", "fused_csr", "torch_csr"}
+    assert (df["coverage_fused_csr"] == 1).all()  # every LeNet-300 layer is a Linear layer
     assert set(be["granularity"]) == {"element", "n:m", "channel"}
     md = (tmp_path / "study.md").read_text()
     assert "NOT a measurement" in md and "## Break-even sparsity" in md

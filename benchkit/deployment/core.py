@@ -1,9 +1,9 @@
 """``deploy``: a pruned (masked) model in the fastest form this device runs, chosen by measurement.
 
     dep = bk.deploy(model, example_inputs, device="cpu", batch_size=64, threads=1)
-    dep.model(x)            # plain torch modules, same outputs as the masked model
+    dep.model(x)            # torch modules (fused_csr layers call benchkit's compiled op), same outputs
     dep.table()             # per layer: form chosen, why, measured times, theoretical vs measured speedup
-    dep.save("model.pt2")   # torch.export archive (TorchScript when a chosen form cannot export)
+    dep.save("model.pt2")   # torch.export archive that torch alone loads (TorchScript when a form cannot export)
 
 Steps: (1) masks are folded into a copy; (2) whole dead channels are removed with Torch-Pruning
 (:func:`benchkit.deployment.compact.compact`); (3) every prunable layer is timed on its real input at

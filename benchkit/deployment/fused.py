@@ -28,6 +28,7 @@ SOURCE = Path(__file__).with_name("csr_linear.cpp")
 _LOCK = threading.Lock()
 _STATE: dict[str, str | bool] = {}
 _OP: list = []
+_FAKE: list = []
 
 
 def _cpu_tag() -> str:
@@ -74,7 +75,11 @@ def _ninja_on_path() -> None:
 
 
 def _register_fake() -> None:
-    """Shapes for torch.compile / torch.export tracing (the op itself runs only on real CPU tensors)."""
+    """Shapes for torch.compile / torch.export tracing (the op itself runs only on real CPU tensors); once
+    per process (torch refuses a second registration)."""
+    if _FAKE:
+        return
+    _FAKE.append(True)
 
     @torch.library.register_fake("benchkit::csr_linear")
     def _(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
@@ -82,9 +87,14 @@ def _register_fake() -> None:
 
 
 def op():
-    """``torch.ops.benchkit.csr_linear.default`` (after :func:`available`), looked up once."""
+    """``torch.ops.benchkit.csr_linear.default``, looked up once; built or loaded first when this process has
+    not done so yet (a deployed model copied into another process, say)."""
     if _OP:
         return _OP[0]
+    why = available()
+    if why is not None:
+        raise RuntimeError(f"{why}. A model saved with Deployment.save holds the csr twin of these layers, "
+                           "which needs no build.")
     _OP.append(torch.ops.benchkit.csr_linear.default)
     return _OP[0]
 

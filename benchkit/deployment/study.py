@@ -45,7 +45,7 @@ from benchkit.pruning.selection import CompressionError
 from benchkit.pruning.units import StructureError, find_units
 from benchkit.registry import Registry
 
-KERNELS = ("csr", "torch_csr", "torch_bsr8")
+KERNELS = ("csr", "fused_csr", "torch_csr", "torch_bsr8")
 #: on a GPU: NVIDIA's 2:4 sparse tensor cores and cuSPARSE CSR. Opt in with ``kernels=``: the
 #: embedding-bag CSR (an FBGEMM CPU kernel; on an H200 1.3-50x slower than dense wherever measured,
 #: results/deploy/gpu) and BSR (torch's Triton kernels compile per shape)
