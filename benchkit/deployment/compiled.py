@@ -26,26 +26,13 @@ that deploys many models (the benchmark deploys 30) compiles each of them for re
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor, nn
 
+from benchkit.latency import num_threads
 from benchkit.pruning.masks import deepcopy_model
 
 SUFFIX = "_compiled"  # a compiled variant's name is the eager variant's plus this
-
-
-@contextlib.contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -56,7 +43,7 @@ def compile_copy(model: nn.Module, xs: tuple[Tensor, ...], threads: int | None) 
     under ``threads`` because Inductor's CPU kernels keep the thread count they were generated for."""
     compiled = deepcopy_model(model).eval()
     try:
-        with _threads(threads), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with num_threads(threads), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             compiled.compile(dynamic=False)
             compiled(*xs)
     except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op: the eager model stays
