@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, pick
-from benchkit.deployment.compact import CompactResult, _flatten_outputs, compact
+from benchkit.deployment.compact import CompactResult, _flatten_outputs, _max_abs_diff, compact
 from benchkit.deployment.compiled import SUFFIX, compile_copy, eager_name, fresh_cache
 from benchkit.deployment.forms import DEFAULT_FORMS, FORMS, Form, portable
 from benchkit.latency import with_batch_size
@@ -144,8 +144,6 @@ class Deployment:
     def save(self, path: str | Path):
         """Write the model so that torch alone loads it back; see
         :func:`benchkit.deployment.save.save_deployed`."""
-        from dataclasses import replace
-
         from benchkit.deployment.save import save_deployed
 
         model, swapped = portable(self.eager_model if self.eager_model is not None else self.model)
@@ -338,15 +336,13 @@ def deploy(
     variants = {"dense": base, "compacted": compacted_dense, "deployed": net if replacements else None}
     variants = {k: v for k, v in variants.items() if v is not None}
     not_measured: dict[str, str] = {}
-    compiled_diff = 0.0
+    compiled_diffs: dict[str, float] = {}  # each compiled variant's largest difference from its eager twin
     if compile:
         compiled, compiled_diffs = _compiled_variants(variants, xs, threads, floor, reports)
         not_measured.update({k: v for k, v in compiled.items() if isinstance(v, str)})
         variants.update({k: v for k, v in compiled.items() if isinstance(v, nn.Module)})
     times = timer(MODEL, {k: (lambda m=m: m(*xs)) for k, m in variants.items()})
     variant, why = pick({k: times[k] for k in variants}, "dense", min_gain)
-    if compile and variant.endswith(SUFFIX):
-        compiled_diff = compiled_diffs[variant]
     if eager_name(variant) != "deployed":
         for r in reports.values():
             if r.form != "dense":
@@ -358,7 +354,7 @@ def deploy(
     # checked against its eager twin at ``batch_size`` (calling it at another shape would recompile it)
     diff, tolerance = _check_outputs(eager, cpu_inputs, reference, [FORMS.get(r.form) for r in reports.values()],
                                      dev, reports, floor)
-    diff += compiled_diff
+    diff += compiled_diffs.get(variant, 0.0)
 
     flops = count_flops(masked, tuple(t[:1] for t in as32)).by_module
     dense_flops = sum(flops.get(n, 0) for n in reports)
@@ -395,11 +391,11 @@ def _compiled_variants(variants: dict[str, nn.Module], xs: tuple[Tensor, ...], t
         if compiled is None:
             out[key] = why
             continue
-        want, got = _flatten_outputs(model(*xs)), _flatten_outputs(compiled(*xs))
+        want = _flatten_outputs(model(*xs))
+        diff = _max_abs_diff(want, compiled, xs)  # inf when the outputs' number or shapes differ
         scale = max((float(t.abs().max()) for t in want), default=0.0)
         allowed = _tolerance([FORMS.get(r.form) for r in reports.values()] + [FORMS.get("dense")], floor, scale)
-        diff = max((float((a.float() - b.float()).abs().max()) for a, b in zip(want, got)), default=0.0)
-        if len(want) != len(got) or not diff <= allowed:
+        if not diff <= allowed:
             out[key] = f"compiled outputs differ from eager {name} by {diff:.3g} > {allowed:.3g}"
             continue
         out[key], diffs[key] = compiled, diff

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchkit.deployment.compact import _flatten_outputs
+from benchkit.deployment.compact import _flatten_outputs, _max_abs_diff
 from benchkit.latency import with_batch_size
 
 
@@ -70,14 +70,6 @@ def _script(model: nn.Module, xs: tuple[Tensor, ...], path: Path) -> None:
         torch.jit.save(traced, str(path))
 
 
-@torch.no_grad()
-def _agree(loaded: nn.Module, model: nn.Module, xs: tuple[Tensor, ...], tolerance: float) -> float:
-    a, b = _flatten_outputs(loaded(*xs)), _flatten_outputs(model(*xs))
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("inf")
-    return max((float((x - y).abs().max()) for x, y in zip(a, b)), default=0.0)
-
-
 def save_deployed(model: nn.Module, path: str | Path, example_inputs: tuple[Tensor, ...], *,
                   exportable: bool = True, tolerance: float = 1e-5) -> Saved:
     """Write ``model`` to ``path`` (its suffix is set to ``.pt2`` or ``.ts`` by the format used) and
@@ -110,7 +102,9 @@ def save_deployed(model: nn.Module, path: str | Path, example_inputs: tuple[Tens
             reasons.append(f"TorchScript: {type(err).__name__}: {err}")
             raise SaveError("the deployed model could not be saved: " + "; ".join(reasons)) from err
     check = tuple(t.to(device) for t in with_batch_size(example_inputs, 3 if saved.dynamic_batch else 2))
-    diff = _agree(load_deployed(saved.path), model, check, tolerance)
+    with torch.no_grad():
+        reference = _flatten_outputs(model(*check))
+    diff = _max_abs_diff(reference, load_deployed(saved.path), check)  # inf when shapes differ
     if not diff <= tolerance:
         raise SaveError(f"{saved.path} loads back with outputs {diff:.3g} away from the model's (allowed {tolerance:.3g})")
     return saved
