@@ -52,6 +52,7 @@ from benchkit.jobs import (
     RunTask,
     cores,
     hold_interrupt,
+    hold_interrupts,
     raise_pending_interrupt,
     repeats_for_every_run,
     take_pending_interrupt,
@@ -129,21 +130,6 @@ def _stop_signals(on_stop: Callable[[str], bool] | None = None) -> Iterator[None
         for sig, h in previous.items():
             signal.signal(sig, h)
         take_pending_interrupt()
-
-
-@contextmanager
-def _bookkeeping(raise_held: bool = True) -> Iterator[None]:
-    """In the sweep's process: hold a Ctrl-C / SIGTERM while it notes which worker runs which task (the
-    stop signals' handler honours ``INTERRUPT_DEFERRED``), and raise it right after (``raise_held``), or
-    leave it to be raised (:func:`~benchkit.jobs.raise_pending_interrupt`) once what was received has been
-    passed on."""
-    INTERRUPT_DEFERRED.set()
-    try:
-        yield
-    finally:
-        INTERRUPT_DEFERRED.clear()
-    if raise_held:
-        raise_pending_interrupt()
 
 
 # --------------------------------------------------------------------------------------------- serial
@@ -389,15 +375,16 @@ class ProcessPoolRunner:
 
     def _dispatch(self) -> None:
         """Hand the next tasks to idle workers, replacing any that died between runs. Handing a task over
-        and noting it is one step for a Ctrl-C (:func:`_bookkeeping`): one landing in between left a run
-        that the sweep did not know about, so nobody stopped it and the shutdown killed it, RUNNING."""
+        and noting it is one step for a Ctrl-C (:func:`~benchkit.jobs.hold_interrupts`): one landing in
+        between left a run that the sweep did not know about, so nobody stopped it and the shutdown killed
+        it, RUNNING."""
         for i, w in enumerate(self._pool):
             while self._queue and w.task is None:
                 if not w.proc.is_alive():
                     w.proc.join()
                     w.conn.close()
                     w = self._pool[i] = self._spawn()
-                with _bookkeeping():
+                with hold_interrupts():
                     task = self._queue.popleft()
                     try:
                         w.conn.send(task)
@@ -415,7 +402,7 @@ class ProcessPoolRunner:
             return None
         try:
             if w.conn.poll():  # an outcome, even from a worker that died right after sending it
-                with _bookkeeping(raise_held=False):  # received and noted, or neither; a held stop is
+                with hold_interrupts(raise_held=False):  # received and noted, or neither; a held stop is
                     outcome = w.conn.recv()             # raised once the outcome is handed on (run's loop)
                     w.task = None
                 return outcome

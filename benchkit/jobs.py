@@ -99,17 +99,22 @@ def raise_pending_interrupt() -> None:
 
 
 @contextmanager
-def store_call() -> Iterator[None]:
-    """Hold a stop signal (Ctrl-C, SIGTERM, the sweep's stop request) while one tracking-store call runs,
-    and raise it right after the call returns.
+def hold_interrupts(raise_held: bool = True) -> Iterator[None]:
+    """Hold a stop signal (Ctrl-C, SIGTERM, the sweep's stop request) for the block: the stop signals'
+    handlers honour ``INTERRUPT_DEFERRED``. Then raise it (``raise_held``), or leave it pending for
+    :func:`raise_pending_interrupt` once what the block received has been passed on.
 
-    Why: a stop landing inside SQLAlchemy's commit, or inside the rollback that a first stop started (the
-    sweep sends its request repeatedly until the run stops), leaves that sqlite connection mid-transaction,
-    still holding the store's write lock, and referenced from the traceback being handled. Every later
-    write then waits on it: the run's own KILLED mark in this process and every other worker's writes, until
-    the sweep's grace period kills them all. Only on the main thread (the only one Python delivers signals
-    to), and a no-op inside an outer deferral (which raises the interrupt itself) or while a run marks
-    itself KILLED (stop requests are ignored then)."""
+    Used where a stop in the middle would leave things half done:
+    * every tracking-store call (``benchkit.tracking.with_retry``): a stop landing inside SQLAlchemy's
+      commit, or inside the rollback that a first stop started (the sweep repeats its request until the run
+      stops), left that sqlite connection mid-transaction, still holding the store's write lock, and every
+      later write waited on it (the run's own KILLED mark and every other worker's) until the sweep's grace
+      period killed them all;
+    * the pool's bookkeeping (``benchkit.executors``): handing a worker its task and noting it, receiving
+      an outcome and noting it.
+
+    Only on the main thread (the only one Python delivers signals to), and a no-op inside an outer hold
+    (which raises the interrupt itself) or while a run marks itself KILLED (stop requests are ignored then)."""
     if (threading.current_thread() is not threading.main_thread() or INTERRUPT_DEFERRED.is_set()
             or INTERRUPT_HANDLED.is_set()):
         yield
@@ -119,7 +124,8 @@ def store_call() -> Iterator[None]:
         yield
     finally:
         INTERRUPT_DEFERRED.clear()
-    raise_pending_interrupt()
+    if raise_held:
+        raise_pending_interrupt()
 
 
 # errno values of failures that have nothing to do with the config: the next run hits them too.

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from benchkit.jobs import store_call
+from benchkit.jobs import hold_interrupts
 
 if TYPE_CHECKING:  # mlflow and torch are imported lazily: `benchkit --help` must stay fast
     from mlflow import MlflowClient
@@ -124,7 +124,7 @@ def with_retry(fn: Callable[..., T], *args: Any, attempts: int = 8, base_delay: 
     """
     for i in range(attempts):
         try:
-            with store_call():  # a stop is held until the call returns: see benchkit.jobs.store_call
+            with hold_interrupts():  # a stop is raised when the call returns: see benchkit.jobs.hold_interrupts
                 return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - filtered below
             if i == attempts - 1 or not _is_transient(e):

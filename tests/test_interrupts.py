@@ -264,7 +264,7 @@ def test_repeated_ctrl_c_under_cpu_load_always_stops_the_sweep(tmp_path):
             killed = [x for x in runs if x.info.status == "KILLED"]
             # Was rare (3 runs of this test in about 45): both workers stuck in fail_run's INSERT on the store's
             # write lock for the whole grace period, the lock held by a connection that a stop had cut inside
-            # SQLAlchemy's commit or rollback. Store calls now hold a stop until they return (jobs.store_call,
+            # SQLAlchemy's commit or rollback. Store calls now hold a stop until they return (jobs.hold_interrupts,
             # test_a_stop_during_a_store_call_lands_after_the_call_returns); 35 runs since, none took this path.
             # Still accepted, as the sweep's own answer to a stuck worker: it kills it and marks the run KILLED
             # itself, with the stop's reason inside its own.
