@@ -7,7 +7,7 @@
 //
 // Why it exists: every CSR kernel torch offers computes W @ X.T, so a Linear layer built on one pays two
 // layout copies (the input transposed, the output transposed back plus the bias). At 512x512, batch 64,
-// one thread on this project's CPU those copies alone took 30 us of dense's 306 us (results/deploy/parts.md):
+// one thread on this project's CPU those copies alone took 33 us of dense's 332 us (results/deploy/parts.md):
 // no kernel behind them could reach 0.3x of the theoretical speedup at 98% sparsity. Here the copies are
 // 8x8 register transposes (AVX; plain loops elsewhere) of one block of samples at a time, and the bias is
 // the accumulators' start:

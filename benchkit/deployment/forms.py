@@ -39,6 +39,7 @@ differs; 2:4 on CUDA computes in TF32/fp16: rtol 1e-2).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from abc import ABC, abstractmethod
 
@@ -144,8 +145,6 @@ def portable(model: nn.Module) -> tuple[nn.Module, list[str]]:
     names = [n for n, m in model.named_modules() if hasattr(m, "portable")]
     if not names:
         return model, []
-    import copy
-
     out = copy.deepcopy(model)
     for name in names:
         out.set_submodule(name, out.get_submodule(name).portable())

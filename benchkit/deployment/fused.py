@@ -5,8 +5,8 @@ one pays two layout copies around it, and at 512x512 / batch 64 those copies alo
 below the speedup a 98%-sparse weight should give (results/deploy/parts.md). This kernel reads ``x`` and
 writes ``y`` row-major, transposing one block of samples at a time in cache, with the bias fused.
 
-It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about a
-minute once, then cached under ``~/.cache/torch_extensions`` by source and flags) for this machine's
+It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; 7-25 s on
+this project's VM, once, then cached under ``~/.cache/torch_extensions`` by source and flags) for this machine's
 CPU (``-march=native``; the extension's name carries a hash of the CPU's flags, so a home folder shared
 by other CPUs gets its own build). Where it cannot be built, :func:`available` says why and the form is
 reported as not measured; nothing else changes. A model saved by :meth:`Deployment.save` never needs
@@ -26,9 +26,8 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csr_linear.cpp")
 _LOCK = threading.Lock()
-_STATE: dict[str, str | bool] = {}
-_OP: list = []
-_FAKE: list = []
+_STATE: dict[str, object] = {}  # "op": the loaded operator, or "error": why it cannot be built
+_FAKE: list = []  # the shape function is registered (once per process, whatever _STATE says)
 
 
 def _cpu_tag() -> str:
@@ -45,7 +44,7 @@ def available() -> str | None:
     with _LOCK:
         if "error" in _STATE:
             return str(_STATE["error"])
-        if _STATE.get("ok"):
+        if "op" in _STATE:
             return None
         try:
             from torch.utils.cpp_extension import load
@@ -59,7 +58,7 @@ def available() -> str | None:
             _STATE["error"] = (f"benchkit's fused CSR kernel could not be built here ({type(err).__name__}: "
                                f"{text[0][:200] if text else ''}); it needs a C++ compiler and ninja")
             return str(_STATE["error"])
-        _STATE["ok"] = True
+        _STATE["op"] = torch.ops.benchkit.csr_linear.default
         return None
 
 
@@ -87,18 +86,15 @@ def _register_fake() -> None:
 
 
 def op():
-    """``torch.ops.benchkit.csr_linear.default``, looked up once; built or loaded first when this process has
-    not done so yet (a deployed model copied into another process, say)."""
-    if _OP:
-        return _OP[0]
-    why = available()
-    if why is not None:
-        raise RuntimeError(f"{why}. A model saved with Deployment.save holds the csr twin of these layers, "
-                           "which needs no build.")
-    _OP.append(torch.ops.benchkit.csr_linear.default)
-    return _OP[0]
-
-
-def csr_linear(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
-    """``x @ Wᵀ + bias`` for a CSR ``W`` (int32 ``crow``/``col``, fp32 ``values``), ``x`` 2-D fp32 on CPU."""
-    return op()(x, crow, col, values, bias, out_features)
+    """``torch.ops.benchkit.csr_linear.default``: ``op(x, crow, col, values, bias, out_features)`` is
+    ``x @ Wᵀ + bias`` for a CSR ``W`` (int32 ``crow``/``col``, fp32 ``values``), ``x`` 2-D fp32 on CPU.
+    Built or loaded first when this process has not done so yet (a deployed model copied into another
+    process, say)."""
+    op = _STATE.get("op")
+    if op is None:
+        why = available()
+        if why is not None:
+            raise RuntimeError(f"{why}. A model saved with Deployment.save holds the csr twin of these layers, "
+                               "which needs no build.")
+        op = _STATE["op"]
+    return op
