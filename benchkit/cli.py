@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compile", action="store_true",
                    help="also time each whole model (dense included) under torch.compile and keep the fastest; "
                         "needs a C++ compiler on CPU")
+    d.add_argument("--align", type=int, default=8, metavar="N",
+                   help="also time the compacted model with channel counts rounded up to multiples of N (zero "
+                        "channels kept; faster GEMM widths); 1 turns it off (default 8)")
     d.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime check")
     d.add_argument("--no-sizes", action="store_true", help="skip writing the storage formats")
     v = sub.add_parser("verify", help="check a study's reproduction card (or the ShrinkBench checklist) against runs",
@@ -451,14 +454,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     import benchkit.timing  # noqa: F401  (a run's config.yaml holds every timing's section: register them first)
     from benchkit.deployment.artifacts import deploy_checkpoint
 
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        raise _usage("--batch-size, --repeats and --threads must be >= 1, --warmup >= 0")
+    if (args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.align < 1
+            or (args.threads is not None and args.threads < 1)):
+        raise _usage("--batch-size, --repeats, --align and --threads must be >= 1, --warmup >= 0")
     source = Path(args.source)
     out = Path(args.out) if args.out else (source if source.is_dir() else source.parent) / "deploy"
     forms = [f.strip() for f in args.forms.split(",") if f.strip()] if args.forms else None
     deploy_checkpoint(source, out, config=args.config, device=args.device, batch_size=args.batch_size,
                       threads=args.threads, forms=forms, warmup=args.warmup, repeats=args.repeats,
-                      onnx=not args.no_onnx, sizes=not args.no_sizes, compile=args.compile)
+                      onnx=not args.no_onnx, sizes=not args.no_sizes, compile=args.compile, align=args.align)
     print((out / "deploy_report.md").read_text(), end="")
     print(f"written to {out}")
     return EXIT_OK

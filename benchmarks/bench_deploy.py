@@ -7,19 +7,23 @@
   (b) channel-compacted models (layer-wise channel pruning, 2x and 4x): dense vs deployed.
       Goal: measured speedup >= 0.7 x the compacted theoretical one (FLOPs before / after compaction).
 
-  (a) and (b) have two rows per case: ``runtime eager`` (bk.deploy's default, against eager dense) and
-  ``runtime compiled`` (``bk.deploy(compile=True)``, against the faster of eager and compiled dense,
-  timed in the same interleaved run: the compiler's gain is not credited to pruning).
+  (a) and (b) have two rows per case: ``runtime eager`` (bk.deploy's default, against the fastest eager
+  dense model: NCHW, or channels-last for a convolutional one) and ``runtime compiled``
+  (``bk.deploy(compile=True)``, against the fastest of those and their compiled twins, timed in the
+  same interleaved run: neither the compiler's nor the layout's gain is credited to pruning).
   (c) never slower: element-wise pruned LeNet-300-100 and LeNet-5 at 0-98% sparsity, batch 1 and 64:
-      deployed / dense time, against the noise floor (a second copy of the dense model timed in the same
-      interleaved run). Goal: deployed <= dense x (1 + max(5%, noise)) everywhere.
+      deployed / dense time (the faster dense layout), against the noise floor (a second copy of the
+      dense model timed in the same interleaved run). Goal: deployed <= dense x (1 + max(5%, noise)).
 
 Every comparison runs its candidates round-robin (``benchkit.latency.time_callables``) in ``--rounds``
-rounds and reports medians; timings need a quiet machine (the coordinator runs the real measurement).
+rounds and reports medians; timings need a quiet machine. Each timed call follows an untimed call of the
+same candidate (warm caches, as a model runs batch after batch); ``--cold`` times each call right after
+another candidate's instead, so a small pruned model is timed after the dense one evicted it from the caches.
 
     .venv/bin/python benchmarks/bench_deploy.py                   # full sizes
     .venv/bin/python benchmarks/bench_deploy.py --quick           # smoke test: tiny sizes, few repeats
     .venv/bin/python benchmarks/bench_deploy.py --out results/deploy/bench.md
+    .venv/bin/python benchmarks/bench_deploy.py --cold --out results/deploy/bench_cold.md
 """
 
 from __future__ import annotations
@@ -42,17 +46,20 @@ sys.path.insert(0, str(ROOT))
 
 import benchkit as bk  # noqa: E402
 from benchkit.config import ModelConfig  # noqa: E402
-from benchkit.deployment.compiled import compile_copy  # noqa: E402
+from benchkit.deployment import layout  # noqa: E402
+from benchkit.deployment.compiled import compile_copy, fresh_cache  # noqa: E402
 from benchkit.latency import cpu_description, time_callables  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
 from benchkit.pruning.masks import deepcopy_model, make_permanent  # noqa: E402
+
+WARM = True  # --cold: each timed call right after another candidate's (see benchkit.latency.time_callables)
 
 
 def medians(fns: dict, rounds: int, repeats: int, warmup: int) -> dict[str, float]:
     """Median over ``rounds`` x ``repeats`` interleaved calls (ms)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
-        for k, v in time_callables(fns, threads=1, warmup=warmup, repeats=repeats).items():
+        for k, v in time_callables(fns, threads=1, warmup=warmup, repeats=repeats, warm=WARM).items():
             times[k] += v
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -68,15 +75,21 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def dense_peers(dense: nn.Module, x: torch.Tensor) -> dict:
-    """The dense model eager and compiled (``torch.compile``, the same compile step deploy uses): a
-    compiled deployed model is measured against the faster of the two, so compiling is not credited
-    to pruning."""
-    peers = {"dense": partial(dense, x)}
-    compiled, why = compile_copy(dense, (x,), threads=1)
-    if compiled is None:
-        print(f"dense compiled: not measured ({why})", file=sys.stderr)
-    else:
-        peers["dense compiled"] = partial(compiled, x)
+    """The dense model eager and compiled (``torch.compile``, the same compile step deploy uses), each
+    also in channels-last layout for a convolutional model (as deploy times it): a deployed model is
+    measured against the fastest dense one of its runtime, so neither the compiler nor the layout is
+    credited to pruning."""
+    models = {"dense": dense}
+    if layout.applies(dense):
+        models["dense channels_last"] = layout.channels_last_copy(dense)[0]
+    peers = {k: partial(m, x) for k, m in models.items()}
+    fresh_cache()  # the deploy calls before compiled up to 8 variants: room for these (see compiled.py)
+    for k, m in models.items():
+        compiled, why = compile_copy(m, (x,), threads=1)
+        if compiled is None:
+            print(f"{k} compiled: not measured ({why})", file=sys.stderr)
+        else:
+            peers[f"{k} compiled"] = partial(compiled, x)
     return peers
 
 
@@ -87,8 +100,8 @@ def runtimes(net: nn.Module, x: torch.Tensor, args) -> dict[str, bk.deployment.D
 
 
 def baseline(t: dict[str, float], runtime: str) -> float:
-    """Eager rows against eager dense; compiled rows against the faster dense runtime."""
-    return t["dense"] if runtime == "eager" else min(t["dense"], t.get("dense compiled", math.inf))
+    """Eager rows against the fastest eager dense model; compiled rows against the fastest dense one."""
+    return min(v for k, v in t.items() if k.startswith("dense") and (runtime != "eager" or "compiled" not in k))
 
 
 @torch.no_grad()
@@ -125,6 +138,7 @@ def bench_linear(sizes: list[int], sparsities: list[float], batch: int, args) ->
 
 
 def channel_models(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    torch.manual_seed(0)  # the same networks every run (the channels a residual add keeps depend on them)
     out = [("lenet5", build_model(ModelConfig(name="lenet5"), (1, 28, 28), 10), (1, 28, 28)),
            ("lenet300", build_model(ModelConfig(name="lenet300"), (1, 28, 28), 10), (1, 28, 28))]
     if not quick:
@@ -171,12 +185,15 @@ def bench_never_slower(sparsities: list[float], batches: list[int], args) -> lis
                 x = torch.randn(batch, 1, 28, 28)
                 dep = bk.deploy(net, x, threads=1, repeats=args.repeats, warmup=args.warmup)
                 dense, again = dense_copy(net), dense_copy(net)
-                t = medians({"dense": partial(dense, x), "dense again": partial(again, x),
-                             "deployed": partial(dep.model, x)}, args.rounds, args.repeats, args.warmup)
+                fns = {"dense": partial(dense, x), "dense again": partial(again, x), "deployed": partial(dep.model, x)}
+                if layout.applies(dense):  # deploy times this one too: the baseline is the faster dense layout
+                    fns["dense channels_last"] = partial(layout.channels_last_copy(dense)[0], x)
+                t = medians(fns, args.rounds, args.repeats, args.warmup)
                 noise = abs(t["dense again"] / t["dense"] - 1)
-                ratio = t["deployed"] / t["dense"]
-                rows.append({"model": name, "sparsity": s, "batch": batch,
-                             "forms": ",".join(sorted(set(dep.forms.values()))), "dense ms": t["dense"],
+                base = min(t["dense"], t.get("dense channels_last", math.inf))
+                ratio = t["deployed"] / base
+                rows.append({"model": name, "sparsity": s, "batch": batch, "variant": dep.variant,
+                             "forms": ",".join(sorted(set(dep.forms.values()))), "dense ms": base,
                              "deployed ms": t["deployed"], "deployed / dense": ratio, "noise": noise,
                              "goal": "met" if ratio <= 1 + max(0.05, noise) else "not met"})
     return rows
@@ -200,7 +217,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="also write the Markdown report here")
+    p.add_argument("--cold", action="store_true",
+                   help="time each call right after another candidate's (cold caches) instead of after an "
+                        "untimed call of its own (warm, the default)")
     args = p.parse_args(argv)
+    global WARM
+    WARM = not args.cold
     torch.set_num_threads(1)
     if args.quick:
         args.rounds, args.repeats, args.warmup = 1, 2, 1
@@ -215,9 +237,12 @@ def main(argv=None) -> int:
         "## bk.deploy: measured speedups (issue 19)", "",
         f"* machine: {cpu_description()}, {os.cpu_count()} CPUs, 1 torch thread; "
         f"torch {torch.__version__}; 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after; "
-        f"{args.rounds} rounds x {args.repeats} interleaved calls per candidate, medians"
+        f"{args.rounds} rounds x {args.repeats} interleaved calls per candidate, medians, "
+        + ("warm (each timed call after an untimed one of its own)" if WARM
+           else "cold (each timed call right after another candidate's)")
         + (" (--quick: NOT a measurement)" if args.quick else ""),
-        f"* command: `python benchmarks/bench_deploy.py{' --quick' if args.quick else ''}` "
+        f"* command: `python benchmarks/bench_deploy.py{' --quick' if args.quick else ''}"
+        f"{' --cold' if args.cold else ''}` "
         f"({time.perf_counter() - start:.0f} s)", "",
         "### (a) sparse Linear, batch 64: deployed >= 0.3x theoretical and >= bare torch.sparse.mm CSR", "",
         table(linear), "",

@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         + (" — --quick: a smoke test, NOT a measurement" if args.quick else "") + stopped,
         f"* machine: {where}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), torch "
         f"{torch.__version__}; 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after; "
-        f"{args.repeats} interleaved calls per candidate after {args.warmup} warm-up, medians",
+        f"{args.repeats} interleaved calls per candidate after {args.warmup} warm-up, each timed call after an "
+        "untimed one of its own (warm caches), medians",
         "* models: random weights, magnitude pruning layer by layer; inputs 1x28x28 (Fashion-MNIST's shape) for "
         "the image models, windows of 128 token ids for charlm",
         "* columns: theoretical_* = FLOP ratios (ShrinkBench's dense/non-zero; after channel compaction), "

@@ -247,6 +247,40 @@ def test_mlp_dead_neurons():
     assert_same_outputs(net, result, x)
 
 
+def test_align_keeps_channel_counts_at_multiples_and_the_outputs():
+    """align=8: each layer keeps ceil(alive / 8) * 8 channels (never more than it had), the extra ones dead
+    zeros, so the outputs stay the masked model's; the residual group keeps its union rounded up."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 12),
+                        nn.ReLU(), nn.Linear(12, 5))
+    kill(net, "0", list(range(0, 40, 3)))  # 14 dead: 26 alive -> 32
+    kill(net, "2", list(range(14)))        # 14 dead: 16 alive -> 16 (already a multiple)
+    kill(net, "4", [0, 1, 2, 3, 4, 5, 6])  # 7 dead: 5 alive -> 8
+    x = torch.randn(6, 20)
+    exact = bk.compact(net, x, measure_latency=False)
+    aligned = bk.compact(net, x, measure_latency=False, align=8)
+    assert exact.channels == {"0": (40, 26), "2": (30, 16), "4": (12, 5), "6": (5, 5)}
+    assert aligned.channels == {"0": (40, 32), "2": (30, 16), "4": (12, 8), "6": (5, 5)}
+    assert aligned.flops_prunable_after == 20 * 32 + 32 * 16 + 16 * 8 + 8 * 5
+    assert_same_outputs(net, aligned, x)
+    assert bk.compact(net, x, measure_latency=False, align=16).channels["4"] == (12, 12)  # capped: nothing removed
+    with pytest.raises(ValueError, match="align"):
+        bk.compact(net, x, measure_latency=False, align=0)
+
+    torch.manual_seed(0)
+    res = TinyResNet()
+    randomise_bn(res)
+    kill(res, "block2.conv1", [4, 9], bn="block2.bn1")  # 14 alive -> 16: nothing removed at align 8
+    kill(res, "conv", [3, 6], bn="bn")
+    kill(res, "block1.conv2", [3, 6], bn="block1.bn2")  # the stem's add: 6 alive in all producers -> 8
+    x = torch.randn(2, 3, 8, 8)
+    result = bk.compact(res, x, measure_latency=False, align=4)
+    assert result.channels["conv"] == (8, 8) and result.channels["block2.conv1"] == (16, 16)
+    result = bk.compact(res, x, measure_latency=False, align=3)
+    assert result.channels["conv"] == (8, 6) and result.channels["block2.conv1"] == (16, 15)
+    assert_same_outputs(res, result, x)
+
+
 class Concat(nn.Module):
     def __init__(self):
         super().__init__()

@@ -14,7 +14,7 @@ from torch import nn
 
 import benchkit as bk
 from benchkit.deployment.choose import pick
-from benchkit.deployment.core import MODEL, DeployError
+from benchkit.deployment.core import MODEL, DeployError, kind
 from benchkit.deployment.forms import (
     FORMS,
     FormError,
@@ -31,14 +31,15 @@ SPARSE_FORMS = ["csr", "fused_csr", "torch_csr", "torch_bsr4", "torch_bsr8", "to
 
 
 def fake_timer(layer_ms: dict[str, float], model_ms: dict[str, float] | None = None, calls: list | None = None):
-    """Times by form name (missing: 1.0 ms); whole models by variant. Nothing is run or timed."""
+    """Times by form name (missing: 1.0 ms); whole models by variant, a twin (channels-last, compiled)
+    as its source unless given. Nothing is run or timed."""
     model_ms = model_ms if model_ms is not None else {"dense": 3.0, "compacted": 2.0, "deployed": 1.0}
 
     def timer(label, fns):
         if calls is not None:
             calls.append((label, sorted(fns)))
         table = model_ms if label == MODEL else layer_ms
-        return {k: table.get(k, 1.0) for k in fns}
+        return {k: table.get(k, table.get(kind(k), 1.0) if label == MODEL else 1.0) for k in fns}
     return timer
 
 
@@ -265,7 +266,8 @@ def test_a_slower_form_is_never_chosen():
     assert "Linear" in dep.layers[0].not_measured["fused_csr"]
     assert all("CUDA" in r.not_measured["semi_structured"] for r in dep.layers)
     assert all("not 5% faster" in r.reason for r in dep.layers)
-    assert calls[-1] == (MODEL, ["dense"])  # nothing else to compare at the model level
+    # nothing else to compare at the model level than the dense model's channels-last twin (it has convs)
+    assert calls[-1] == (MODEL, ["dense", "dense_channels_last"])
     assert dep.measured_speedup == 1.0
 
 
@@ -393,7 +395,7 @@ def test_compiled_variants_are_timed_beside_eager_and_credited_against_compiled_
     x = torch.randn(4, 3, 6, 6)
     calls: list = []
     dep = bk.deploy(
-        net, x, compile=True, threads=1,
+        net, x, compile=True, threads=1, channels_last=False,
         timer=fake_timer({"csr": 0.5}, {"dense": 4.0, "deployed": 2.0, "dense_compiled": 2.5,
                                         "deployed_compiled": 1.0}, calls))
     assert [c[1] for c in calls if c[0] == MODEL] == [["dense", "dense_compiled", "deployed", "deployed_compiled"]]
@@ -412,17 +414,86 @@ def test_compiled_variants_are_timed_beside_eager_and_credited_against_compiled_
         again = saved.load()(x)
     assert saved.format == "torch.export" and (again - ref).abs().max().item() <= dep.tolerance
     # the compiler's own gain is not pruning's: compiled dense fastest -> measured speedup 1
-    dep = bk.deploy(net, x, compile=True, threads=1,
+    dep = bk.deploy(net, x, compile=True, threads=1, channels_last=False,
                     timer=fake_timer({"csr": 0.5}, {"dense": 4.0, "deployed": 3.0, "dense_compiled": 1.0,
                                                     "deployed_compiled": 1.02}))
     assert dep.variant == "dense_compiled" and dep.measured_speedup == 1.0 and set(dep.forms.values()) == {"dense"}
     # benchkit's own operator compiles too (its shape function is registered with torch.library)
-    dep = bk.deploy(net, x, forms=["fused_csr"], compile=True, threads=1,
+    dep = bk.deploy(net, x, forms=["fused_csr"], compile=True, threads=1, channels_last=False,
                     timer=fake_timer({"fused_csr": 0.5}, {"dense": 4.0, "deployed": 2.0, "dense_compiled": 2.5,
                                                          "deployed_compiled": 1.0}))
     assert dep.variant == "deployed_compiled" and dep.forms["6"] == "fused_csr" and dep.not_measured == {}
     with torch.no_grad():
         assert (dep.model(x) - ref).abs().max().item() <= dep.tolerance
+
+
+def test_channels_last_twins_are_timed_and_credited_against_the_fastest_dense_layout(tmp_path):
+    """A convolutional model's variants are also timed with channels-last parameters (dense included):
+    the kept one has them, gives the masked outputs on NCHW inputs, and its speedup divides the fastest
+    dense layout's time (3 ms here, not NCHW's 4 ms). Under compile=True the channels-last twins compile too."""
+    torch.manual_seed(0)
+    net = Block()
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[0, 3, 5]] = False
+    apply_masks(net, {"conv1.weight": keep[:, None, None, None].expand(16, 3, 3, 3).clone(),
+                      "conv1.bias": keep.clone(), "bn1.weight": keep.clone(), "bn1.bias": keep.clone()})
+    x = torch.randn(3, 3, 5, 5)
+    calls: list = []
+    dep = bk.deploy(net, x, forms=["dense"], align=1,
+                    timer=fake_timer({}, {"dense": 4.0, "dense_channels_last": 3.0, "compacted": 2.5,
+                                          "compacted_channels_last": 1.5}, calls))
+    assert calls[-1] == (MODEL, ["compacted", "compacted_channels_last", "dense", "dense_channels_last"])
+    assert dep.variant == "compacted_channels_last" and dep.dense_ms == 3.0 and dep.measured_speedup == 2.0
+    assert dep.model.conv1.out_channels == 13
+    for w in (dep.model.conv1.weight, dep.model.conv2.weight):
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    with torch.no_grad():
+        ref, got = net.eval()(x), dep.model(x)
+    assert (got - ref).abs().max().item() <= dep.tolerance
+    saved = dep.save(tmp_path / "model")
+    with torch.no_grad():
+        assert (saved.load()(x) - ref).abs().max().item() <= dep.tolerance
+    net = pruned()
+    x = torch.randn(4, 3, 6, 6)
+    # off, or a model without a 2-d convolution: no twin is timed
+    calls.clear()
+    bk.deploy(net, x, channels_last=False, timer=fake_timer({"csr": 0.5}, calls=calls))
+    assert calls[-1] == (MODEL, ["dense", "deployed"])
+    calls.clear()
+    mlp = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    apply_masks(mlp, {"0.weight": random_mask((16, 12), 0.2, 0)})
+    bk.deploy(mlp, torch.randn(4, 12), timer=fake_timer({"csr": 0.5}, calls=calls))
+    assert calls[-1] == (MODEL, ["dense", "deployed"])
+
+
+def test_the_aligned_variant_rounds_channel_counts_up_and_keeps_the_exact_theory():
+    """align=8 (the default) times the compaction with channel counts rounded up to multiples of 8 beside
+    the exact one; when it wins, the report shows its shapes, the outputs are the masked model's, and the
+    compacted theoretical speedup is still the exact compaction's. align=1 times no such variant."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 20), nn.ReLU(), nn.Linear(20, 5))
+    rows = torch.ones(40, 24, dtype=torch.bool)
+    rows[:19] = False  # 21 alive -> 24
+    bias = torch.ones(40, dtype=torch.bool)
+    bias[:19] = False
+    apply_masks(mlp, {"0.weight": rows, "0.bias": bias})
+    x = torch.randn(6, 24)
+    calls: list = []
+    dep = bk.deploy(mlp, x, forms=["dense"], timer=fake_timer({}, {"dense": 3.0, "compacted": 2.0, "aligned": 1.5},
+                                                                calls))
+    assert calls[-1] == (MODEL, ["aligned", "compacted", "dense"])
+    assert dep.variant == "aligned" and dep.model[0].out_features == 24 and dep.model[2].in_features == 24
+    assert dep.layers[0].deployed_shape == (24, 24) and dep.layers[1].deployed_shape == (20, 24)
+    dense_flops, exact_flops = 24 * 40 + 40 * 20 + 20 * 5, 24 * 21 + 21 * 20 + 20 * 5
+    assert dep.compacted_theoretical_speedup == pytest.approx(dense_flops / exact_flops)
+    with torch.no_grad():
+        ref = mlp.eval()(x)
+    assert (dep.model(x) - ref).abs().max().item() <= dep.tolerance
+    calls.clear()
+    dep = bk.deploy(mlp, x, forms=["dense"], align=1, timer=fake_timer({}, calls=calls))
+    assert calls[-1] == (MODEL, ["compacted", "dense"]) and dep.model[0].out_features == 21
+    with pytest.raises(DeployError, match="align"):
+        bk.deploy(mlp, x, align=0)
 
 
 def test_a_compiled_variant_is_never_an_eager_one_in_disguise():
@@ -455,7 +526,8 @@ def test_a_compiler_that_fails_is_reported_and_the_eager_model_kept():
     with inductor.patch({"cpp.cxx": ("/nonexistent/bin/c++",), "fx_graph_cache": False}):
         dep = bk.deploy(net, x, compile=True, timer=fake_timer({"csr": 0.5}))
     torch.compiler.reset()
-    assert set(dep.not_measured) == {"dense_compiled", "deployed_compiled"}
+    assert set(dep.not_measured) == {"dense_compiled", "deployed_compiled", "dense_channels_last_compiled",
+                                     "deployed_channels_last_compiled"}
     assert all(v.startswith("torch.compile failed: ") for v in dep.not_measured.values())
     assert dep.variant == "deployed" and dep.eager_model is None
     assert "dense_compiled not measured: torch.compile failed" in dep.markdown()

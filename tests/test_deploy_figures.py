@@ -262,13 +262,16 @@ def test_cli_deploy_writes_model_report_sizes_and_onnx(tmp_path, capsys):
     run = write_checkpoint(tmp_path / "run")
     out = tmp_path / "out"
     assert main(["deploy", str(run), "--out", str(out), "--batch-size", "4", "--threads", "1", "--repeats", "2",
-                 "--warmup", "0", "--compile"]) == 0
+                 "--warmup", "0", "--compile", "--align", "1"]) == 0
     printed = capsys.readouterr().out
     assert "deployed as" in printed and f"written to {out}" in printed
     report = json.loads((out / "deploy.json").read_text())
     # --compile: every whole-model variant timed compiled too, the dense one included
     assert report["not_measured"] == {} and report["latency_variant_dense_compiled_ms"] > 0
     assert report["latency_variant_compacted_compiled_ms"] > 0
+    # a convolutional model: the channels-last twins too; --align 1: no aligned variant
+    assert report["latency_variant_dense_channels_last_compiled_ms"] > 0
+    assert not any(k.startswith("latency_variant_aligned") for k in report)
     assert Path(report["saved"]).exists() and report["saved_format"] in ("torch.export", "torchscript")
     assert report["deploy_batch_size"] == 4 and report["deploy_threads"] == 1
     assert report["structured_speedup_compacted"] > 1 and report["compacted_params"] > 0
@@ -300,6 +303,8 @@ def test_cli_deploy_refuses_bad_arguments_before_loading(tmp_path, capsys):
     assert main(["deploy", str(tmp_path / "missing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["deploy", str(run), "--batch-size", "0"]) == 2
+    assert main(["deploy", str(run), "--align", "0"]) == 2
+    assert "--align" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["deploy", str(run), "--device", "cuda"]) == 2
         assert "no CUDA" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 * :mod:`~benchkit.deployment.forms`: the forms (dense, CSR kernels, 2:4 semi-structured on CUDA);
 * :mod:`~benchkit.deployment.fused`: benchkit's own CPU kernel for sparse Linear layers (``fused_csr``);
 * :mod:`~benchkit.deployment.compiled`: the whole-model ``torch.compile`` step (``compile=True``);
+* :mod:`~benchkit.deployment.layout`: the channels-last twin of a convolutional model's variants;
 * :mod:`~benchkit.deployment.compact`: whole dead channels removed with Torch-Pruning;
 * :mod:`~benchkit.deployment.flops`: structured FLOP counts under three named conventions;
 * :mod:`~benchkit.deployment.sizes`: model sizes read from the files written in each format;

@@ -9,11 +9,13 @@ Steps: (1) masks are folded into a copy; (2) whole dead channels are removed wit
 (:func:`benchkit.deployment.compact.compact`); (3) every prunable layer is timed on its real input at
 ``batch_size`` in each applicable form of :data:`benchkit.deployment.forms.FORMS` and takes the fastest
 one that beats its dense self by ``min_gain`` (:func:`benchkit.deployment.choose.pick`); (4) the whole
-model is timed three ways — dense (masks folded), compacted, deployed — and the fastest is kept by the
-same rule, so the result is never slower than the dense model within the timer's resolution;
-(5) the outputs are checked against the masked model's. With ``compile=True`` each whole-model
-variant is also timed compiled (``torch.compile``, :mod:`benchkit.deployment.compiled`), the dense
-model included, so the measured speedup never credits the compiler to the pruning.
+model is timed four ways — dense (masks folded), compacted, aligned (compacted, channel counts kept at
+multiples of the SIMD width), deployed — and the fastest is kept by the same rule, so the result is
+never slower than the dense model within the timer's resolution; (5) the outputs are checked against
+the masked model's. A convolutional model's variants are also timed in channels-last layout
+(:mod:`benchkit.deployment.layout`), and with ``compile=True`` every variant also compiled
+(``torch.compile``, :mod:`benchkit.deployment.compiled`); the dense model's twins are timed too, so the
+measured speedup never credits a layout or the compiler to the pruning.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from benchkit.deployment import layout
 from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, pick
 from benchkit.deployment.compact import CompactResult, _flatten_outputs, _max_abs_diff, compact
 from benchkit.deployment.compiled import SUFFIX, compile_copy, eager_name, fresh_cache
@@ -37,7 +40,7 @@ from benchkit.pruning.layers import prunable_layers
 from benchkit.pruning.masks import deepcopy_model, make_permanent
 
 MODEL = "<model>"  # the timer label of whole-model comparisons
-VARIANTS = ("dense", "compacted", "deployed")  # whole-model candidates, simplest first
+VARIANTS = ("dense", "compacted", "aligned", "deployed")  # whole-model candidates, simplest first
 
 
 class DeployError(ValueError):
@@ -49,8 +52,9 @@ class Deployment:
     """The deployed model and what was measured to choose it.
 
     ``variant`` is the whole-model form kept (``dense``: masks folded, ``compacted``: dead channels
-    removed, ``deployed``: compacted plus the per-layer forms; each with ``_compiled`` appended when
-    deploy compiled it); ``times_ms`` are the whole-model medians of the variants at ``setting``, and
+    removed, ``aligned``: compacted with channel counts rounded up to a multiple of deploy's ``align``,
+    ``deployed``: compacted plus the per-layer forms; each with ``_channels_last`` appended for its
+    channels-last twin and ``_compiled`` when deploy compiled it; :func:`kind` strips both); ``times_ms`` are the whole-model medians of the variants at ``setting``, and
     ``not_measured`` says why a variant asked for was not timed (e.g. ``torch.compile`` failed).
     ``theoretical_speedup`` is ShrinkBench's (dense / non-zero FLOPs of the prunable layers) and
     ``compacted_theoretical_speedup`` the FLOP ratio after compaction. ``tolerance`` is the output
@@ -74,8 +78,8 @@ class Deployment:
 
     @property
     def dense_ms(self) -> float:
-        """The fastest dense runtime measured (eager, or compiled when deploy compiled): the baseline."""
-        return min(self.times_ms[k] for k in ("dense", "dense" + SUFFIX) if k in self.times_ms)
+        """The fastest dense runtime measured (any layout; compiled too when deploy compiled): the baseline."""
+        return min(v for k, v in self.times_ms.items() if kind(k) == "dense")
 
     @property
     def measured_speedup(self) -> float:
@@ -252,6 +256,8 @@ def deploy(
     min_gain: float = 0.05,
     max_density: float = 0.9,
     compaction: bool = True,
+    align: int = 8,
+    channels_last: bool | None = None,
     compile: bool = False,
     timer: Timer | None = None,
 ) -> Deployment:
@@ -263,7 +269,13 @@ def deploy(
     at. Sparse forms are not tried on layers denser than ``max_density``. ``timer`` replaces the
     default :class:`~benchkit.deployment.choose.MedianTimer` (e.g. a fake one in tests). ``compile``
     also times every whole-model variant under ``torch.compile`` (:mod:`benchkit.deployment.compiled`;
-    it clears torch's compile caches first); ``save`` then writes the eager module.
+    it clears torch's compile caches first); ``save`` then writes the eager module. ``align`` > 1 also
+    times the ``aligned`` variant: the compaction with each layer's channels rounded up to a multiple of
+    ``align`` by keeping some dead (zero) channels (:func:`~benchkit.deployment.compact.compact`), because
+    GEMMs run faster at widths that fill the vector registers (8 floats with AVX2; 8 or 16 halves on
+    tensor cores); the compacted theoretical speedup stays that of the exact compaction. ``channels_last``
+    (default: when the model has a Conv2d) also times every variant with its parameters in channels-last
+    layout (:mod:`benchkit.deployment.layout`), dense included.
 
     Returns a :class:`Deployment` whose ``model`` (eval mode, on ``device``, in the model's dtype) gives
     the masked model's outputs (computed in fp32 on CPU) within ``atol + rtol * max|output|`` of the
@@ -284,6 +296,8 @@ def deploy(
         raise DeployError(f"{type(model).__name__} has no Conv/Linear layer to deploy")
     if threads is not None and threads < 1:
         raise DeployError(f"threads must be >= 1, got {threads}")
+    if not isinstance(align, int) or align < 1:
+        raise DeployError(f"align must be an integer >= 1 (1: no aligned variant), got {align!r}")
     timer = timer if timer is not None else MedianTimer(dev, threads, warmup, repeats)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     floor = _precision_floor(dtype, dev)
@@ -310,6 +324,9 @@ def deploy(
     net = deepcopy_model(result.model if result is not None else base).eval().to(dev, dtype)
     base.to(dev, dtype)
     compacted_dense = result.model if result is not None else None
+    aligned = _aligned_compaction(masked, as32, result, align)
+    if aligned is not None:
+        aligned.eval().to(dev, dtype)
     xs = tuple(t.to(dev) for t in with_batch_size(cpu_inputs, batch_size))
 
     net_layers = prunable_layers(net)
@@ -333,28 +350,39 @@ def deploy(
     for name, module in replacements.items():
         net.set_submodule(name, module)
 
-    variants = {"dense": base, "compacted": compacted_dense, "deployed": net if replacements else None}
+    variants = {"dense": base, "compacted": compacted_dense, "aligned": aligned,
+                "deployed": net if replacements else None}
     variants = {k: v for k, v in variants.items() if v is not None}
     not_measured: dict[str, str] = {}
-    compiled_diffs: dict[str, float] = {}  # each compiled variant's largest difference from its eager twin
+    diffs: dict[str, float] = {}  # each twin's largest output difference from the variant it was made from
+    twins = []
+    if channels_last if channels_last is not None else layout.applies(base):
+        twins.append((layout.SUFFIX, layout.channels_last_copy))
     if compile:
-        compiled, compiled_diffs = _compiled_variants(variants, xs, threads, floor, reports)
-        not_measured.update({k: v for k, v in compiled.items() if isinstance(v, str)})
-        variants.update({k: v for k, v in compiled.items() if isinstance(v, nn.Module)})
+        fresh_cache()  # else past torch's 8 cached compilations a "compiled" variant would silently run eagerly
+        twins.append((SUFFIX, lambda m: compile_copy(m, xs, threads)))
+    for suffix, make in twins:
+        made = _twins(variants, suffix, make, xs, floor, reports, diffs)
+        not_measured.update({k: v for k, v in made.items() if isinstance(v, str)})
+        variants.update({k: v for k, v in made.items() if isinstance(v, nn.Module)})
     times = timer(MODEL, {k: (lambda m=m: m(*xs)) for k, m in variants.items()})
     variant, why = pick({k: times[k] for k in variants}, "dense", min_gain)
-    if eager_name(variant) != "deployed":
+    if kind(variant) != "deployed":
         for r in reports.values():
             if r.form != "dense":
                 r.reason = f"dense: the whole model with the per-layer forms was not faster ({r.form}: {r.reason})"
                 r.form = "dense"
     chosen = variants[variant].eval()
     eager = variants[eager_name(variant)].eval()
+    if kind(variant) == "aligned":
+        for name, layer in prunable_layers(aligned).items():
+            reports[name].deployed_shape = tuple(layer.weight.shape)
     # the eager twin is checked against the masked model on the caller's example; a compiled variant was
     # checked against its eager twin at ``batch_size`` (calling it at another shape would recompile it)
     diff, tolerance = _check_outputs(eager, cpu_inputs, reference, [FORMS.get(r.form) for r in reports.values()],
                                      dev, reports, floor)
-    diff += compiled_diffs.get(variant, 0.0)
+    if variant != eager_name(variant):
+        diff += diffs[variant]
 
     flops = count_flops(masked, tuple(t[:1] for t in as32)).by_module
     dense_flops = sum(flops.get(n, 0) for n in reports)
@@ -377,29 +405,45 @@ def deploy(
     )
 
 
-def _compiled_variants(variants: dict[str, nn.Module], xs: tuple[Tensor, ...], threads: int | None,
-                       floor: tuple[float, float], reports: dict[str, LayerReport]
-                       ) -> tuple[dict[str, nn.Module | str], dict[str, float]]:
-    """Each variant compiled (name + ``_compiled``) and checked against its eager self on ``xs``, or
-    the reason it is not measured; and each compiled variant's largest output difference."""
+def _aligned_compaction(masked: nn.Module, inputs: tuple[Tensor, ...], exact: CompactResult | None,
+                        align: int) -> nn.Module | None:
+    """The compaction with channel counts rounded up to multiples of ``align``, or ``None`` when that is
+    the exact compaction or no compaction at all (nothing new to time)."""
+    if exact is None or align <= 1:
+        return None
+    result = compact(masked, inputs, measure_latency=False, align=align)
+    after = {k: a for k, (_, a) in result.channels.items()}
+    if after == {k: a for k, (_, a) in exact.channels.items()} or all(b == a for b, a in result.channels.values()):
+        return None
+    return result.model
+
+
+def kind(variant: str) -> str:
+    """The whole-model candidate a variant is a twin of: ``compacted_channels_last_compiled`` -> ``compacted``."""
+    return eager_name(variant).removesuffix(layout.SUFFIX)
+
+
+def _twins(variants: dict[str, nn.Module], suffix: str, make, xs: tuple[Tensor, ...], floor: tuple[float, float],
+           reports: dict[str, LayerReport], diffs: dict[str, float]) -> dict[str, nn.Module | str]:
+    """Each variant remade by ``make(model) -> (twin | None, why)`` (name + ``suffix``: compiled, channels
+    last) and checked against it on ``xs``, or the reason it is not measured. ``diffs`` gets each twin's
+    largest output difference from the variant it was made from."""
     out: dict[str, nn.Module | str] = {}
-    diffs: dict[str, float] = {}
-    fresh_cache()  # else past torch's 8 cached compilations a "compiled" variant would silently run eagerly
     for name, model in variants.items():
-        key = name + SUFFIX
-        compiled, why = compile_copy(model, xs, threads)
-        if compiled is None:
+        key = name + suffix
+        twin, why = make(model)
+        if twin is None:
             out[key] = why
             continue
         want = _flatten_outputs(model(*xs))
-        diff = _max_abs_diff(want, compiled, xs)  # inf when the outputs' number or shapes differ
+        diff = _max_abs_diff(want, twin, xs)  # inf when the outputs' number or shapes differ
         scale = max((float(t.abs().max()) for t in want), default=0.0)
         allowed = _tolerance([FORMS.get(r.form) for r in reports.values()] + [FORMS.get("dense")], floor, scale)
         if not diff <= allowed:
-            out[key] = f"compiled outputs differ from eager {name} by {diff:.3g} > {allowed:.3g}"
+            out[key] = f"{key} outputs differ from {name} by {diff:.3g} > {allowed:.3g}"
             continue
-        out[key], diffs[key] = compiled, diff
-    return out, diffs
+        out[key], diffs[key] = twin, diff
+    return out
 
 
 @torch.no_grad()

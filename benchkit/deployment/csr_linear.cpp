@@ -17,9 +17,10 @@
 //     y[block, :] = yt transposed (writing each group of eight outputs straight from an L1 tile instead
 //     measured 16-31% slower at 512 wide, 2% at 1024)
 // B is 32 samples (16 for 16 rows or fewer): two AVX-512 FMAs per non-zero on accumulators held in
-// registers. Measured at 512x512 / 98% / batch 64, one thread (benchkit.latency.time_callables,
-// interleaved with dense; scratch runs while choosing): B = 16, 32, 64 took
-// 22.9, 22.0, 24.3 us. Outputs are split over torch's intra-op threads (at::parallel_for).
+// registers. Chosen at 512x512 / 98% / batch 64, one thread (scratch runs, interleaved with dense, before the
+// buffers were aligned): B = 16, 32, 64 took 22.9, 22.0, 24.3 us. With aligned buffers the layer runs in
+// about 19 us timed alone (results/deploy/parts.md). Outputs are split over torch's intra-op threads
+// (at::parallel_for).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -90,21 +91,30 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float*
     for (int64_t c = (r < R ? C : 0); c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
+// A 64-byte aligned run of at least n floats inside buf (grown, never shrunk). Aligned because each
+// non-zero loads whole 64-byte rows of xt: from malloc's 16-byte alignment those straddle two cache lines,
+// and the same 512x512 / 98% layer ran in 20 or 25 us depending on where the buffers happened to land.
+float* aligned(std::vector<float>& buf, size_t n) {
+  if (buf.size() < n + 16) buf.resize(n + 16);
+  const auto p = reinterpret_cast<std::uintptr_t>(buf.data());
+  return reinterpret_cast<float*>((p + 63) & ~static_cast<std::uintptr_t>(63));
+}
+
 template <int B>  // samples per block: a multiple of 16
 void block_product(const float* x, int64_t rows, int64_t in, int64_t out, const int32_t* crow,
                    const int32_t* col, const float* val, const float* bias, float* y) {
   constexpr int V = B / 16;
   // the block's inputs and outputs, feature-major: kept per thread between calls, because a fresh
   // 128 KB+ buffer is a fresh mmap whose page faults cost more than the product at 98% sparsity
-  thread_local std::vector<float> xt, yt;
-  xt.resize(std::max(xt.size(), static_cast<size_t>(in) * B));
-  yt.resize(std::max(yt.size(), static_cast<size_t>(out) * B));
+  thread_local std::vector<float> xt_buf, yt_buf;
+  float* xt = aligned(xt_buf, static_cast<size_t>(in) * B);
+  float* yt = aligned(yt_buf, static_cast<size_t>(out) * B);
   for (int64_t m0 = 0; m0 < rows; m0 += B) {
     const int64_t mb = std::min<int64_t>(B, rows - m0);
-    if (mb < B) std::fill(xt.begin(), xt.begin() + in * B, 0.0f);  // lanes past the last sample
-    transpose(x + m0 * in, mb, in, in, xt.data(), B, /*src_in_order=*/true);
-    const float* xtp = xt.data();  // thread_local: the workers of parallel_for must use the caller's
-    float* ytp = yt.data();
+    if (mb < B) std::fill(xt, xt + in * B, 0.0f);  // lanes past the last sample
+    transpose(x + m0 * in, mb, in, in, xt, B, /*src_in_order=*/true);
+    const float* xtp = xt;  // thread_local: the workers of parallel_for must use the caller's
+    float* ytp = yt;
     at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o) {
         v16 acc[V];
@@ -118,7 +128,7 @@ void block_product(const float* x, int64_t rows, int64_t in, int64_t out, const 
         for (int j = 0; j < V; ++j) store16(ytp + o * B + 16 * j, acc[j]);
       }
     });
-    transpose(yt.data(), out, mb, B, y + m0 * out, out, /*src_in_order=*/false);
+    transpose(yt, out, mb, B, y + m0 * out, out, /*src_in_order=*/false);
   }
 }
 
