@@ -110,8 +110,9 @@ def time_callables(fns: Mapping[str, Callable[[], object]], *, device: str | tor
     runs with its own weights and buffers in cache, as a model does on batch after batch. Without it
     (``warm=False``) each timed call follows the previous callable's, and a small model is timed after a
     large one evicted it from the caches: a cold-cache figure, which penalises exactly the small pruned
-    models being compared (a 98%-sparse 512x512 Linear at batch 64: 28.9 us cold, 19.6 us warm, on this
-    project's CPU, beside a dense one whose 1 MB weight fills the L2 cache)."""
+    models being compared (a 98%-sparse 512x512 Linear at batch 64 beside a dense one whose 1 MB weight
+    fills the L2 cache: 20.7 us warm, 23.7 us cold on this project's CPU; results/deploy/bench.md and
+    bench_cold.md)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     device = torch.device(device)

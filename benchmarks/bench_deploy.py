@@ -81,7 +81,7 @@ def dense_peers(dense: nn.Module, x: torch.Tensor) -> dict:
     credited to pruning."""
     models = {"dense": dense}
     if layout.applies(dense):
-        models["dense channels_last"] = layout.channels_last_copy(dense)[0]
+        models["dense channels_last"] = layout.channels_last_copy(dense)
     peers = {k: partial(m, x) for k, m in models.items()}
     fresh_cache()  # the deploy calls before compiled up to 8 variants: room for these (see compiled.py)
     for k, m in models.items():
@@ -187,7 +187,7 @@ def bench_never_slower(sparsities: list[float], batches: list[int], args) -> lis
                 dense, again = dense_copy(net), dense_copy(net)
                 fns = {"dense": partial(dense, x), "dense again": partial(again, x), "deployed": partial(dep.model, x)}
                 if layout.applies(dense):  # deploy times this one too: the baseline is the faster dense layout
-                    fns["dense channels_last"] = partial(layout.channels_last_copy(dense)[0], x)
+                    fns["dense channels_last"] = partial(layout.channels_last_copy(dense), x)
                 t = medians(fns, args.rounds, args.repeats, args.warmup)
                 noise = abs(t["dense again"] / t["dense"] - 1)
                 base = min(t["dense"], t.get("dense channels_last", math.inf))

@@ -40,7 +40,6 @@ from benchkit.pruning.layers import prunable_layers
 from benchkit.pruning.masks import deepcopy_model, make_permanent
 
 MODEL = "<model>"  # the timer label of whole-model comparisons
-VARIANTS = ("dense", "compacted", "aligned", "deployed")  # whole-model candidates, simplest first
 
 
 class DeployError(ValueError):
@@ -357,7 +356,7 @@ def deploy(
     diffs: dict[str, float] = {}  # each twin's largest output difference from the variant it was made from
     twins = []
     if channels_last if channels_last is not None else layout.applies(base):
-        twins.append((layout.SUFFIX, layout.channels_last_copy))
+        twins.append((layout.SUFFIX, lambda m: (layout.channels_last_copy(m), "")))
     if compile:
         fresh_cache()  # else past torch's 8 cached compilations a "compiled" variant would silently run eagerly
         twins.append((SUFFIX, lambda m: compile_copy(m, xs, threads)))

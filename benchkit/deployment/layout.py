@@ -29,6 +29,6 @@ def applies(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def channels_last_copy(model: nn.Module) -> tuple[nn.Module, str]:
-    """``(copy with 4-d parameters in channels-last layout, "")``; the caller's model is unchanged."""
-    return deepcopy_model(model).to(memory_format=torch.channels_last).eval(), ""
+def channels_last_copy(model: nn.Module) -> nn.Module:
+    """A copy with its 4-d parameters in channels-last layout; the caller's model is unchanged."""
+    return deepcopy_model(model).to(memory_format=torch.channels_last).eval()
