@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--align", type=int, default=8, metavar="N",
                    help="also time the compacted model with channel counts rounded up to multiples of N (zero "
                         "channels kept; faster GEMM widths); 1 turns it off (default 8)")
+    d.add_argument("--no-fold-batchnorm", action="store_true",
+                   help="keep BatchNorm layers as they are (default: each one that only follows a convolution is "
+                        "folded into it, in every variant timed, dense included)")
     d.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime check")
     d.add_argument("--no-sizes", action="store_true", help="skip writing the storage formats")
     v = sub.add_parser("verify", help="check a study's reproduction card (or the ShrinkBench checklist) against runs",
@@ -462,7 +465,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     forms = [f.strip() for f in args.forms.split(",") if f.strip()] if args.forms else None
     deploy_checkpoint(source, out, config=args.config, device=args.device, batch_size=args.batch_size,
                       threads=args.threads, forms=forms, warmup=args.warmup, repeats=args.repeats,
-                      onnx=not args.no_onnx, sizes=not args.no_sizes, compile=args.compile, align=args.align)
+                      onnx=not args.no_onnx, sizes=not args.no_sizes, compile=args.compile, align=args.align,
+                      fold_batchnorm=not args.no_fold_batchnorm)
     print((out / "deploy_report.md").read_text(), end="")
     print(f"written to {out}")
     return EXIT_OK

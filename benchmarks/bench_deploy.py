@@ -8,9 +8,10 @@
       Goal: measured speedup >= 0.7 x the compacted theoretical one (FLOPs before / after compaction).
 
   (a) and (b) have two rows per case: ``runtime eager`` (bk.deploy's default, against the fastest eager
-  dense model: NCHW, or channels-last for a convolutional one) and ``runtime compiled``
-  (``bk.deploy(compile=True)``, against the fastest of those and their compiled twins, timed in the
-  same interleaved run: neither the compiler's nor the layout's gain is credited to pruning).
+  dense model: NCHW, or channels-last for a convolutional one, BatchNorms folded as deploy folds them, or
+  the model as given) and ``runtime compiled`` (``bk.deploy(compile=True)``, against the fastest of those
+  and their compiled twins, timed in the same interleaved run: neither the compiler's, the folding's nor
+  the layout's gain is credited to pruning).
   (c) never slower: element-wise pruned LeNet-300-100 and LeNet-5 at 0-98% sparsity, batch 1 and 64:
       deployed / dense time (the faster dense layout), against the noise floor (a second copy of the
       dense model timed in the same interleaved run). Goal: deployed <= dense x (1 + max(5%, noise)).
@@ -48,6 +49,7 @@ import benchkit as bk  # noqa: E402
 from benchkit.config import ModelConfig  # noqa: E402
 from benchkit.deployment import layout  # noqa: E402
 from benchkit.deployment.compiled import compile_copy, fresh_cache  # noqa: E402
+from benchkit.deployment.fold import fold_batchnorm  # noqa: E402
 from benchkit.latency import cpu_description, time_callables  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
 from benchkit.pruning.masks import deepcopy_model, make_permanent  # noqa: E402
@@ -75,14 +77,17 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def dense_peers(dense: nn.Module, x: torch.Tensor) -> dict:
-    """The dense model eager and compiled (``torch.compile``, the same compile step deploy uses), each
-    also in channels-last layout for a convolutional model (as deploy times it): a deployed model is
-    measured against the fastest dense one of its runtime, so neither the compiler nor the layout is
-    credited to pruning."""
-    models = {"dense": dense}
-    if layout.applies(dense):
-        models["dense channels_last"] = layout.channels_last_copy(dense)
-    peers = {k: partial(m, x) for k, m in models.items()}
+    """The dense model eager and compiled (``torch.compile``, the same compile step deploy uses), with its
+    BatchNorms folded into the convolutions (as deploy folds them; the model as given is timed too, eager)
+    and also in channels-last layout for a convolutional model (as deploy times it): a deployed model is
+    measured against the fastest dense one of its runtime, so neither the compiler, the folding nor the
+    layout is credited to pruning."""
+    folded = deepcopy_model(dense)
+    base, name = (folded, "dense folded") if fold_batchnorm(folded).batchnorms else (dense, "dense")
+    models = {name: base}
+    if layout.applies(base):
+        models[f"{name} channels_last"] = layout.channels_last_copy(base)
+    peers = {"dense": partial(dense, x), **{k: partial(m, x) for k, m in models.items()}}
     fresh_cache()  # the deploy calls before compiled up to 8 variants: room for these (see compiled.py)
     for k, m in models.items():
         compiled, why = compile_copy(m, (x,), threads=1)

@@ -275,7 +275,7 @@ def test_fastest_form_per_layer_and_the_whole_model_check():
     net = pruned()
     x = torch.randn(4, 3, 6, 6)
     times = {"dense": 1.0, "csr": 0.5, "torch_csr": 0.3}
-    dep = bk.deploy(net, x, timer=fake_timer(times))
+    dep = bk.deploy(net, x, channels_last=False, timer=fake_timer(times))
     assert set(dep.forms.values()) == {"torch_csr"} and dep.variant == "deployed"
     assert dep.layers[0].times_ms == {"dense": 1.0, "csr": 0.5, "torch_csr": 0.3}
     assert dep.layers[0].measured_speedup == pytest.approx(1.0 / 0.3)
@@ -464,6 +464,59 @@ def test_channels_last_twins_are_timed_and_credited_against_the_fastest_dense_la
     apply_masks(mlp, {"0.weight": random_mask((16, 12), 0.2, 0)})
     bk.deploy(mlp, torch.randn(4, 12), timer=fake_timer({"csr": 0.5}, calls=calls))
     assert calls[-1] == (MODEL, ["dense", "deployed"])
+
+
+def test_the_fastest_dense_layout_is_the_baseline_a_variant_must_beat():
+    """Compacted beats NCHW dense by 5% but channels-last dense by only 1%: channels-last dense is kept
+    (measured speedup 1.0), not NCHW dense (which would have measured 0.98 of the fastest dense)."""
+    torch.manual_seed(0)
+    net = Block()
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[0, 3, 5]] = False
+    apply_masks(net, {"conv1.weight": keep[:, None, None, None].expand(16, 3, 3, 3).clone(),
+                      "conv1.bias": keep.clone()})
+    dep = bk.deploy(net, torch.randn(3, 3, 5, 5), forms=["dense"], align=1, timer=fake_timer(
+        {}, {"dense": 1.0, "dense_channels_last": 0.96, "compacted": 0.95, "compacted_channels_last": 0.97}))
+    assert dep.variant == "dense_channels_last" and dep.measured_speedup == 1.0
+    dep = bk.deploy(net, torch.randn(3, 3, 5, 5), forms=["dense"], align=1, timer=fake_timer(
+        {}, {"dense": 1.0, "dense_channels_last": 0.96, "compacted": 0.9, "compacted_channels_last": 0.97}))
+    assert dep.variant == "compacted" and dep.measured_speedup == pytest.approx(0.96 / 0.9)
+
+
+def test_the_channels_last_twin_of_the_deployed_model_keeps_convolutions_dense_where_that_layout_wins():
+    """Per-layer forms are chosen against the NCHW dense layer; a convolution whose chosen form loses to the
+    dense layer in channels-last layout (on a channels-last input) is dense in the deployed model's
+    channels-last twin, and the report says so when that twin wins. Linear layers keep their form."""
+    net = pruned()
+    x = torch.randn(4, 3, 6, 6)
+    calls: list = []
+    layer_ms = {"dense": 1.0, "csr": 0.5, "dense_channels_last": 0.3, "csr_channels_last": 0.6}
+    dep = bk.deploy(net, x, forms=["csr"], timer=fake_timer(
+        layer_ms, {"dense": 4.0, "deployed": 2.0, "dense_channels_last": 3.0, "deployed_channels_last": 1.0}, calls))
+    assert [c for c in calls if c[1] == ["csr_channels_last", "dense_channels_last"]] == [
+        ("0", ["csr_channels_last", "dense_channels_last"]), ("2", ["csr_channels_last", "dense_channels_last"])]
+    assert dep.variant == "deployed_channels_last"
+    assert dep.forms == {"0": "dense", "2": "dense", "6": "csr", "8": "csr"}
+    assert "in channels-last layout the dense layer beats csr" in dep.layers[0].reason
+    assert dep.layers[0].times_ms["dense_channels_last"] == 0.3 and dep.layers[1].times_ms["csr_channels_last"] == 0.6
+    assert type(dep.model[0]) is nn.Conv2d and dep.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(dep.model[6], SparseLinear)
+    with torch.no_grad():
+        ref = net.eval()(x)
+        assert (dep.model(x) - ref).abs().max().item() <= dep.tolerance
+    # the NCHW deployed model keeps every chosen form
+    dep = bk.deploy(net, x, forms=["csr"], timer=fake_timer(
+        layer_ms, {"dense": 4.0, "deployed": 1.0, "dense_channels_last": 3.0, "deployed_channels_last": 2.0}))
+    assert dep.variant == "deployed" and set(dep.forms.values()) == {"csr"} and isinstance(dep.model[0], SparseConv2d)
+    # a form that also wins in channels-last layout stays in the twin
+    dep = bk.deploy(net, x, forms=["csr"], timer=fake_timer(
+        {**layer_ms, "csr_channels_last": 0.1}, {"dense": 4.0, "deployed": 2.0, "deployed_channels_last": 1.0}))
+    assert dep.variant == "deployed_channels_last" and set(dep.forms.values()) == {"csr"}
+    assert isinstance(dep.model[0], SparseConv2d)
+    with torch.no_grad():  # it writes channels-last outputs there, as a dense conv with channels-last weights
+        y = dep.model[0](x)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        assert (dep.model(x) - ref).abs().max().item() <= dep.tolerance
 
 
 def test_the_aligned_variant_rounds_channel_counts_up_and_keeps_the_exact_theory():

@@ -256,13 +256,18 @@ def write_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def test_cli_deploy_writes_model_report_sizes_and_onnx(tmp_path, capsys):
+def test_cli_deploy_writes_model_report_sizes_and_onnx(tmp_path, capsys, monkeypatch):
+    import benchkit.deployment.artifacts as artifacts
     from benchkit.cli import main
 
+    asked = []
+    real = artifacts.deploy
+    monkeypatch.setattr(artifacts, "deploy", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     run = write_checkpoint(tmp_path / "run")
     out = tmp_path / "out"
     assert main(["deploy", str(run), "--out", str(out), "--batch-size", "4", "--threads", "1", "--repeats", "2",
-                 "--warmup", "0", "--compile", "--align", "1"]) == 0
+                 "--warmup", "0", "--compile", "--align", "1", "--no-fold-batchnorm"]) == 0
+    assert [kw["fold_batchnorm"] for kw in asked] == [False]
     printed = capsys.readouterr().out
     assert "deployed as" in printed and f"written to {out}" in printed
     report = json.loads((out / "deploy.json").read_text())

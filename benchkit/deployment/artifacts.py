@@ -76,8 +76,8 @@ def load_model(checkpoint: Path, config: Path) -> tuple[nn.Module, tuple[int, ..
 def deploy_checkpoint(source: str | Path, out: str | Path, *, config: str | Path | None = None,
                       device: str = "cpu", batch_size: int = 64, threads: int | None = None,
                       forms: Sequence[str] | None = None, warmup: int = 3, repeats: int = 20,
-                      onnx: bool = True, sizes: bool = True, compile: bool = False, align: int = 8
-                      ) -> dict[str, Any]:
+                      onnx: bool = True, sizes: bool = True, compile: bool = False, align: int = 8,
+                      fold_batchnorm: bool = True) -> dict[str, Any]:
     """Deploy a run's final model and write the files of the module docstring; returns deploy.json's
     content."""
     for name in forms or ():
@@ -89,7 +89,8 @@ def deploy_checkpoint(source: str | Path, out: str | Path, *, config: str | Path
     out.mkdir(parents=True, exist_ok=True)
     example = random_inputs(model, (batch_size, *shape))
     dep: Deployment = deploy(model, example, device=device, batch_size=batch_size, threads=threads, forms=forms,
-                             warmup=warmup, repeats=repeats, compile=compile, align=align)
+                             warmup=warmup, repeats=repeats, compile=compile, align=align,
+                             fold_batchnorm=fold_batchnorm)
     saved = dep.save(out / "deployed")
     dep.table().to_csv(out / "deploy_layers.csv", index=False)
     report: dict[str, Any] = {"source": str(checkpoint), "config": str(config_path), "input_shape": list(shape),

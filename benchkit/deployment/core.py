@@ -5,15 +5,17 @@
     dep.table()             # per layer: form chosen, why, measured times, theoretical vs measured speedup
     dep.save("model.pt2")   # torch.export archive that torch alone loads (TorchScript when a form cannot export)
 
-Steps: (1) masks are folded into a copy; (2) whole dead channels are removed with Torch-Pruning
+Steps: (1) masks are folded into a copy, and BatchNorms into the convolutions before them
+(:mod:`benchkit.deployment.fold`); (2) whole dead channels are removed with Torch-Pruning
 (:func:`benchkit.deployment.compact.compact`); (3) every prunable layer is timed on its real input at
 ``batch_size`` in each applicable form of :data:`benchkit.deployment.forms.FORMS` and takes the fastest
 one that beats its dense self by ``min_gain`` (:func:`benchkit.deployment.choose.pick`); (4) the whole
 model is timed four ways — dense (masks folded), compacted, aligned (compacted, channel counts kept at
-multiples of the SIMD width), deployed — and the fastest is kept by the same rule, so the result is
-never slower than the dense model within the timer's resolution; (5) the outputs are checked against
-the masked model's. A convolutional model's variants are also timed in channels-last layout
-(:mod:`benchkit.deployment.layout`), and with ``compile=True`` every variant also compiled
+multiples of the SIMD width), deployed — and the fastest is kept by the same rule against the fastest
+dense variant, so the result is never slower than any dense layout within the timer's resolution; (5) the
+outputs are checked against the masked model's. A convolutional model's variants are also timed in channels-last layout
+(:mod:`benchkit.deployment.layout`; in the deployed model's twin a convolution stays dense when the dense
+layer in that layout beats its chosen form), and with ``compile=True`` every variant also compiled
 (``torch.compile``, :mod:`benchkit.deployment.compiled`); the dense model's twins are timed too, so the
 measured speedup never credits a layout or the compiler to the pruning.
 """
@@ -29,10 +31,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from benchkit.deployment import layout
+from benchkit.deployment import fold, layout
 from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, pick
 from benchkit.deployment.compact import CompactResult, _flatten_outputs, _max_abs_diff, compact
 from benchkit.deployment.compiled import SUFFIX, compile_copy, eager_name, fresh_cache
+from benchkit.deployment.fold import Folded
 from benchkit.deployment.forms import DEFAULT_FORMS, FORMS, Form, portable
 from benchkit.latency import with_batch_size
 from benchkit.metrics import Inputs, as_tuple, count_flops, dead_channels, effective
@@ -50,7 +53,8 @@ class DeployError(ValueError):
 class Deployment:
     """The deployed model and what was measured to choose it.
 
-    ``variant`` is the whole-model form kept (``dense``: masks folded, ``compacted``: dead channels
+    ``variant`` is the whole-model form kept (``dense``: masks folded; every variant also has its BatchNorms
+    folded unless deploy was told not to, ``fold_note``; ``compacted``: dead channels
     removed, ``aligned``: compacted with channel counts rounded up to a multiple of deploy's ``align``,
     ``deployed``: compacted plus the per-layer forms; each with ``_channels_last`` appended for its
     channels-last twin and ``_compiled`` when deploy compiled it; :func:`kind` strips both); ``times_ms`` are the whole-model medians of the variants at ``setting``, and
@@ -74,6 +78,7 @@ class Deployment:
     compaction: CompactResult | None = field(default=None, repr=False)
     not_measured: dict[str, str] = field(default_factory=dict)
     eager_model: nn.Module | None = field(default=None, repr=False)  # ``model`` before torch.compile
+    fold_note: str = ""  # what :mod:`benchkit.deployment.fold` did to every variant ("" when there was no BatchNorm)
 
     @property
     def dense_ms(self) -> float:
@@ -133,7 +138,8 @@ class Deployment:
                  + (f"; compacted theoretical {self.compacted_theoretical_speedup:.2f}x, efficiency "
                     f"{self.measured_speedup / self.compacted_theoretical_speedup:.2f}"
                     if self.compacted_theoretical_speedup else "")
-                 + "".join(f"; {k} not measured: {v}" for k, v in self.not_measured.items()),
+                 + "".join(f"; {k} not measured: {v}" for k, v in self.not_measured.items())
+                 + (f"; {self.fold_note}" if self.fold_note else ""),
                  "",
                  "| layer | shape | density | form | dense ms | deployed ms | measured x | theoretical x | "
                  "efficiency | why |",
@@ -242,6 +248,20 @@ def _choose_layer(name: str, layer: nn.Module, x: Tensor, report: LayerReport, f
 
 
 @torch.no_grad()
+def _dense_wins_channels_last(name: str, layer: nn.Conv2d, chosen: nn.Module, x: Tensor, report: LayerReport,
+                              timer: Timer, min_gain: float) -> bool:
+    """Whether, on a channels-last input, the dense convolution in channels-last layout is not beaten by the
+    form chosen against the NCHW one (by ``min_gain``): the deployed model's channels-last twin then keeps
+    the layer dense. Timed as ``dense_channels_last`` and ``<form>_channels_last`` in ``report.times_ms``."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    dense, chosen = layout.channels_last_copy(layer), layout.channels_last_copy(chosen)
+    base, mine = "dense" + layout.SUFFIX, report.form + layout.SUFFIX
+    times = timer(name, {base: lambda: dense(x), mine: lambda: chosen(x)})
+    report.times_ms.update({base: float(times[base]), mine: float(times[mine])})
+    return pick({base: times[base], mine: times[mine]}, base, min_gain)[0] == base
+
+
+@torch.no_grad()
 def deploy(
     model: nn.Module,
     example_inputs: Inputs,
@@ -258,6 +278,7 @@ def deploy(
     align: int = 8,
     channels_last: bool | None = None,
     compile: bool = False,
+    fold_batchnorm: bool = True,
     timer: Timer | None = None,
 ) -> Deployment:
     """Deploy a pruned (``torch.nn.utils.prune``-masked, or plain) model; see the module docstring.
@@ -274,7 +295,8 @@ def deploy(
     GEMMs run faster at widths that fill the vector registers (8 floats with AVX2; 8 or 16 halves on
     tensor cores); the compacted theoretical speedup stays that of the exact compaction. ``channels_last``
     (default: when the model has a Conv2d) also times every variant with its parameters in channels-last
-    layout (:mod:`benchkit.deployment.layout`), dense included.
+    layout (:mod:`benchkit.deployment.layout`), dense included. ``fold_batchnorm`` folds every BatchNorm that
+    only follows a convolution into it, in every variant, dense included (:mod:`benchkit.deployment.fold`).
 
     Returns a :class:`Deployment` whose ``model`` (eval mode, on ``device``, in the model's dtype) gives
     the masked model's outputs (computed in fp32 on CPU) within ``atol + rtol * max|output|`` of the
@@ -307,7 +329,15 @@ def deploy(
     # runs in the model's dtype on ``device``
     masked = deepcopy_model(model).cpu().float().eval()
     reference = _flatten_outputs(masked(*as32))
-    base = make_permanent(deepcopy_model(masked)).eval()
+    folds: list[Folded] = []
+
+    def prepare(variant: nn.Module) -> nn.Module:
+        """Every whole-model variant, dense included, with its BatchNorms folded (when asked)."""
+        if fold_batchnorm:
+            folds.append(fold.fold_batchnorm(variant.eval()))
+        return variant
+
+    base = prepare(make_permanent(deepcopy_model(masked)).eval())
     reports = {name: LayerReport(layer=name, type=type(m).__name__, shape=tuple(m.weight.shape),
                                  deployed_shape=tuple(m.weight.shape), density=_density(m),
                                  theoretical_speedup=math.inf)
@@ -318,21 +348,24 @@ def deploy(
     result: CompactResult | None = None
     if compaction and any(n > 0 for n in dead_channels(masked).values()):
         result = compact(masked, as32, measure_latency=False)
+    compacted_dense = None
     if result is not None:  # kept as it is: ``Deployment.compaction.model`` is the plain compacted model
+        compacted_dense = prepare(deepcopy_model(result.model).eval()).to(dev, dtype)
         result.model.eval().to(dev, dtype)
-    net = deepcopy_model(result.model if result is not None else base).eval().to(dev, dtype)
+    net = deepcopy_model(compacted_dense if compacted_dense is not None else base).eval().to(dev, dtype)
     base.to(dev, dtype)
-    compacted_dense = result.model if result is not None else None
     aligned = _aligned_compaction(masked, as32, result, align)
     if aligned is not None:
-        aligned.eval().to(dev, dtype)
+        prepare(aligned.eval()).to(dev, dtype)
     xs = tuple(t.to(dev) for t in with_batch_size(cpu_inputs, batch_size))
 
     net_layers = prunable_layers(net)
     base_layers = prunable_layers(base)
     net_inputs = _layer_inputs(net, net_layers, xs)
     base_inputs = _layer_inputs(base, base_layers, xs) if result is not None else {}
+    channels_last = channels_last if channels_last is not None else layout.applies(base)
     replacements: dict[str, nn.Module] = {}
+    dense_in_channels_last: set[str] = set()  # layers the deployed model's channels-last twin keeps dense
     for name, layer in net_layers.items():
         report = reports[name]
         report.deployed_shape = tuple(layer.weight.shape)
@@ -346,6 +379,9 @@ def deploy(
                                max_density, original, floor)
         if module is not layer:
             replacements[name] = module
+            if channels_last and isinstance(layer, nn.Conv2d) and _dense_wins_channels_last(
+                    name, layer, module, net_inputs[name], report, timer, min_gain):
+                dense_in_channels_last.add(name)
     for name, module in replacements.items():
         net.set_submodule(name, module)
 
@@ -355,8 +391,14 @@ def deploy(
     not_measured: dict[str, str] = {}
     diffs: dict[str, float] = {}  # each twin's largest output difference from the variant it was made from
     twins = []
-    if channels_last if channels_last is not None else layout.applies(base):
-        twins.append((layout.SUFFIX, lambda m: (layout.channels_last_copy(m), "")))
+    if channels_last:
+        def channels_last_twin(model: nn.Module) -> tuple[nn.Module, str]:
+            twin = layout.channels_last_copy(model)
+            if model is net:  # the deployed model: its layers chosen against channels-last dense ones
+                for name in dense_in_channels_last:
+                    twin.set_submodule(name, layout.channels_last_copy(net_layers[name]))
+            return twin, ""
+        twins.append((layout.SUFFIX, channels_last_twin))
     if compile:
         fresh_cache()  # else past torch's 8 cached compilations a "compiled" variant would silently run eagerly
         twins.append((SUFFIX, lambda m: compile_copy(m, xs, threads)))
@@ -365,12 +407,22 @@ def deploy(
         not_measured.update({k: v for k, v in made.items() if isinstance(v, str)})
         variants.update({k: v for k, v in made.items() if isinstance(v, nn.Module)})
     times = timer(MODEL, {k: (lambda m=m: m(*xs)) for k, m in variants.items()})
-    variant, why = pick({k: times[k] for k in variants}, "dense", min_gain)
+    # the baseline is the fastest dense variant (any layout, compiled too), the one every speedup divides:
+    # another variant must beat it by ``min_gain``, so the kept model is never slower than it
+    fastest_dense = min((k for k in variants if kind(k) == "dense"), key=lambda k: times[k])
+    variant, why = pick({k: times[k] for k in variants}, fastest_dense, min_gain)
     if kind(variant) != "deployed":
         for r in reports.values():
             if r.form != "dense":
                 r.reason = f"dense: the whole model with the per-layer forms was not faster ({r.form}: {r.reason})"
                 r.form = "dense"
+    if kind(variant) == "deployed" and layout.SUFFIX in variant:
+        for name in dense_in_channels_last:
+            r = reports[name]
+            cl = {k: v for k, v in r.times_ms.items() if k.endswith(layout.SUFFIX)}
+            r.reason = (f"dense: in channels-last layout the dense layer beats {r.form} ("
+                        + ", ".join(f"{k} {v:.4g} ms" for k, v in cl.items()) + ")")
+            r.form = "dense"
     chosen = variants[variant].eval()
     eager = variants[eager_name(variant)].eval()
     if kind(variant) == "aligned":
@@ -394,14 +446,25 @@ def deploy(
     setting = {"device": str(dev), "batch_size": batch_size,
                "threads": int(threads if threads is not None else torch.get_num_threads()),
                "dtype": str(dtype).removeprefix("torch."),
-               "warmup": getattr(timer, "warmup", warmup), "repeats": getattr(timer, "repeats", repeats)}
+               "warmup": getattr(timer, "warmup", warmup), "repeats": getattr(timer, "repeats", repeats),
+               "folded_batchnorm": len(folds[0].batchnorms) if folds else 0}
     return Deployment(
         model=chosen, layers=list(reports.values()), variant=variant, reason=why,
         times_ms={k: float(times[k]) for k in variants}, setting=setting, theoretical_speedup=theoretical,
         compacted_theoretical_speedup=compacted_theoretical, max_abs_diff=diff, tolerance=tolerance,
         example_inputs=cpu_inputs, compaction=result, not_measured=not_measured,
         eager_model=eager if eager is not chosen else None,
+        fold_note=_fold_note(folds[0] if folds else None, fold_batchnorm),
     )
+
+
+def _fold_note(folded: Folded | None, asked: bool) -> str:
+    if not asked or folded is None or not (folded.batchnorms or folded.why_not):
+        return ""  # not asked, or nothing to fold
+    if folded.why_not:
+        return f"BatchNorm not folded: {folded.why_not}"
+    return f"{len(folded.batchnorms)} BatchNorm layers folded into the convolutions before them, in every variant"
+
 
 
 def _aligned_compaction(masked: nn.Module, inputs: tuple[Tensor, ...], exact: CompactResult | None,

@@ -190,7 +190,9 @@ def _im2col(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding
 
 
 class SparseConv2d(nn.Module):
-    """``nn.Conv2d`` (groups 1, zero padding) as im2col + ``kernel``; NCHW contiguous output."""
+    """``nn.Conv2d`` (groups 1, zero padding) as im2col + ``kernel``; NCHW contiguous output, or channels-last
+    with ``channels_last_output`` (set by :func:`benchkit.deployment.layout.channels_last_copy`, as a dense
+    convolution with channels-last weights writes its output: the pooling after it runs fast in that layout)."""
 
     def __init__(self, kernel: nn.Module, conv: nn.Conv2d, bias: Tensor | None):
         super().__init__()
@@ -199,6 +201,7 @@ class SparseConv2d(nn.Module):
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.channels_last_output = False
 
     def forward(self, x: Tensor) -> Tensor:
         batched = x.dim() == 4
@@ -208,7 +211,8 @@ class SparseConv2d(nn.Module):
         y = self.kernel(cols)
         if self.bias is not None:
             y = y + self.bias[:, None]
-        y = y.view(self.out_channels, x.shape[0], ho, wo).transpose(0, 1).contiguous()
+        y = y.view(self.out_channels, x.shape[0], ho, wo).transpose(0, 1)
+        y = y.contiguous(memory_format=torch.channels_last if self.channels_last_output else torch.contiguous_format)
         return y if batched else y.squeeze(0)
 
 

@@ -9,6 +9,11 @@ went from 5.8 to 2.5 ms. The same layout does not help every model (dense resnet
 were 20% slower in it), so it is one more candidate timed, dense included, never a blanket switch:
 a pruned model's measured speedup is still taken against the fastest dense model.
 
+Per-layer forms are chosen against the NCHW dense layer, so in the deployed model's twin each convolution
+given a sparse form is timed again on a channels-last input against the dense layer in that layout, and
+kept dense there when the form does not win (``deploy``); dense LeNet-5's convolutions run faster in
+channels-last than im2col + CSR ones, while its sparse Linear layers still pay.
+
 Only the parameters' layout changes (``module.to(memory_format=torch.channels_last)``); the model is
 still called with ordinary NCHW inputs, the first convolution converts them, and that copy is inside
 the time measured.
@@ -30,5 +35,11 @@ def applies(model: nn.Module) -> bool:
 
 
 def channels_last_copy(model: nn.Module) -> nn.Module:
-    """A copy with its 4-d parameters in channels-last layout; the caller's model is unchanged."""
-    return deepcopy_model(model).to(memory_format=torch.channels_last).eval()
+    """A copy with its 4-d parameters in channels-last layout; modules that lay out their own outputs (a
+    ``channels_last_output`` flag: benchkit's im2col convolutions) write channels-last outputs, as a dense
+    convolution with channels-last weights does. The caller's model is unchanged."""
+    copy = deepcopy_model(model).to(memory_format=torch.channels_last).eval()
+    for m in copy.modules():
+        if hasattr(m, "channels_last_output"):
+            m.channels_last_output = True
+    return copy
