@@ -141,3 +141,28 @@ def test_deploy_folds_every_variant_dense_included(fastest):
     dep = bk.deploy(net, x, forms=["dense"], align=1, channels_last=False, fold_batchnorm=False,
                     timer=fake_timer({}, times))
     assert isinstance(dep.model.bn1, nn.BatchNorm2d) and dep.setting["folded_batchnorm"] == 0 and dep.fold_note == ""
+
+
+def test_every_registered_model_with_batchnorm_folds_completely():
+    """benchkit's own CNNs (CIFAR ResNets, VGGs) trace and lose every BatchNorm, outputs unchanged to float
+    rounding (relative 1e-5), with non-trivial running statistics."""
+    from benchkit.config import ModelConfig
+    from benchkit.models import MODELS, build_model
+
+    seen = []
+    for name in MODELS.names():
+        if name in ("gpt", "vit"):  # token / patch models: LayerNorm, no BatchNorm
+            continue
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name=name), (3, 32, 32), 10).eval()
+        bns = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for i, n in enumerate(bns):
+            with_stats(model.get_submodule(n), i)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            ref = model(x)
+            assert fold_batchnorm(model).batchnorms == bns, name
+            assert (model(x) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), name
+        if bns:
+            seen.append(name)
+    assert {"resnet20", "resnet56", "vgg11", "vgg_small"} <= set(seen)
