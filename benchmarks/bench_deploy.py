@@ -30,7 +30,6 @@ another candidate's instead, so a small pruned model is timed after the dense on
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -76,17 +75,23 @@ def dense_copy(model: nn.Module) -> nn.Module:
     return make_permanent(deepcopy_model(model)).eval()
 
 
-def dense_peers(dense: nn.Module, x: torch.Tensor) -> dict:
-    """The dense model eager and compiled (``torch.compile``, the same compile step deploy uses), with its
-    BatchNorms folded into the convolutions (as deploy folds them; the model as given is timed too, eager)
-    and also in channels-last layout for a convolutional model (as deploy times it): a deployed model is
-    measured against the fastest dense one of its runtime, so neither the compiler, the folding nor the
-    layout is credited to pruning."""
+def deploys_dense(dense: nn.Module) -> dict[str, nn.Module]:
+    """The dense models deploy itself times: BatchNorms folded into the convolutions (``dense folded`` when
+    there were any, else the model as given, ``dense``), and also in channels-last layout for a
+    convolutional model."""
     folded = deepcopy_model(dense)
     base, name = (folded, "dense folded") if fold_batchnorm(folded).batchnorms else (dense, "dense")
     models = {name: base}
     if layout.applies(base):
         models[f"{name} channels_last"] = layout.channels_last_copy(base)
+    return models
+
+
+def dense_peers(dense: nn.Module, x: torch.Tensor) -> dict:
+    """The dense model as given, and the dense models deploy times (:func:`deploys_dense`) eager and compiled
+    (``torch.compile``, the same compile step deploy uses): a deployed model is measured against the fastest
+    dense one of its runtime, so neither the compiler, the folding nor the layout is credited to pruning."""
+    models = deploys_dense(dense)
     peers = {"dense": partial(dense, x), **{k: partial(m, x) for k, m in models.items()}}
     fresh_cache()  # the deploy calls before compiled up to 8 variants: room for these (see compiled.py)
     for k, m in models.items():
@@ -190,12 +195,11 @@ def bench_never_slower(sparsities: list[float], batches: list[int], args) -> lis
                 x = torch.randn(batch, 1, 28, 28)
                 dep = bk.deploy(net, x, threads=1, repeats=args.repeats, warmup=args.warmup)
                 dense, again = dense_copy(net), dense_copy(net)
-                fns = {"dense": partial(dense, x), "dense again": partial(again, x), "deployed": partial(dep.model, x)}
-                if layout.applies(dense):  # deploy times this one too: the baseline is the faster dense layout
-                    fns["dense channels_last"] = partial(layout.channels_last_copy(dense), x)
+                fns = {"dense": partial(dense, x), "dense again": partial(again, x), "deployed": partial(dep.model, x),
+                       **{k: partial(m, x) for k, m in deploys_dense(dense).items()}}  # the baseline: the fastest
                 t = medians(fns, args.rounds, args.repeats, args.warmup)
                 noise = abs(t["dense again"] / t["dense"] - 1)
-                base = min(t["dense"], t.get("dense channels_last", math.inf))
+                base = min(v for k, v in t.items() if k.startswith("dense") and k != "dense again")
                 ratio = t["deployed"] / base
                 rows.append({"model": name, "sparsity": s, "batch": batch, "variant": dep.variant,
                              "forms": ",".join(sorted(set(dep.forms.values()))), "dense ms": base,

@@ -328,6 +328,18 @@ class Block(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def dead_conv1_channels(net: Block, dead=(0, 3, 5), batchnorm: bool = True) -> Block:
+    """Whole output channels of ``conv1`` masked (and, with ``batchnorm``, bn1's affine terms), as channel
+    pruning leaves them: compaction removes them."""
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[list(dead)] = False
+    masks = {"conv1.weight": keep[:, None, None, None].expand(16, 3, 3, 3).clone(), "conv1.bias": keep.clone()}
+    if batchnorm:
+        masks.update({"bn1.weight": keep.clone(), "bn1.bias": keep.clone()})
+    apply_masks(net, masks)
+    return net
+
+
 def test_compaction_then_sparse_forms_reproduce_the_masked_model():
     torch.manual_seed(0)
     net = Block()
@@ -433,10 +445,7 @@ def test_channels_last_twins_are_timed_and_credited_against_the_fastest_dense_la
     dense layout's time (3 ms here, not NCHW's 4 ms). Under compile=True the channels-last twins compile too."""
     torch.manual_seed(0)
     net = Block()
-    keep = torch.ones(16, dtype=torch.bool)
-    keep[[0, 3, 5]] = False
-    apply_masks(net, {"conv1.weight": keep[:, None, None, None].expand(16, 3, 3, 3).clone(),
-                      "conv1.bias": keep.clone(), "bn1.weight": keep.clone(), "bn1.bias": keep.clone()})
+    dead_conv1_channels(net)
     x = torch.randn(3, 3, 5, 5)
     calls: list = []
     dep = bk.deploy(net, x, forms=["dense"], align=1,
@@ -471,10 +480,7 @@ def test_the_fastest_dense_layout_is_the_baseline_a_variant_must_beat():
     (measured speedup 1.0), not NCHW dense (which would have measured 0.98 of the fastest dense)."""
     torch.manual_seed(0)
     net = Block()
-    keep = torch.ones(16, dtype=torch.bool)
-    keep[[0, 3, 5]] = False
-    apply_masks(net, {"conv1.weight": keep[:, None, None, None].expand(16, 3, 3, 3).clone(),
-                      "conv1.bias": keep.clone()})
+    dead_conv1_channels(net, batchnorm=False)
     dep = bk.deploy(net, torch.randn(3, 3, 5, 5), forms=["dense"], align=1, timer=fake_timer(
         {}, {"dense": 1.0, "dense_channels_last": 0.96, "compacted": 0.95, "compacted_channels_last": 0.97}))
     assert dep.variant == "dense_channels_last" and dep.measured_speedup == 1.0

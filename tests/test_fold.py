@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_deploy import Block, fake_timer
+from test_deploy import Block, dead_conv1_channels, fake_timer
 from torch import nn
 
 import benchkit as bk
 from benchkit.deployment.fold import fold_batchnorm
-from benchkit.pruning.masks import apply_masks
 
 
 def with_stats(bn: nn.modules.batchnorm._BatchNorm, seed: int) -> nn.Module:
@@ -124,10 +123,7 @@ def test_deploy_folds_every_variant_dense_included(fastest):
     torch.manual_seed(0)
     net = Block()
     with_stats(net.bn1, 10)
-    keep = torch.ones(16, dtype=torch.bool)
-    keep[[0, 3, 5]] = False
-    apply_masks(net, {"conv1.weight": keep[:, None, None, None].expand(16, 3, 3, 3).clone(),
-                      "conv1.bias": keep.clone(), "bn1.weight": keep.clone(), "bn1.bias": keep.clone()})
+    dead_conv1_channels(net)
     x = torch.randn(3, 3, 5, 5)
     times = {"dense": 1.0, "compacted": 2.0} if fastest == "dense" else {"dense": 2.0, "compacted": 1.0}
     dep = bk.deploy(net, x, forms=["dense"], align=1, channels_last=False, timer=fake_timer({}, times))

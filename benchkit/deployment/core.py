@@ -329,15 +329,15 @@ def deploy(
     # runs in the model's dtype on ``device``
     masked = deepcopy_model(model).cpu().float().eval()
     reference = _flatten_outputs(masked(*as32))
-    folds: list[Folded] = []
 
     def prepare(variant: nn.Module) -> nn.Module:
         """Every whole-model variant, dense included, with its BatchNorms folded (when asked)."""
         if fold_batchnorm:
-            folds.append(fold.fold_batchnorm(variant.eval()))
+            fold.fold_batchnorm(variant.eval())
         return variant
 
-    base = prepare(make_permanent(deepcopy_model(masked)).eval())
+    base = make_permanent(deepcopy_model(masked)).eval()
+    folded = fold.fold_batchnorm(base) if fold_batchnorm else Folded()  # the same in every variant
     reports = {name: LayerReport(layer=name, type=type(m).__name__, shape=tuple(m.weight.shape),
                                  deployed_shape=tuple(m.weight.shape), density=_density(m),
                                  theoretical_speedup=math.inf)
@@ -447,24 +447,24 @@ def deploy(
                "threads": int(threads if threads is not None else torch.get_num_threads()),
                "dtype": str(dtype).removeprefix("torch."),
                "warmup": getattr(timer, "warmup", warmup), "repeats": getattr(timer, "repeats", repeats),
-               "folded_batchnorm": len(folds[0].batchnorms) if folds else 0}
+               "folded_batchnorm": len(folded.batchnorms)}
     return Deployment(
         model=chosen, layers=list(reports.values()), variant=variant, reason=why,
         times_ms={k: float(times[k]) for k in variants}, setting=setting, theoretical_speedup=theoretical,
         compacted_theoretical_speedup=compacted_theoretical, max_abs_diff=diff, tolerance=tolerance,
         example_inputs=cpu_inputs, compaction=result, not_measured=not_measured,
         eager_model=eager if eager is not chosen else None,
-        fold_note=_fold_note(folds[0] if folds else None, fold_batchnorm),
+        fold_note=_fold_note(folded),
     )
 
 
-def _fold_note(folded: Folded | None, asked: bool) -> str:
-    if not asked or folded is None or not (folded.batchnorms or folded.why_not):
-        return ""  # not asked, or nothing to fold
+def _fold_note(folded: Folded) -> str:
+    """"" when nothing was folded for want of a BatchNorm (or of being asked)."""
     if folded.why_not:
         return f"BatchNorm not folded: {folded.why_not}"
-    return f"{len(folded.batchnorms)} BatchNorm layers folded into the convolutions before them, in every variant"
-
+    if folded.batchnorms:
+        return f"{len(folded.batchnorms)} BatchNorm layers folded into the convolutions before them, in every variant"
+    return ""
 
 
 def _aligned_compaction(masked: nn.Module, inputs: tuple[Tensor, ...], exact: CompactResult | None,

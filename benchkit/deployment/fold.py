@@ -12,10 +12,9 @@ zero (each output channel is only rescaled), so the sparsity the per-layer forms
 
 Pairs are found on the ``torch.fx`` graph: a ``ConvNd`` module whose output goes to a ``BatchNormNd``
 module of the same dimension and nowhere else, the BatchNorm keeps running statistics, and neither module
-is called twice. The module
-tree is edited rather than replaced by the graph (the convolution by its folded copy, the BatchNorm by
-``nn.Identity``), so the model keeps its class, its forward and its layer names. A model ``torch.fx``
-cannot trace is left unfolded, and the reason is returned.
+is called twice. The module tree is edited rather than replaced by the graph (the convolution by its
+folded copy, the BatchNorm by ``nn.Identity``), so the model keeps its class, its forward and its layer
+names. A model ``torch.fx`` cannot trace is left unfolded, and the reason is returned.
 """
 
 from __future__ import annotations
