@@ -8,10 +8,11 @@
       Goal: measured speedup >= 0.7 x the compacted theoretical one (FLOPs before / after compaction).
 
   (a) and (b) have two rows per case: ``runtime eager`` (bk.deploy's default, against the fastest eager
-  dense model: NCHW, or channels-last for a convolutional one, BatchNorms folded as deploy folds them, or
-  the model as given) and ``runtime compiled`` (``bk.deploy(compile=True)``, against the fastest of those
-  and their compiled twins, timed in the same interleaved run: neither the compiler's, the folding's nor
-  the layout's gain is credited to pruning).
+  dense model: NCHW, or channels-last for a convolutional one, or with its convolutions fused with the
+  max-pools after them, BatchNorms folded as deploy folds them, or the model as given) and ``runtime
+  compiled`` (``bk.deploy(compile=True)``, against the fastest of those and their compiled twins, timed in
+  the same interleaved run: neither the compiler's, the fused kernel's, the folding's nor the layout's gain
+  is credited to pruning).
   (c) never slower: element-wise pruned LeNet-300-100 and LeNet-5 at 0-98% sparsity, batch 1 and 64:
       deployed / dense time (the faster dense layout), against the noise floor (a second copy of the
       dense model timed in the same interleaved run). Goal: deployed <= dense x (1 + max(5%, noise)).
@@ -46,9 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 import benchkit as bk  # noqa: E402
 from benchkit.config import ModelConfig  # noqa: E402
-from benchkit.deployment import layout  # noqa: E402
+from benchkit.deployment import fused, layout  # noqa: E402
 from benchkit.deployment.compiled import compile_copy, fresh_cache  # noqa: E402
 from benchkit.deployment.fold import fold_batchnorm  # noqa: E402
+from benchkit.deployment.stages import fuse_conv_pool  # noqa: E402
 from benchkit.latency import cpu_description, time_callables  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
 from benchkit.pruning.masks import deepcopy_model, make_permanent  # noqa: E402
@@ -77,13 +79,16 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 def deploys_dense(dense: nn.Module) -> dict[str, nn.Module]:
     """The dense models deploy itself times: BatchNorms folded into the convolutions (``dense folded`` when
-    there were any, else the model as given, ``dense``), and also in channels-last layout for a
-    convolutional model."""
+    there were any, else the model as given, ``dense``), also in channels-last layout for a convolutional
+    model, and with each convolution fused with the 2x2 max-pool after it (``stages``) when it has one."""
     folded = deepcopy_model(dense)
     base, name = (folded, "dense folded") if fold_batchnorm(folded).batchnorms else (dense, "dense")
     models = {name: base}
     if layout.applies(base):
         models[f"{name} channels_last"] = layout.channels_last_copy(base)
+    staged = deepcopy_model(base).eval()
+    if fuse_conv_pool(staged).convolutions and fused.available() is None:
+        models[f"{name} stages"] = staged
     return models
 
 

@@ -142,7 +142,7 @@ def test_fused_csr_without_a_compiler_is_skipped_with_the_reason(tmp_path, monke
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     reason = FORMS.get("fused_csr").check(nn.Linear(8, 4), torch.device("cpu"))
-    assert reason is not None and "fused CSR kernel could not be built" in reason and "C++ compiler" in reason
+    assert reason is not None and "kernels could not be built" in reason and "C++ compiler" in reason
     dep = bk.deploy(pruned(), torch.randn(4, 3, 6, 6), forms=["fused_csr", "csr"], timer=fake_timer({"csr": 0.1}))
     assert dep.layers[2].not_measured["fused_csr"] == reason and dep.layers[2].form == "csr"
 

@@ -15,9 +15,10 @@ multiples of the SIMD width), deployed — and the fastest is kept by the same r
 dense variant, so the result is never slower than any dense layout within the timer's resolution; (5) the
 outputs are checked against the masked model's. A convolutional model's variants are also timed in channels-last layout
 (:mod:`benchkit.deployment.layout`; in the deployed model's twin a convolution stays dense when the dense
-layer in that layout beats its chosen form), and with ``compile=True`` every variant also compiled
+layer in that layout beats its chosen form), each convolution followed by a 2x2 max-pool also fused with
+it (:mod:`benchkit.deployment.stages`), and with ``compile=True`` every variant also compiled
 (``torch.compile``, :mod:`benchkit.deployment.compiled`); the dense model's twins are timed too, so the
-measured speedup never credits a layout or the compiler to the pruning.
+measured speedup never credits a layout, a fused kernel or the compiler to the pruning.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from benchkit.deployment import fold, layout
+from benchkit.deployment import fold, fused, layout, stages
 from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, pick
 from benchkit.deployment.compact import CompactResult, _flatten_outputs, _max_abs_diff, compact
 from benchkit.deployment.compiled import SUFFIX, compile_copy, eager_name, fresh_cache
@@ -56,8 +57,9 @@ class Deployment:
     ``variant`` is the whole-model form kept (``dense``: masks folded; every variant also has its BatchNorms
     folded unless deploy was told not to, ``fold_note``; ``compacted``: dead channels
     removed, ``aligned``: compacted with channel counts rounded up to a multiple of deploy's ``align``,
-    ``deployed``: compacted plus the per-layer forms; each with ``_channels_last`` appended for its
-    channels-last twin and ``_compiled`` when deploy compiled it; :func:`kind` strips both); ``times_ms`` are the whole-model medians of the variants at ``setting``, and
+    ``deployed``: compacted plus the per-layer forms; each with ``_stages`` appended for its twin whose
+    convolutions run fused with the max-pools after them, ``_channels_last`` for its channels-last twin
+    and ``_compiled`` when deploy compiled it; :func:`kind` strips them); ``times_ms`` are the whole-model medians of the variants at ``setting``, and
     ``not_measured`` says why a variant asked for was not timed (e.g. ``torch.compile`` failed).
     ``theoretical_speedup`` is ShrinkBench's (dense / non-zero FLOPs of the prunable layers) and
     ``compacted_theoretical_speedup`` the FLOP ratio after compaction. ``tolerance`` is the output
@@ -79,6 +81,7 @@ class Deployment:
     not_measured: dict[str, str] = field(default_factory=dict)
     eager_model: nn.Module | None = field(default=None, repr=False)  # ``model`` before torch.compile
     fold_note: str = ""  # what :mod:`benchkit.deployment.fold` did to every variant ("" when there was no BatchNorm)
+    stage_note: str = ""  # what :mod:`benchkit.deployment.stages` fused in the dense model's twin, or why not
 
     @property
     def dense_ms(self) -> float:
@@ -139,7 +142,8 @@ class Deployment:
                     f"{self.measured_speedup / self.compacted_theoretical_speedup:.2f}"
                     if self.compacted_theoretical_speedup else "")
                  + "".join(f"; {k} not measured: {v}" for k, v in self.not_measured.items())
-                 + (f"; {self.fold_note}" if self.fold_note else ""),
+                 + (f"; {self.fold_note}" if self.fold_note else "")
+                 + (f"; {self.stage_note}" if self.stage_note else ""),
                  "",
                  "| layer | shape | density | form | dense ms | deployed ms | measured x | theoretical x | "
                  "efficiency | why |",
@@ -279,6 +283,7 @@ def deploy(
     channels_last: bool | None = None,
     compile: bool = False,
     fold_batchnorm: bool = True,
+    fuse_pooling: bool = True,
     timer: Timer | None = None,
 ) -> Deployment:
     """Deploy a pruned (``torch.nn.utils.prune``-masked, or plain) model; see the module docstring.
@@ -297,6 +302,8 @@ def deploy(
     (default: when the model has a Conv2d) also times every variant with its parameters in channels-last
     layout (:mod:`benchkit.deployment.layout`), dense included. ``fold_batchnorm`` folds every BatchNorm that
     only follows a convolution into it, in every variant, dense included (:mod:`benchkit.deployment.fold`).
+    ``fuse_pooling`` (fp32 on CPU, where benchkit's kernels build) also times every variant with each
+    convolution that feeds a 2x2 max-pool fused with it (:mod:`benchkit.deployment.stages`), dense included.
 
     Returns a :class:`Deployment` whose ``model`` (eval mode, on ``device``, in the model's dtype) gives
     the masked model's outputs (computed in fp32 on CPU) within ``atol + rtol * max|output|`` of the
@@ -391,8 +398,15 @@ def deploy(
     not_measured: dict[str, str] = {}
     diffs: dict[str, float] = {}  # each twin's largest output difference from the variant it was made from
     twins = []
+    staged = stages.Staged()
+    if fuse_pooling:
+        staged = _stage_plan(base, dev, dtype)
+        if staged.convolutions:
+            twins.append((stages.SUFFIX, _stage_twin))
     if channels_last:
-        def channels_last_twin(model: nn.Module) -> tuple[nn.Module, str]:
+        def channels_last_twin(model: nn.Module) -> tuple[nn.Module | None, str]:
+            if _has_stages(model):  # its fused stages read and write NCHW: no twin ("" is not a failure)
+                return None, ""
             twin = layout.channels_last_copy(model)
             if model is net:  # the deployed model: its layers chosen against channels-last dense ones
                 for name in dense_in_channels_last:
@@ -423,6 +437,11 @@ def deploy(
             r.reason = (f"dense: in channels-last layout the dense layer beats {r.form} ("
                         + ", ".join(f"{k} {v:.4g} ms" for k, v in cl.items()) + ")")
             r.form = "dense"
+    if stages.SUFFIX in variant:
+        for name, module in variants[eager_name(variant)].named_modules():
+            if isinstance(module, stages.ConvPool2d) and name in reports:
+                reports[name].reason += (f"; fused with the{' ReLU and' if module.relu else ''} 2x2 max-pool after it "
+                                         "(benchkit::conv_pool)")
     chosen = variants[variant].eval()
     eager = variants[eager_name(variant)].eval()
     if kind(variant) == "aligned":
@@ -455,6 +474,7 @@ def deploy(
         example_inputs=cpu_inputs, compaction=result, not_measured=not_measured,
         eager_model=eager if eager is not chosen else None,
         fold_note=_fold_note(folded),
+        stage_note=_stage_note(staged),
     )
 
 
@@ -465,6 +485,36 @@ def _fold_note(folded: Folded) -> str:
     if folded.batchnorms:
         return f"{len(folded.batchnorms)} BatchNorm layers folded into the convolutions before them, in every variant"
     return ""
+
+
+def _stage_plan(base: nn.Module, dev: torch.device, dtype: torch.dtype) -> stages.Staged:
+    """What :func:`~benchkit.deployment.stages.fuse_conv_pool` would fuse in the dense model, or why nothing."""
+    trial = stages.fuse_conv_pool(deepcopy_model(base).eval())
+    if not trial.convolutions:
+        return trial
+    if dev.type != "cpu" or dtype != torch.float32:
+        return stages.Staged(why_not=f"benchkit::conv_pool runs fp32 on CPU (here {str(dtype).removeprefix('torch.')} "
+                                     f"on {dev.type})")
+    why = fused.available()
+    return trial if why is None else stages.Staged(why_not=why)
+
+
+def _stage_twin(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """A copy with its convolution + max-pool chains fused; none ("") for a variant without such a chain."""
+    twin = deepcopy_model(model).eval()
+    return (twin, "") if stages.fuse_conv_pool(twin).convolutions else (None, "")
+
+
+def _has_stages(model: nn.Module) -> bool:
+    return any(isinstance(m, stages.ConvPool2d) for m in model.modules())
+
+
+def _stage_note(staged: stages.Staged) -> str:
+    """"" when there was no convolution + max-pool chain (or fusing was not asked)."""
+    if staged.convolutions:
+        return (f"{len(staged.convolutions)} convolutions fused with the 2x2 max-pools after them in the "
+                f"{stages.SUFFIX} twins ({', '.join(staged.convolutions)})")
+    return f"no fused convolution + max-pool twin: {staged.why_not}" if staged.why_not else ""
 
 
 def _aligned_compaction(masked: nn.Module, inputs: tuple[Tensor, ...], exact: CompactResult | None,
@@ -482,7 +532,7 @@ def _aligned_compaction(masked: nn.Module, inputs: tuple[Tensor, ...], exact: Co
 
 def kind(variant: str) -> str:
     """The whole-model candidate a variant is a twin of: ``compacted_channels_last_compiled`` -> ``compacted``."""
-    return eager_name(variant).removesuffix(layout.SUFFIX)
+    return eager_name(variant).removesuffix(layout.SUFFIX).removesuffix(stages.SUFFIX)
 
 
 def _twins(variants: dict[str, nn.Module], suffix: str, make, xs: tuple[Tensor, ...], floor: tuple[float, float],
@@ -495,7 +545,8 @@ def _twins(variants: dict[str, nn.Module], suffix: str, make, xs: tuple[Tensor, 
         key = name + suffix
         twin, why = make(model)
         if twin is None:
-            out[key] = why
+            if why:  # "": this variant has no such twin, which is not a failure to report
+                out[key] = why
             continue
         want = _flatten_outputs(model(*xs))
         diff = _max_abs_diff(want, twin, xs)  # inf when the outputs' number or shapes differ

@@ -1,16 +1,19 @@
-"""benchkit's own CPU kernel for sparse Linear layers: ``benchkit::csr_linear`` (``csr_linear.cpp``).
+"""benchkit's own CPU kernels: ``benchkit::csr_linear`` for sparse Linear layers (``csr_linear.cpp``) and
+``benchkit::conv_pool`` for a convolution and the 2x2 max-pool after it (``conv_pool.cpp``, used by
+:mod:`benchkit.deployment.stages`; why it exists is in that file's header).
 
-Why a kernel of our own: every CSR product torch offers computes ``W @ Xᵀ``, so a Linear layer built on
+Why a CSR kernel of our own: every CSR product torch offers computes ``W @ Xᵀ``, so a Linear layer built on
 one pays two layout copies around it, and at 512x512 / batch 64 those copies alone bound any such layer
 below the speedup a 98%-sparse weight should give (results/deploy/parts.md). This kernel reads ``x`` and
 writes ``y`` row-major, transposing one block of samples at a time in cache, with the bias fused.
 
-It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; 7-25 s on
+Both are compiled on first use, as one extension, with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; 7-25 s on
 this project's VM, once, then cached under ``~/.cache/torch_extensions`` by source and flags) for this machine's
 CPU (``-march=native``; the extension's name carries a hash of the CPU's flags, so a home folder shared
 by other CPUs gets its own build). Where it cannot be built, :func:`available` says why and the form is
 reported as not measured; nothing else changes. A model saved by :meth:`Deployment.save` never needs
-it: its layers are written as their ``csr`` twin (``F.embedding_bag``), which torch alone runs.
+them: its layers are written as their torch-only twins (``portable()``: the ``csr`` form, which runs on
+``F.embedding_bag``; a convolution, ReLU and max-pool), which torch alone runs.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csr_linear.cpp")
+SOURCES = [Path(__file__).with_name(f) for f in ("csr_linear.cpp", "conv_pool.cpp")]
+HEADERS = [Path(__file__).with_name("simd.h")]  # not in torch's own source hash: in the name's
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}  # "op": the loaded operator, or "error": why it cannot be built
+_STATE: dict[str, object] = {}  # "ops": the loaded operators by name, or "error": why they cannot be built
 _FAKE: list = []  # the shape function is registered (once per process, whatever _STATE says)
 
 
@@ -38,27 +42,35 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _source_tag() -> str:
+    """A hash of the kernels' sources and header: torch rebuilds an extension when a source changes, but
+    not when only a header it includes does."""
+    return hashlib.sha1(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:8]
+
+
 def available() -> str | None:
-    """``None`` when ``torch.ops.benchkit.csr_linear`` is ready (built or loaded now if needed), else why
-    not. The answer is kept for the process."""
+    """``None`` when benchkit's operators are ready (built or loaded now if needed), else why not. The answer
+    is kept for the process."""
     with _LOCK:
         if "error" in _STATE:
             return str(_STATE["error"])
-        if "op" in _STATE:
+        if "ops" in _STATE:
             return None
         try:
             from torch.utils.cpp_extension import load
 
             _ninja_on_path()
-            load(name=f"benchkit_csr_linear_{_cpu_tag()}", sources=[str(SOURCE)], is_python_module=False,
+            load(name=f"benchkit_kernels_{_cpu_tag()}_{_source_tag()}", sources=[str(p) for p in SOURCES],
+                 is_python_module=False,
                  extra_cflags=["-O3", "-march=native"], verbose=False)
             _register_fake()
         except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: the form is skipped
             text = str(err).strip().splitlines()
-            _STATE["error"] = (f"benchkit's fused CSR kernel could not be built here ({type(err).__name__}: "
+            _STATE["error"] = (f"benchkit's kernels could not be built here ({type(err).__name__}: "
                                f"{text[0][:200] if text else ''}); it needs a C++ compiler and ninja")
             return str(_STATE["error"])
-        _STATE["op"] = torch.ops.benchkit.csr_linear.default
+        _STATE["ops"] = {"csr_linear": torch.ops.benchkit.csr_linear.default,
+                          "conv_pool": torch.ops.benchkit.conv_pool.default}
         return None
 
 
@@ -84,17 +96,25 @@ def _register_fake() -> None:
     def _(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
         return x.new_empty((x.shape[0], out_features))
 
+    @torch.library.register_fake("benchkit::conv_pool")
+    def _(x: Tensor, weight: Tensor, bias: Tensor | None, pad_h: int, pad_w: int, relu: bool) -> Tensor:
+        rows, cols = x.shape[2] + 2 * pad_h - weight.shape[2] + 1, x.shape[3] + 2 * pad_w - weight.shape[3] + 1
+        return x.new_empty((x.shape[0], weight.shape[0], rows // 2, cols // 2))
 
-def op():
-    """``torch.ops.benchkit.csr_linear.default``: ``op(x, crow, col, values, bias, out_features)`` is
-    ``x @ Wᵀ + bias`` for a CSR ``W`` (int32 ``crow``/``col``, fp32 ``values``), ``x`` 2-D fp32 on CPU.
-    Built or loaded first when this process has not done so yet (a deployed model copied into another
-    process, say)."""
-    op = _STATE.get("op")
-    if op is None:
+
+def op(name: str = "csr_linear"):
+    """``torch.ops.benchkit.<name>.default``, built or loaded first when this process has not done so yet
+    (a deployed model copied into another process, say):
+
+    * ``csr_linear(x, crow, col, values, bias, out_features)`` is ``x @ Wᵀ + bias`` for a CSR ``W`` (int32
+      ``crow``/``col``, fp32 ``values``), ``x`` 2-D fp32 on CPU;
+    * ``conv_pool(x, weight, bias, pad_h, pad_w, relu)`` is ``max_pool2d(conv2d(x, weight, bias, padding),
+      2)``, ReLU'd when ``relu``, for a stride-1 convolution, ``x`` NCHW fp32 on CPU."""
+    ops = _STATE.get("ops")
+    if ops is None:
         why = available()
         if why is not None:
-            raise RuntimeError(f"{why}. A model saved with Deployment.save holds the csr twin of these layers, "
-                               "which needs no build.")
-        op = _STATE["op"]
-    return op
+            raise RuntimeError(f"{why}. A model saved with Deployment.save holds torch-only twins of these layers, "
+                               "which need no build.")
+        ops = _STATE["ops"]
+    return ops[name]

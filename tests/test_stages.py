@@ -1,0 +1,234 @@
+"""A convolution fused with the 2x2 max-pool after it (benchkit::conv_pool, benchkit.deployment.stages):
+the kernel equals torch's conv2d -> ReLU -> max_pool2d on every shape it takes, the fuser takes exactly
+the chains where that holds, and deploy times the fused twin of every variant, dense included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_deploy import fake_timer
+from torch import nn
+
+import benchkit as bk
+from benchkit.config import ModelConfig
+from benchkit.deployment import fused
+from benchkit.deployment.stages import ConvPool2d, Staged, fuse_conv_pool
+from benchkit.models import build_model
+
+pytestmark = pytest.mark.skipif(fused.available() is not None, reason=f"benchkit's kernels: {fused.available()}")
+
+
+def torch_stage(x, weight, bias, padding, relu):
+    """The stage in torch's own ops: the independent expectation."""
+    y = F.conv2d(x, weight, bias, padding=padding)
+    return F.max_pool2d(F.relu(y) if relu else y, 2)
+
+
+@pytest.mark.parametrize("n,cin,cout,hw,k,pad,relu,bias", [
+    (64, 1, 5, (28, 28), (5, 5), (0, 0), False, True),   # LeNet-5 conv1 at 4x: one group of 5 channels
+    (16, 3, 6, (9, 9), (3, 3), (1, 1), True, True),      # one full group; odd conv output (9): floor pooling
+    (17, 4, 13, (8, 11), (3, 5), (2, 1), True, False),   # a block of 16 plus one sample; 2 groups + 1 channel
+    (1, 2, 7, (6, 6), (2, 2), (0, 0), True, True),       # batch 1 (15 idle lanes); 6 + 1 channels
+    (33, 5, 12, (12, 12), (5, 5), (0, 0), False, True),  # three blocks, the last of one sample
+    (5, 8, 4, (7, 5), (1, 1), (0, 0), True, True),       # 1x1 kernel, odd width and height
+])
+def test_kernel_equals_conv_relu_maxpool(n, cin, cout, hw, k, pad, relu, bias):
+    g = torch.Generator().manual_seed(n + cin + cout)
+    x = torch.randn(n, cin, *hw, generator=g)
+    w = torch.randn(cout, cin, *k, generator=g)
+    b = torch.randn(cout, generator=g) if bias else None
+    want = torch_stage(x, w, b, pad, relu)
+    got = fused.op("conv_pool")(x, w, b, pad[0], pad[1], relu)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert (got - want).abs().max().item() <= 1e-5 * cin * k[0] * k[1] * float(want.abs().max())
+
+
+def test_kernel_is_the_same_on_two_threads_and_takes_a_strided_input():
+    x = torch.randn(40, 3, 10, 10).transpose(2, 3)  # not contiguous: the kernel copies it
+    w, b = torch.randn(9, 3, 3, 3), torch.randn(9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused.op("conv_pool")(x, w, b, 1, 1, True)
+        torch.set_num_threads(2)
+        two = fused.op("conv_pool")(x, w, b, 1, 1, True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # each block of samples is one thread's, summed in the same order
+    assert (one - torch_stage(x, w, b, (1, 1), True)).abs().max().item() < 1e-4
+
+
+def test_kernel_refuses_bad_inputs_with_the_reason():
+    op = fused.op("conv_pool")
+    with pytest.raises(RuntimeError, match="fp32 CPU"):
+        op(torch.randn(2, 1, 6, 6, dtype=torch.float64), torch.randn(2, 1, 3, 3), None, 0, 0, False)
+    with pytest.raises(RuntimeError, match="input channels"):
+        op(torch.randn(2, 2, 6, 6), torch.randn(2, 1, 3, 3), None, 0, 0, False)
+    with pytest.raises(RuntimeError, match="larger than the padded input"):
+        op(torch.randn(2, 1, 2, 2), torch.randn(2, 1, 3, 3), None, 0, 0, False)
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_lenet5_fuses_both_stages_and_keeps_its_outputs():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(name="lenet5"), (1, 28, 28), 10).eval()
+    x = torch.randn(20, 1, 28, 28)
+    want = run(net, x)
+    staged = fuse_conv_pool(net)
+    assert staged.convolutions == ["conv1", "conv2"] and staged.why_not == ""
+    assert isinstance(net.conv1, ConvPool2d) and isinstance(net.pool, nn.Identity) and type(net).__name__ == "LeNet5"
+    assert (run(net, x) - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("after", [
+    [nn.ReLU(), nn.MaxPool2d(2)], [nn.MaxPool2d(2), nn.ReLU()], [nn.Identity(), nn.MaxPool2d(2, 2), nn.Identity()],
+    [nn.MaxPool2d((2, 2), stride=(2, 2))],
+])
+def test_chains_that_fuse(after):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 7, 3, padding=1), *after, nn.Flatten(), nn.Linear(7 * 16, 4)).eval()
+    x = torch.randn(18, 3, 8, 8)
+    want = run(net, x)
+    assert fuse_conv_pool(net).convolutions == ["0"]
+    assert net[0].relu == any(isinstance(m, nn.ReLU) for m in after)
+    assert all(isinstance(net[i], nn.Identity) for i in range(1, len(after) + 1))
+    assert (run(net, x) - want).abs().max().item() < 1e-5
+
+
+class SharedRelu(nn.Module):
+    """The ReLU after the convolution is also called on the Linear's output: it cannot become Identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu, self.pool, self.fc = nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Linear(36, 3)
+
+    def forward(self, x):
+        return self.relu(self.fc(self.pool(self.relu(self.conv(x))).flatten(1)))
+
+
+class FunctionalRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(1, 4, 3), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(torch.relu(self.conv(x)))
+
+
+class TwoUsers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(1, 4, 3), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.pool(y).sum() + y.sum()
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(1, 4, 3), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.conv(x)) if x.sum() > 0 else x
+
+
+@pytest.mark.parametrize("net", [
+    nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.MaxPool2d(2)),
+    nn.Sequential(nn.Conv2d(1, 4, 3, dilation=2), nn.MaxPool2d(2)),
+    nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.MaxPool2d(2)),
+    nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.MaxPool2d(2)),
+    nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2)),
+    nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(3)),
+    nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2, stride=1)),
+    nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2, padding=1)),
+    nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2, ceil_mode=True)),
+    nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(2)),
+    nn.Sequential(nn.Conv2d(1, 4, 3), nn.Tanh(), nn.MaxPool2d(2)),
+    nn.Sequential(nn.Conv2d(1, 4, 3).double(), nn.MaxPool2d(2)),
+    SharedRelu(), FunctionalRelu(), TwoUsers(),
+], ids=["stride", "dilation", "groups", "same", "reflect", "pool3", "pool-stride1", "pool-pad", "ceil", "avgpool",
+        "tanh", "float64", "shared-relu", "functional-relu", "two-users"])
+def test_chains_left_alone(net):
+    """Each would change the result or cannot be expressed by editing modules: the model stays as it is."""
+    net.eval()
+    before = [type(m) for m in net.modules()]
+    staged = fuse_conv_pool(net)
+    assert staged.convolutions == [] and [type(m) for m in net.modules()] == before
+    assert staged.why_not in ("", "no convolution followed by a 2x2 max-pool")
+
+
+def test_a_shared_module_absorbed_by_every_chain_becomes_identity():
+    """LeNet-5 with conv_relu: one ReLU and one pool module, each called once per stage: both fuse."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(name="lenet5", kwargs={"conv_relu": True}), (1, 28, 28), 10).eval()
+    x = torch.randn(3, 1, 28, 28)
+    want = run(net, x)
+    assert fuse_conv_pool(net).convolutions == ["conv1", "conv2"]
+    assert net.conv1.relu and net.conv2.relu and isinstance(net.act, nn.Identity)
+    assert (run(net, x) - want).abs().max().item() < 1e-4
+
+
+def test_untraceable_training_and_poolless_models():
+    staged = fuse_conv_pool(Untraceable().eval())
+    assert staged.convolutions == [] and "torch.fx could not trace Untraceable" in staged.why_not
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_conv_pool(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)))
+    assert fuse_conv_pool(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()).eval()) == Staged()  # nothing to say
+
+
+def channel_pruned_lenet5() -> nn.Module:
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(name="lenet5"), (1, 28, 28), 10)
+    bk.prune(net, compression=2, granularity="channel", scope="layer", exclude=["fc2"])
+    return net
+
+
+def test_deploy_times_the_fused_twin_of_every_variant_dense_included_and_saves_it_portably(tmp_path):
+    net = channel_pruned_lenet5()
+    x = torch.randn(20, 1, 28, 28)
+    calls = []
+    dep = bk.deploy(net, x, forms=["dense"], align=1, timer=fake_timer(
+        {}, {"dense": 3.0, "dense_stages": 2.0, "compacted": 1.5, "compacted_stages": 0.5}, calls))
+    timed = next(names for label, names in calls if label == "<model>")
+    assert {"dense_stages", "compacted_stages"} <= set(timed)
+    assert not any(k.endswith("_stages_channels_last") for k in timed)  # no channels-last twin of a fused model
+    assert dep.variant == "compacted_stages" and dep.dense_ms == 2.0  # the fused dense model is the baseline
+    assert isinstance(dep.model.conv1, ConvPool2d) and isinstance(dep.model.conv2, ConvPool2d)
+    assert "benchkit::conv_pool" in dep.table().set_index("layer").loc["conv1", "reason"]
+    assert "(conv1, conv2)" in dep.stage_note and dep.stage_note in dep.markdown()
+    with torch.no_grad():
+        want = net.eval()(x)
+    assert (dep.model(x) - want).abs().max().item() <= dep.tolerance
+    saved = dep.save(tmp_path / "m")
+    loaded = saved.load()
+    assert not any("ConvPool2d" in type(m).__name__ for m in loaded.modules())
+    assert (loaded(x[:3]) - want[:3]).abs().max().item() <= dep.tolerance
+
+
+def test_deploy_keeps_the_fused_dense_model_when_it_is_fastest_and_can_be_told_not_to_fuse():
+    net = channel_pruned_lenet5()
+    x = torch.randn(20, 1, 28, 28)
+    dep = bk.deploy(net, x, forms=["dense"], align=1, timer=fake_timer(
+        {}, {"dense": 3.0, "dense_stages": 1.0, "compacted": 1.5, "compacted_stages": 0.99}))
+    assert dep.variant == "dense_stages" and dep.measured_speedup == 1.0  # 1% faster is not min_gain
+    calls = []
+    dep = bk.deploy(net, x, forms=["dense"], align=1, fuse_pooling=False, timer=fake_timer({}, None, calls))
+    assert not any("_stages" in k for label, names in calls for k in names) and dep.stage_note == ""
+
+
+def test_deploy_compiles_the_fused_twin():
+    """torch.compile traces benchkit::conv_pool through its registered shape function."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 9, 3))
+    x = torch.randn(16, 1, 8, 8)
+    dep = bk.deploy(net, x, align=1, channels_last=False, compile=True, timer=fake_timer(
+        {}, {"dense": 3.0, "dense_compiled": 3.0, "dense_stages": 2.0, "dense_stages_compiled": 1.0}))
+    assert dep.variant == "dense_stages_compiled" and dep.not_measured == {}
+    with torch.no_grad():
+        assert (dep.model(x) - net.eval()(x)).abs().max().item() <= dep.tolerance
