@@ -232,3 +232,13 @@ def test_deploy_compiles_the_fused_twin():
     assert dep.variant == "dense_stages_compiled" and dep.not_measured == {}
     with torch.no_grad():
         assert (dep.model(x) - net.eval()(x)).abs().max().item() <= dep.tolerance
+
+
+def test_every_variant_of_a_pruned_lenet5_compiles_for_real():
+    """Channel-pruned LeNet-5 with compile=True has 9 variants (dense, compacted, aligned, each also
+    channels-last and fused with its pools), one more than torch's default cache holds for one forward:
+    each is compiled, none silently runs eagerly or is dropped."""
+    x = torch.randn(16, 1, 28, 28)
+    dep = bk.deploy(channel_pruned_lenet5(), x, compile=True, timer=fake_timer({}, {"compacted_stages_compiled": 0.1}))
+    compiled = [k for k in dep.times_ms if k.endswith("_compiled")]
+    assert dep.not_measured == {} and len(compiled) == 9 and dep.variant == "compacted_stages_compiled"
