@@ -242,3 +242,26 @@ def test_every_variant_of_a_pruned_lenet5_compiles_for_real():
     dep = bk.deploy(channel_pruned_lenet5(), x, compile=True, timer=fake_timer({}, {"compacted_stages_compiled": 0.1}))
     compiled = [k for k in dep.times_ms if k.endswith("_compiled")]
     assert dep.not_measured == {} and len(compiled) == 9 and dep.variant == "compacted_stages_compiled"
+
+
+def test_the_deployed_models_fused_twin_runs_its_pooled_sparse_convolutions_as_dense_stages():
+    """Per-layer forms are chosen against the dense layer alone; in the deployed model's fused twin a
+    convolution given a sparse form runs dense, fused with its pool, where it feeds one (the whole-model
+    timing decides), and keeps its sparse form where it does not. The twin traces through deploy's own
+    modules (a fused_csr Linear branches on its input's rank)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(6 * 4 * 4, 5))
+    bk.prune(net, sparsity=0.8, scope="layer")
+    x = torch.randn(16, 1, 12, 12)
+    dep = bk.deploy(net, x, forms=["csr", "fused_csr"], align=1, channels_last=False, timer=fake_timer(
+        {"csr": 0.1, "fused_csr": 0.05}, {"dense": 3.0, "deployed": 2.0, "deployed_stages": 1.0}))
+    assert dep.variant == "deployed_stages"
+    assert type(dep.model[0]).__name__ == "SparseConv2d" and isinstance(dep.model[2], ConvPool2d)
+    assert isinstance(dep.model[3], nn.Identity) and type(dep.model[5]).__name__ == "FusedCsrLinear"
+    assert dep.forms == {"0": "csr", "2": "dense", "5": "fused_csr"}
+    reason = dep.table().set_index("layer").loc["2", "reason"]
+    assert "fused stage was faster in the whole model than csr" in reason and "benchkit::conv_pool" in reason
+    with torch.no_grad():
+        want = net.eval()(x)
+    assert (dep.model(x) - want).abs().max().item() <= dep.tolerance

@@ -73,6 +73,15 @@ class Staged:
     why_not: str = ""
 
 
+class _Tracer(torch.fx.Tracer):
+    """Every module without children, and every module of deploy's own forms (e.g. a ``fused_csr`` Linear,
+    whose forward branches on its input's rank), is one call in the graph: chains are made of modules."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (super().is_leaf_module(m, qualname) or not any(True for _ in m.children())
+                or type(m).__module__.startswith("benchkit.deployment"))
+
+
 def _conv_fits(conv: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
@@ -114,7 +123,7 @@ def fuse_conv_pool(model: nn.Module) -> Staged:
     if not any(isinstance(m, nn.MaxPool2d) for m in model.modules()):
         return Staged()  # nothing to fuse, nothing to say
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _Tracer().trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure: the model runs unfused
         return Staged(why_not=f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err})"[:300])
     modules = dict(model.named_modules())
