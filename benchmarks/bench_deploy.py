@@ -48,9 +48,10 @@ sys.path.insert(0, str(ROOT))
 import benchkit as bk  # noqa: E402
 from benchkit.config import ModelConfig  # noqa: E402
 from benchkit.deployment import fused, layout  # noqa: E402
+from benchkit.deployment.choose import MedianTimer  # noqa: E402
 from benchkit.deployment.compiled import compile_copy, fresh_cache  # noqa: E402
 from benchkit.deployment.fold import fold_batchnorm  # noqa: E402
-from benchkit.deployment.stages import fuse_conv_pool  # noqa: E402
+from benchkit.deployment.stages import measured_twin  # noqa: E402
 from benchkit.latency import cpu_description, time_callables  # noqa: E402
 from benchkit.models import build_model  # noqa: E402
 from benchkit.pruning.masks import deepcopy_model, make_permanent  # noqa: E402
@@ -77,26 +78,30 @@ def dense_copy(model: nn.Module) -> nn.Module:
     return make_permanent(deepcopy_model(model)).eval()
 
 
-def deploys_dense(dense: nn.Module) -> dict[str, nn.Module]:
+def deploys_dense(dense: nn.Module, x: torch.Tensor, args) -> dict[str, nn.Module]:
     """The dense models deploy itself times: BatchNorms folded into the convolutions (``dense folded`` when
     there were any, else the model as given, ``dense``), also in channels-last layout for a convolutional
-    model, and with each convolution fused with the 2x2 max-pool after it (``stages``) when it has one."""
+    model, and each of those with its convolutions run as fused stages where deploy's rule keeps them
+    (``stages``: each measured faster on its real input, :func:`benchkit.deployment.stages.measured_twin`)."""
     folded = deepcopy_model(dense)
     base, name = (folded, "dense folded") if fold_batchnorm(folded).batchnorms else (dense, "dense")
     models = {name: base}
     if layout.applies(base):
         models[f"{name} channels_last"] = layout.channels_last_copy(base)
-    staged = deepcopy_model(base).eval()
-    if fuse_conv_pool(staged).convolutions and fused.available() is None:
-        models[f"{name} stages"] = staged
+    if layout.applies(base) and fused.available() is None:
+        timer = MedianTimer("cpu", 1, args.warmup, args.repeats)
+        for k, m in list(models.items()):
+            staged, _ = measured_twin(m, (x,), timer, 0.05, channels_last=k.endswith("channels_last"))
+            if staged is not None:
+                models[f"{k} stages"] = staged
     return models
 
 
-def dense_peers(dense: nn.Module, x: torch.Tensor) -> dict:
+def dense_peers(dense: nn.Module, x: torch.Tensor, args) -> dict:
     """The dense model as given, and the dense models deploy times (:func:`deploys_dense`) eager and compiled
     (``torch.compile``, the same compile step deploy uses): a deployed model is measured against the fastest
     dense one of its runtime, so neither the compiler, the folding nor the layout is credited to pruning."""
-    models = deploys_dense(dense)
+    models = deploys_dense(dense, x, args)
     peers = {"dense": partial(dense, x), **{k: partial(m, x) for k, m in models.items()}}
     fresh_cache()  # the deploy calls before compiled up to 8 variants: room for these (see compiled.py)
     for k, m in models.items():
@@ -134,7 +139,7 @@ def bench_linear(sizes: list[int], sparsities: list[float], batch: int, args) ->
                 csr = w.to_sparse_csr()  # what torch gives by default: int64 indices
             x = torch.randn(batch, n)
             deps = runtimes(net, x, args)
-            fns = {**dense_peers(dense, x), "torch.sparse.mm CSR": partial(bare_csr, csr, b, x),
+            fns = {**dense_peers(dense, x, args), "torch.sparse.mm CSR": partial(bare_csr, csr, b, x),
                    **{f"deployed {k}": partial(d.model, x) for k, d in deps.items()}}
             t = medians(fns, args.rounds, args.repeats, args.warmup)
             theory = 1 / (1 - s)
@@ -173,7 +178,7 @@ def bench_channels(batch: int, args) -> list[dict]:
             bk.prune(net, compression=compression, granularity="channel", scope="layer", exclude=exclude)
             x = torch.randn(batch, *shape)
             deps = runtimes(net, x, args)
-            fns = {**dense_peers(dense_copy(net), x), **{f"deployed {k}": partial(d.model, x) for k, d in deps.items()}}
+            fns = {**dense_peers(dense_copy(net), x, args), **{f"deployed {k}": partial(d.model, x) for k, d in deps.items()}}
             t = medians(fns, args.rounds, args.repeats, args.warmup)
             for runtime, dep in deps.items():
                 theory = dep.compacted_theoretical_speedup or 1.0
@@ -201,7 +206,7 @@ def bench_never_slower(sparsities: list[float], batches: list[int], args) -> lis
                 dep = bk.deploy(net, x, threads=1, repeats=args.repeats, warmup=args.warmup)
                 dense, again = dense_copy(net), dense_copy(net)
                 fns = {"dense": partial(dense, x), "dense again": partial(again, x), "deployed": partial(dep.model, x),
-                       **{k: partial(m, x) for k, m in deploys_dense(dense).items()}}  # the baseline: the fastest
+                       **{k: partial(m, x) for k, m in deploys_dense(dense, x, args).items()}}  # the baseline: the fastest
                 t = medians(fns, args.rounds, args.repeats, args.warmup)
                 noise = abs(t["dense again"] / t["dense"] - 1)
                 base = min(v for k, v in t.items() if k.startswith("dense") and k != "dense again")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor, nn
 
 from benchkit.latency import time_callables
 
@@ -111,3 +112,22 @@ class LayerReport:
         if "original" in self.times_ms:
             out["compacted_dense_ms"] = self.times_ms["dense"]
         return out
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layers: dict[str, nn.Module], xs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    """Each layer's first positional input on ``model(*xs)``: what a layer's candidates are timed on."""
+    seen: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, args[0].detach())
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        model(*xs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

@@ -15,8 +15,9 @@ multiples of the SIMD width), deployed — and the fastest is kept by the same r
 dense variant, so the result is never slower than any dense layout within the timer's resolution; (5) the
 outputs are checked against the masked model's. A convolutional model's variants are also timed in channels-last layout
 (:mod:`benchkit.deployment.layout`; in the deployed model's twin a convolution stays dense when the dense
-layer in that layout beats its chosen form), each convolution followed by a 2x2 max-pool also fused with
-it (:mod:`benchkit.deployment.stages`), and with ``compile=True`` every variant also compiled
+layer in that layout beats its chosen form), with each convolution run as a fused stage (its ReLU and 2x2
+max-pool included) where that is measured faster (:mod:`benchkit.deployment.stages`), and with
+``compile=True`` every variant also compiled
 (``torch.compile``, :mod:`benchkit.deployment.compiled`); the dense model's twins are timed too, so the
 measured speedup never credits a layout, a fused kernel or the compiler to the pruning.
 """
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from benchkit.deployment import fold, fused, layout, stages
-from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, pick
+from benchkit.deployment.choose import LayerReport, MedianTimer, Timer, layer_inputs, pick
 from benchkit.deployment.compact import CompactResult, _flatten_outputs, _max_abs_diff, compact
 from benchkit.deployment.compiled import SUFFIX, compile_copy, eager_name, fresh_cache
 from benchkit.deployment.fold import Folded
@@ -57,9 +58,9 @@ class Deployment:
     ``variant`` is the whole-model form kept (``dense``: masks folded; every variant also has its BatchNorms
     folded unless deploy was told not to, ``fold_note``; ``compacted``: dead channels
     removed, ``aligned``: compacted with channel counts rounded up to a multiple of deploy's ``align``,
-    ``deployed``: compacted plus the per-layer forms; each with ``_stages`` appended for its twin whose
-    convolutions run fused with the max-pools after them, ``_channels_last`` for its channels-last twin
-    and ``_compiled`` when deploy compiled it; :func:`kind` strips them); ``times_ms`` are the whole-model medians of the variants at ``setting``, and
+    ``deployed``: compacted plus the per-layer forms; each with ``_channels_last`` appended for its
+    channels-last twin, then ``_stages`` for the twin whose convolutions run as fused stages where that
+    pays, then ``_compiled`` when deploy compiled it; :func:`kind` strips them); ``times_ms`` are the whole-model medians of the variants at ``setting``, and
     ``not_measured`` says why a variant asked for was not timed (e.g. ``torch.compile`` failed).
     ``theoretical_speedup`` is ShrinkBench's (dense / non-zero FLOPs of the prunable layers) and
     ``compacted_theoretical_speedup`` the FLOP ratio after compaction. ``tolerance`` is the output
@@ -81,7 +82,7 @@ class Deployment:
     not_measured: dict[str, str] = field(default_factory=dict)
     eager_model: nn.Module | None = field(default=None, repr=False)  # ``model`` before torch.compile
     fold_note: str = ""  # what :mod:`benchkit.deployment.fold` did to every variant ("" when there was no BatchNorm)
-    stage_note: str = ""  # what :mod:`benchkit.deployment.stages` fused in the dense model's twin, or why not
+    stage_note: str = ""  # the kept model's fused convolution stages (:mod:`benchkit.deployment.stages`), or why none
 
     @property
     def dense_ms(self) -> float:
@@ -185,25 +186,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-@torch.no_grad()
-def _layer_inputs(model: nn.Module, layers: dict[str, nn.Module], xs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-    """Each layer's first positional input on ``model(*xs)``."""
-    seen: dict[str, Tensor] = {}
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            seen.setdefault(name, args[0].detach())
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        model(*xs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 def _density(layer: nn.Module) -> float:
     w = effective(layer)
     return int(torch.count_nonzero(w)) / w.numel()
@@ -302,8 +284,9 @@ def deploy(
     (default: when the model has a Conv2d) also times every variant with its parameters in channels-last
     layout (:mod:`benchkit.deployment.layout`), dense included. ``fold_batchnorm`` folds every BatchNorm that
     only follows a convolution into it, in every variant, dense included (:mod:`benchkit.deployment.fold`).
-    ``fuse_pooling`` (fp32 on CPU, where benchkit's kernels build) also times every variant with each
-    convolution that feeds a 2x2 max-pool fused with it (:mod:`benchkit.deployment.stages`), dense included.
+    ``fuse_pooling`` (fp32 on CPU, where benchkit's kernels build) also times every variant with its
+    convolutions run as fused stages (ReLU and 2x2 max-pool included) where each is measured faster on its
+    real input (:mod:`benchkit.deployment.stages`), dense included.
 
     Returns a :class:`Deployment` whose ``model`` (eval mode, on ``device``, in the model's dtype) gives
     the masked model's outputs (computed in fp32 on CPU) within ``atol + rtol * max|output|`` of the
@@ -368,8 +351,8 @@ def deploy(
 
     net_layers = prunable_layers(net)
     base_layers = prunable_layers(base)
-    net_inputs = _layer_inputs(net, net_layers, xs)
-    base_inputs = _layer_inputs(base, base_layers, xs) if result is not None else {}
+    net_inputs = layer_inputs(net, net_layers, xs)
+    base_inputs = layer_inputs(base, base_layers, xs) if result is not None else {}
     channels_last = channels_last if channels_last is not None else layout.applies(base)
     replacements: dict[str, nn.Module] = {}
     dense_in_channels_last: set[str] = set()  # layers the deployed model's channels-last twin keeps dense
@@ -398,40 +381,28 @@ def deploy(
     not_measured: dict[str, str] = {}
     diffs: dict[str, float] = {}  # each twin's largest output difference from the variant it was made from
     twins = []
-    staged = stages.Staged()
-    dense_in_stages: set[str] = set()  # sparse convolutions the deployed model's fused twin runs dense, fused
-    if fuse_pooling:
-        staged = _stage_plan(base, dev, dtype)
-        if staged.convolutions:
-            def stage_twin(model: nn.Module) -> tuple[nn.Module | None, str]:
-                if model is not net:
-                    return _stage_twin(model)
-                # the deployed model: a convolution given a sparse form runs dense in a fused stage where it
-                # feeds a max-pool (the whole-model timing then says which is faster)
-                sparse_convs = {n: m for n, m in replacements.items() if isinstance(net_layers[n], nn.Conv2d)}
-                twin = deepcopy_model(net).eval()
-                for name in sparse_convs:
-                    twin.set_submodule(name, deepcopy_model(net_layers[name]))
-                done = set(stages.fuse_conv_pool(twin).convolutions)
-                for name, module in sparse_convs.items():
-                    if name not in done:
-                        twin.set_submodule(name, deepcopy_model(module))
-                dense_in_stages.update(done & set(sparse_convs))
-                return (twin, "") if done else (None, "")
-            twins.append((stages.SUFFIX, stage_twin))
     if channels_last:
-        def channels_last_twin(model: nn.Module) -> tuple[nn.Module | None, str]:
-            if _has_stages(model):  # its fused stages read and write NCHW: no twin ("" is not a failure)
-                return None, ""
+        def channels_last_twin(name: str, model: nn.Module) -> tuple[nn.Module, str]:
             twin = layout.channels_last_copy(model)
             if model is net:  # the deployed model: its layers chosen against channels-last dense ones
-                for name in dense_in_channels_last:
-                    twin.set_submodule(name, layout.channels_last_copy(net_layers[name]))
+                for layer in dense_in_channels_last:
+                    twin.set_submodule(layer, layout.channels_last_copy(net_layers[layer]))
             return twin, ""
         twins.append((layout.SUFFIX, channels_last_twin))
+    stage_why = _stages_apply(base, dev, dtype) if fuse_pooling else ""
+    stage_times: dict[tuple[str, str], dict[str, float]] = {}  # (twin, layer): "stage" and "unfused" ms
+    if stage_why is None:
+        def stage_twin(name: str, model: nn.Module) -> tuple[nn.Module | None, str]:
+            # in the deployed model a convolution given a sparse form is a candidate too, against that form
+            dense = {n: net_layers[n] for n in replacements if isinstance(net_layers[n], nn.Conv2d)} if model is net else {}
+            twin, times = stages.measured_twin(model, xs, timer, min_gain, name.endswith(layout.SUFFIX), dense,
+                                               label=name + stages.SUFFIX)
+            stage_times.update({(name + stages.SUFFIX, layer): t for layer, t in times.items()})
+            return twin, ""  # None, "": no convolution pays as a stage here, which is not a failure
+        twins.append((stages.SUFFIX, stage_twin))
     if compile:
         fresh_cache()  # else past torch's 8 cached compilations a "compiled" variant would silently run eagerly
-        twins.append((SUFFIX, lambda m: compile_copy(m, xs, threads)))
+        twins.append((SUFFIX, lambda name, m: compile_copy(m, xs, threads)))
     for suffix, make in twins:
         made = _twins(variants, suffix, make, xs, floor, reports, diffs)
         not_measured.update({k: v for k, v in made.items() if isinstance(v, str)})
@@ -453,14 +424,8 @@ def deploy(
             r.reason = (f"dense: in channels-last layout the dense layer beats {r.form} ("
                         + ", ".join(f"{k} {v:.4g} ms" for k, v in cl.items()) + ")")
             r.form = "dense"
-    if stages.SUFFIX in variant:
-        for name, module in variants[eager_name(variant)].named_modules():
-            if isinstance(module, stages.ConvPool2d) and name in reports:
-                r = reports[name]
-                if kind(variant) == "deployed" and name in dense_in_stages:
-                    r.reason, r.form = f"dense: the fused stage was faster in the whole model than {r.form}", "dense"
-                r.reason += (f"; fused with the{' ReLU and' if module.relu else ''} 2x2 max-pool after it "
-                             "(benchkit::conv_pool)")
+    staged_layers = _report_stages(variants[eager_name(variant)], eager_name(variant), variant, reports,
+                                   stage_times, replacements)
     chosen = variants[variant].eval()
     eager = variants[eager_name(variant)].eval()
     if kind(variant) == "aligned":
@@ -493,7 +458,7 @@ def deploy(
         example_inputs=cpu_inputs, compaction=result, not_measured=not_measured,
         eager_model=eager if eager is not chosen else None,
         fold_note=_fold_note(folded),
-        stage_note=_stage_note(staged),
+        stage_note=_stage_note(stage_why, staged_layers),
     )
 
 
@@ -506,34 +471,39 @@ def _fold_note(folded: Folded) -> str:
     return ""
 
 
-def _stage_plan(base: nn.Module, dev: torch.device, dtype: torch.dtype) -> stages.Staged:
-    """What :func:`~benchkit.deployment.stages.fuse_conv_pool` would fuse in the dense model, or why nothing."""
-    trial = stages.fuse_conv_pool(deepcopy_model(base).eval())
-    if not trial.convolutions:
-        return trial
+def _stages_apply(base: nn.Module, dev: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` when fused convolution stages can be timed for this model here, else why not ("" when the
+    model has no 2-d convolution: nothing to say)."""
+    if not any(isinstance(m, nn.Conv2d) for m in base.modules()):
+        return ""
     if dev.type != "cpu" or dtype != torch.float32:
-        return stages.Staged(why_not=f"benchkit::conv_pool runs fp32 on CPU (here {str(dtype).removeprefix('torch.')} "
-                                     f"on {dev.type})")
-    why = fused.available()
-    return trial if why is None else stages.Staged(why_not=why)
+        return f"benchkit::conv_stage runs fp32 on CPU (here {str(dtype).removeprefix('torch.')} on {dev.type})"
+    return fused.available()
 
 
-def _stage_twin(model: nn.Module) -> tuple[nn.Module | None, str]:
-    """A copy with its convolution + max-pool chains fused; none ("") for a variant without such a chain."""
-    twin = deepcopy_model(model).eval()
-    return (twin, "") if stages.fuse_conv_pool(twin).convolutions else (None, "")
+def _report_stages(model: nn.Module, name: str, variant: str, reports: dict[str, LayerReport],
+                   stage_times: dict[tuple[str, str], dict[str, float]], replacements: dict[str, nn.Module]
+                   ) -> list[str]:
+    """The kept model's layers that run as fused stages; their reports say so, with the times measured."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, stages.ConvStage) and n in reports]
+    for layer in layers:
+        module, r, t = model.get_submodule(layer), reports[layer], stage_times.get((name, layer), {})
+        timed = f"{t['stage']:.4g} ms vs {t['unfused']:.4g} ms unfused" if t else "not timed"
+        what = " with its ReLU" * module.relu + " and 2x2 max-pool" * module.pool
+        if kind(variant) == "deployed" and layer in replacements and r.form != "dense":
+            r.reason, r.form = f"dense: as a fused stage it beat {r.form} in this model", "dense"
+        r.reason += f"; run as a fused stage{what} (benchkit::conv_stage, {timed})"
+    return layers
 
 
-def _has_stages(model: nn.Module) -> bool:
-    return any(isinstance(m, stages.ConvPool2d) for m in model.modules())
-
-
-def _stage_note(staged: stages.Staged) -> str:
-    """"" when there was no convolution + max-pool chain (or fusing was not asked)."""
-    if staged.convolutions:
-        return (f"{len(staged.convolutions)} convolutions fused with the 2x2 max-pools after them in the "
-                f"{stages.SUFFIX} twins ({', '.join(staged.convolutions)})")
-    return f"no fused convolution + max-pool twin: {staged.why_not}" if staged.why_not else ""
+def _stage_note(why: str | None, layers: list[str]) -> str:
+    """"" when the model has no convolution (or fusing was not asked)."""
+    if why:
+        return f"no fused convolution stages: {why}"
+    if why is None:
+        return (f"{len(layers)} convolutions run as fused stages (benchkit::conv_stage): {', '.join(layers)}" if layers
+                else "fused convolution stages (benchkit::conv_stage) were timed; the kept model has none")
+    return ""
 
 
 def _aligned_compaction(masked: nn.Module, inputs: tuple[Tensor, ...], exact: CompactResult | None,
@@ -550,19 +520,20 @@ def _aligned_compaction(masked: nn.Module, inputs: tuple[Tensor, ...], exact: Co
 
 
 def kind(variant: str) -> str:
-    """The whole-model candidate a variant is a twin of: ``compacted_channels_last_compiled`` -> ``compacted``."""
-    return eager_name(variant).removesuffix(layout.SUFFIX).removesuffix(stages.SUFFIX)
+    """The whole-model candidate a variant is a twin of: ``compacted_channels_last_stages_compiled`` ->
+    ``compacted``."""
+    return eager_name(variant).removesuffix(stages.SUFFIX).removesuffix(layout.SUFFIX)
 
 
 def _twins(variants: dict[str, nn.Module], suffix: str, make, xs: tuple[Tensor, ...], floor: tuple[float, float],
            reports: dict[str, LayerReport], diffs: dict[str, float]) -> dict[str, nn.Module | str]:
-    """Each variant remade by ``make(model) -> (twin | None, why)`` (name + ``suffix``: compiled, channels
+    """Each variant remade by ``make(name, model) -> (twin | None, why)`` (name + ``suffix``: compiled, channels
     last) and checked against it on ``xs``, or the reason it is not measured. ``diffs`` gets each twin's
     largest output difference from the variant it was made from."""
     out: dict[str, nn.Module | str] = {}
     for name, model in variants.items():
         key = name + suffix
-        twin, why = make(model)
+        twin, why = make(name, model)
         if twin is None:
             if why:  # "": this variant has no such twin, which is not a failure to report
                 out[key] = why

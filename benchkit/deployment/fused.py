@@ -1,6 +1,6 @@
 """benchkit's own CPU kernels: ``benchkit::csr_linear`` for sparse Linear layers (``csr_linear.cpp``) and
-``benchkit::conv_pool`` for a convolution and the 2x2 max-pool after it (``conv_pool.cpp``, used by
-:mod:`benchkit.deployment.stages`; why it exists is in that file's header).
+``benchkit::conv_stage`` for a convolution with the ReLU and 2x2 max-pool after it (``conv_stage.cpp``,
+used by :mod:`benchkit.deployment.stages`; why it exists is in that file's header).
 
 Why a CSR kernel of our own: every CSR product torch offers computes ``W @ Xᵀ``, so a Linear layer built on
 one pays two layout copies around it, and at 512x512 / batch 64 those copies alone bound any such layer
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = [Path(__file__).with_name(f) for f in ("csr_linear.cpp", "conv_pool.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("csr_linear.cpp", "conv_stage.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]  # not in torch's own source hash: in the name's
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "ops": the loaded operators by name, or "error": why they cannot be built
@@ -70,7 +70,7 @@ def available() -> str | None:
                                f"{text[0][:200] if text else ''}); it needs a C++ compiler and ninja")
             return str(_STATE["error"])
         _STATE["ops"] = {"csr_linear": torch.ops.benchkit.csr_linear.default,
-                          "conv_pool": torch.ops.benchkit.conv_pool.default}
+                          "conv_stage": torch.ops.benchkit.conv_stage.default}
         return None
 
 
@@ -96,10 +96,13 @@ def _register_fake() -> None:
     def _(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
         return x.new_empty((x.shape[0], out_features))
 
-    @torch.library.register_fake("benchkit::conv_pool")
-    def _(x: Tensor, weight: Tensor, bias: Tensor | None, pad_h: int, pad_w: int, relu: bool) -> Tensor:
-        rows, cols = x.shape[2] + 2 * pad_h - weight.shape[2] + 1, x.shape[3] + 2 * pad_w - weight.shape[3] + 1
-        return x.new_empty((x.shape[0], weight.shape[0], rows // 2, cols // 2))
+    @torch.library.register_fake("benchkit::conv_stage")
+    def _(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, pad_h: int, pad_w: int, relu: bool, pool: int,
+          channels_last: bool) -> Tensor:
+        rows = ((x.shape[2] + 2 * pad_h - weight.shape[2]) // stride + 1) // pool
+        cols = ((x.shape[3] + 2 * pad_w - weight.shape[3]) // stride + 1) // pool
+        y = x.new_empty((x.shape[0], weight.shape[0], rows, cols))
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 def op(name: str = "csr_linear"):
@@ -108,8 +111,9 @@ def op(name: str = "csr_linear"):
 
     * ``csr_linear(x, crow, col, values, bias, out_features)`` is ``x @ Wᵀ + bias`` for a CSR ``W`` (int32
       ``crow``/``col``, fp32 ``values``), ``x`` 2-D fp32 on CPU;
-    * ``conv_pool(x, weight, bias, pad_h, pad_w, relu)`` is ``max_pool2d(conv2d(x, weight, bias, padding),
-      2)``, ReLU'd when ``relu``, for a stride-1 convolution, ``x`` NCHW fp32 on CPU."""
+    * ``conv_stage(x, weight, bias, stride, pad_h, pad_w, relu, pool, channels_last)`` is ``conv2d(x, weight,
+      bias, stride, padding)``, ReLU'd when ``relu``, max-pooled 2x2 when ``pool`` is 2 (1: no pool), in
+      channels-last layout when ``channels_last``; ``x`` fp32 on CPU, NCHW or channels-last."""
     ops = _STATE.get("ops")
     if ops is None:
         why = available()

@@ -1,28 +1,30 @@
-"""A convolution and the 2x2 max-pool after it run as one stage (``benchkit::conv_pool``), in a whole-model
-twin that deploy times beside the others, dense included.
+"""A convolution with the ReLU and 2x2 max-pool after it run as one stage (``benchkit::conv_stage``), in a
+whole-model twin that deploy times beside the others, dense included.
 
 Why: channel pruning leaves narrow convolutions, where oneDNN is least efficient, and the max-pool after
-each is a pass over memory that the FLOP theory does not count and that does not shrink with the FLOPs.
-On LeNet-5 at 4x layer-wise channel pruning (5 and 12 filters, batch 64, one thread, this project's
-CPU) the two convolutions and pools took 0.51 + 0.19 ms, a third of dense's time for a twelfth of its
-FLOPs. :mod:`benchkit.deployment.fused`'s ``conv_pool`` computes a convolution, its bias, a ReLU and the
-2x2 max-pool in one pass, vectorised over 16 samples of the batch (so it pays at batch 16 and above and
-loses at batch 1, and the measurement decides). The dense model gets the same twin, so a speedup the
-kernel alone gives is never credited to pruning.
+one is a pass over memory that the FLOP theory does not count and that does not shrink with the FLOPs. On
+LeNet-5 at 4x layer-wise channel pruning (5 and 12 filters, batch 64, one thread, this project's CPU) the
+two convolutions and pools took 0.51 + 0.19 ms, a third of dense's time for a twelfth of its FLOPs.
+:mod:`benchkit.deployment.fused`'s ``conv_stage`` computes a convolution, its bias, a ReLU and the 2x2
+max-pool in one pass, vectorised over 16 samples of the batch, so it pays at batch 16 and above and not at
+batch 1. Whether a stage pays is measured per convolution, in each variant and its layout, on the
+convolution's real input (deploy's ``keep``), and the dense model gets the same twin: a speedup the kernel
+alone gives is never credited to pruning.
 
-Chains are found on the ``torch.fx`` graph: a ``Conv2d`` (stride 1, dilation 1, groups 1, zero padding
-given as numbers) whose output goes only through ``ReLU`` or ``Identity`` modules (a folded BatchNorm is
-one) to a ``MaxPool2d(2)`` (stride 2, no padding, floor mode, no indices), and optionally through a ReLU
-after it. ReLU and the max commute (both are monotone), so the order is free. The module tree is edited,
-as :mod:`benchkit.deployment.fold` does: the convolution becomes a :class:`ConvPool2d`, the modules it
-absorbed become ``nn.Identity``, so the model keeps its class and its layer names. A module called
-elsewhere too (a shared ReLU, say) is not absorbed, and its chain stops before it; a functional
-``torch.relu`` is not either (it cannot be removed by editing modules), and it runs as before.
+Chains are found on the ``torch.fx`` graph: a ``Conv2d`` (dilation 1, groups 1, the same stride both
+ways, zero padding given as numbers) followed only by ``ReLU`` or ``Identity`` modules (a folded BatchNorm
+is one), at most one ``MaxPool2d(2)`` (stride 2, no padding, floor mode, no indices) among them, each the
+only user of the one before. ReLU and the max commute (both are monotone), so their order is free. The
+module tree is edited, as :mod:`benchkit.deployment.fold` does: the convolution becomes a
+:class:`ConvStage`, the modules it absorbed become ``nn.Identity``, so the model keeps its class and its
+layer names. A module called elsewhere too (a residual block's ReLU after the add, say) is not absorbed and
+its chain stops before it; a functional ``torch.relu`` is not either (editing modules cannot remove it).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,47 +32,65 @@ import torch.fx
 from torch import Tensor, nn
 
 from benchkit.deployment import fused
+from benchkit.deployment.choose import Timer, layer_inputs
+from benchkit.pruning.masks import deepcopy_model
 
 SUFFIX = "_stages"  # a twin's name is its variant's plus this
 
 
-class ConvPool2d(nn.Module):
-    """``MaxPool2d(2)(ReLU(Conv2d(x)))`` (ReLU when ``relu``) through ``benchkit::conv_pool``. Its weight
-    and bias are the convolution's (fp32, NCHW); :meth:`portable` is the same stage in torch modules."""
+class ConvStage(nn.Module):
+    """``Conv2d``, then ``ReLU`` when ``relu``, then ``MaxPool2d(2)`` when ``pool``, through
+    ``benchkit::conv_stage``. ``channels_last_output`` (set by
+    :func:`benchkit.deployment.layout.channels_last_copy`) makes it write channels-last outputs, as a dense
+    convolution with channels-last weights does. :meth:`portable` is the same stage in torch modules."""
 
-    def __init__(self, conv: nn.Conv2d, relu: bool):
+    def __init__(self, conv: nn.Conv2d, relu: bool, pool: bool):
         super().__init__()
         self.weight = nn.Parameter(conv.weight.detach().contiguous(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.stride = int(conv.stride[0])
         self.padding = tuple(int(p) for p in conv.padding)
-        self.relu = relu
+        self.relu, self.pool = relu, pool
+        self.channels_last_output = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused.op("conv_pool")(x, self.weight, self.bias, self.padding[0], self.padding[1], self.relu)
+        return fused.op("conv_stage")(x, self.weight.contiguous(), self.bias, self.stride, self.padding[0],
+                                      self.padding[1], self.relu, 2 if self.pool else 1, self.channels_last_output)
 
     def portable(self) -> nn.Module:
-        """Conv2d, ReLU (when fused) and MaxPool2d(2): what a saved model holds, torch alone runs it."""
+        """Conv2d, ReLU and MaxPool2d(2) as fused: what a saved model holds, torch alone runs it."""
         out_channels, in_channels, kh, kw = self.weight.shape
-        conv = nn.Conv2d(in_channels, out_channels, (kh, kw), padding=self.padding, bias=self.bias is not None)
-        conv = conv.to(self.weight.device)
+        conv = nn.Conv2d(in_channels, out_channels, (kh, kw), stride=self.stride, padding=self.padding,
+                         bias=self.bias is not None).to(self.weight.device)
         with torch.no_grad():
             conv.weight.copy_(self.weight)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return nn.Sequential(conv, *([nn.ReLU()] if self.relu else []), nn.MaxPool2d(2))
+        return nn.Sequential(conv, *([nn.ReLU()] if self.relu else []), *([nn.MaxPool2d(2)] if self.pool else []))
 
     def extra_repr(self) -> str:
         out_channels, in_channels, kh, kw = self.weight.shape
-        return f"{in_channels}, {out_channels}, kernel_size={(kh, kw)}, padding={self.padding}, relu={self.relu}, pool=2"
+        return (f"{in_channels}, {out_channels}, kernel_size={(kh, kw)}, stride={self.stride}, "
+                f"padding={self.padding}, relu={self.relu}, pool={2 if self.pool else None}")
 
 
 @dataclass(frozen=True)
 class Staged:
-    """What :func:`fuse_conv_pool` did: the convolutions now fused with their pools (by name), or why none
-    could be (``""`` when the model has no max-pool at all)."""
+    """What :func:`fuse_stages` did: the convolutions now run as stages (by name), or why none could be
+    (``""`` when the model has no convolution at all)."""
 
     convolutions: list[str] = field(default_factory=list)
     why_not: str = ""
+
+
+#: ``keep(name, unfused, stage) -> bool``: whether the stage replaces ``unfused`` (the convolution and the
+#: modules it would absorb, an ``nn.Sequential``); deploy's times both on the convolution's real input
+Keep = Callable[[str, nn.Module, ConvStage], bool]
+
+
+def pooled_only(name: str, unfused: nn.Module, stage: ConvStage) -> bool:
+    """The default without measurements: fuse where a max-pool is absorbed, the case the kernel is for."""
+    return stage.pool
 
 
 class _Tracer(torch.fx.Tracer):
@@ -82,13 +102,13 @@ class _Tracer(torch.fx.Tracer):
                 or type(m).__module__.startswith("benchkit.deployment"))
 
 
-def _conv_fits(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
+def _conv_fits(conv: nn.Module | None) -> bool:
+    return (type(conv) is nn.Conv2d and conv.stride[0] == conv.stride[1] and tuple(conv.dilation) == (1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu")
 
 
-def _pool_fits(pool: nn.Module) -> bool:
+def _pool_fits(pool: nn.Module | None) -> bool:
     def pair(v) -> tuple:
         return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     return (type(pool) is nn.MaxPool2d and pair(pool.kernel_size) == (2, 2)
@@ -98,59 +118,97 @@ def _pool_fits(pool: nn.Module) -> bool:
 
 
 def _chain(conv_node: torch.fx.Node, modules: dict[str, nn.Module]) -> list[torch.fx.Node]:
-    """The call_module nodes after ``conv_node`` that the stage can absorb, up to and including the pool
-    and any ReLU/Identity after it; empty when no pool is reached."""
+    """The call_module nodes after ``conv_node`` that a stage can absorb: ReLU and Identity modules and at
+    most one 2x2 max-pool, each the only user of the node before."""
     chain, node, pooled = [], conv_node, False
     while len(node.users) == 1:
         user = next(iter(node.users))
         module = modules.get(user.target) if user.op == "call_module" else None
-        if type(module) in (nn.ReLU, nn.Identity):
+        if type(module) in (nn.ReLU, nn.Identity) or not pooled and _pool_fits(module):
+            pooled = pooled or _pool_fits(module)
             chain.append(user)
-        elif not pooled and module is not None and _pool_fits(module):
-            chain.append(user)
-            pooled = True
+            node = user
         else:
             break
-        node = user
-    return chain if pooled else []
+    return chain
 
 
-def fuse_conv_pool(model: nn.Module) -> Staged:
-    """Fuse, **in place**, every convolution → (ReLU) → 2x2 max-pool chain of ``model`` into a
-    :class:`ConvPool2d`; see the module docstring. ``model`` must be in eval mode."""
+def fuse_stages(model: nn.Module, keep: Keep = pooled_only, dense: dict[str, nn.Conv2d] | None = None) -> Staged:
+    """Replace, **in place**, each convolution of ``model`` and the ReLU / max-pool modules after it by a
+    :class:`ConvStage` where ``keep`` says so; see the module docstring. ``dense`` names the dense
+    convolution behind a module that computes one another way (deploy's sparse forms): that module is a
+    candidate too, its stage built from the dense layer. ``model`` must be in eval mode."""
     if model.training:
-        raise ValueError("fuse_conv_pool needs a model in eval mode (call model.eval() first)")
-    if not any(isinstance(m, nn.MaxPool2d) for m in model.modules()):
+        raise ValueError("fuse_stages needs a model in eval mode (call model.eval() first)")
+    dense = dense or {}
+    if not dense and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return Staged()  # nothing to fuse, nothing to say
     try:
         graph = _Tracer().trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure: the model runs unfused
         return Staged(why_not=f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err})"[:300])
     modules = dict(model.named_modules())
+    convs = {name: dense.get(name, m) for name, m in modules.items()}
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    chains = {n: _chain(n, modules) for n in graph.nodes
-              if n.op == "call_module" and calls[n.target] == 1 and _conv_fits(modules.get(n.target))}
+    chains = {n.target: [m.target for m in _chain(n, modules)] for n in graph.nodes
+              if n.op == "call_module" and calls[n.target] == 1 and _conv_fits(convs.get(n.target))}
     # a module may only become Identity when every call of it is absorbed: cut chains at any other until
     # nothing changes (cutting one chain can leave another's module with a call outside)
     while True:
-        absorbed = Counter(m.target for chain in chains.values() for m in chain)
-        cut = {}
-        for conv_node, chain in chains.items():
-            keep = next((i for i, m in enumerate(chain) if absorbed[m.target] != calls[m.target]), len(chain))
-            if keep < len(chain):
-                pooled = any(_pool_fits(modules[m.target]) for m in chain[:keep])
-                cut[conv_node] = chain[:keep] if pooled else []
+        absorbed = Counter(t for chain in chains.values() for t in chain)
+        cut = {conv: chain[:i] for conv, chain in chains.items()
+               for i in [next((i for i, t in enumerate(chain) if absorbed[t] != calls[t]), len(chain))]
+               if i < len(chain)}
         if not cut:
             break
         chains.update(cut)
-    fused_names = []
-    for conv_node, chain in chains.items():
-        if not chain:
-            continue
-        relu = any(type(modules[m.target]) is nn.ReLU for m in chain)
-        model.set_submodule(conv_node.target, ConvPool2d(modules[conv_node.target], relu))
-        for m in chain:
-            model.set_submodule(m.target, nn.Identity())
-        fused_names.append(conv_node.target)
-    return Staged(convolutions=fused_names, why_not="" if fused_names else "no convolution followed by a 2x2 max-pool")
+    kept = {conv for conv, chain in chains.items()
+            if keep(conv, nn.Sequential(modules[conv], *(modules[t] for t in chain)), _stage(convs, modules, conv, chain))}
+    # chains that share a module (LeNet-5 calls one pool after both convolutions) are edited together: once
+    # the shared module is Identity, a chain not kept runs its modules inside the convolution's slot instead
+    edited = set(kept)
+    while True:
+        touched = {t for conv in edited for t in chains[conv]}
+        more = {conv for conv, chain in chains.items() if conv not in edited and touched.intersection(chain)}
+        if not more:
+            break
+        edited |= more
+    for conv in edited:
+        chain = chains[conv]
+        if conv in kept:
+            replacement = _stage(convs, modules, conv, chain).to(convs[conv].weight.device)
+        else:
+            replacement = nn.Sequential(modules[conv], *(modules[t] for t in chain))
+        model.set_submodule(conv, replacement)
+        for t in chain:
+            model.set_submodule(t, nn.Identity())
+    done = [conv for conv in chains if conv in kept]
+    return Staged(convolutions=done, why_not="" if done else "no convolution was faster as a stage")
 
+
+def _stage(convs: dict[str, nn.Module], modules: dict[str, nn.Module], conv: str, chain: list[str]) -> ConvStage:
+    return ConvStage(convs[conv], relu=any(type(modules[t]) is nn.ReLU for t in chain),
+                     pool=any(_pool_fits(modules[t]) for t in chain))
+
+
+def measured_twin(model: nn.Module, xs: tuple[Tensor, ...], timer: Timer, min_gain: float, channels_last: bool,
+                  dense: dict[str, nn.Conv2d] | None = None, label: str = "") -> tuple[nn.Module | None,
+                                                                                      dict[str, dict[str, float]]]:
+    """A copy of ``model`` whose convolutions run as stages where each, timed on its real input (from
+    ``model(*xs)``) against the modules it replaces, is ``min_gain`` faster; and those times by layer
+    (``stage``, ``unfused`` ms). ``None`` when no convolution pays. ``channels_last``: the model runs in
+    that layout (its stages write it)."""
+    twin = deepcopy_model(model).eval()
+    dense = dense or {}
+    inputs = layer_inputs(twin, {n: m for n, m in twin.named_modules() if isinstance(m, nn.Conv2d) or n in dense}, xs)
+    times: dict[str, dict[str, float]] = {}
+
+    def keep(layer: str, unfused: nn.Module, stage: ConvStage) -> bool:
+        if layer not in inputs:
+            return False
+        stage.channels_last_output = channels_last
+        x = inputs[layer]
+        times[layer] = timer(f"{label} {layer}".strip(), {"unfused": lambda: unfused(x), "stage": lambda: stage(x)})
+        return times[layer]["stage"] * (1 + min_gain) <= times[layer]["unfused"]
+    done = fuse_stages(twin, keep, dense).convolutions
+    return (twin if done else None), times
