@@ -162,8 +162,9 @@ def fuse_stages(model: nn.Module, keep: Keep = pooled_only, dense: dict[str, nn.
         if not cut:
             break
         chains.update(cut)
+    offered = {conv: _stage(convs, modules, conv, chain) for conv, chain in chains.items()}
     kept = {conv for conv, chain in chains.items()
-            if keep(conv, nn.Sequential(modules[conv], *(modules[t] for t in chain)), _stage(convs, modules, conv, chain))}
+            if keep(conv, nn.Sequential(modules[conv], *(modules[t] for t in chain)), offered[conv])}
     # chains that share a module (LeNet-5 calls one pool after both convolutions) are edited together: once
     # the shared module is Identity, a chain not kept runs its modules inside the convolution's slot instead
     edited = set(kept)
@@ -176,7 +177,7 @@ def fuse_stages(model: nn.Module, keep: Keep = pooled_only, dense: dict[str, nn.
     for conv in edited:
         chain = chains[conv]
         if conv in kept:
-            replacement = _stage(convs, modules, conv, chain).to(convs[conv].weight.device)
+            replacement = offered[conv]  # as keep saw it (and set it: its output layout)
         else:
             replacement = nn.Sequential(modules[conv], *(modules[t] for t in chain))
         model.set_submodule(conv, replacement)
@@ -188,7 +189,7 @@ def fuse_stages(model: nn.Module, keep: Keep = pooled_only, dense: dict[str, nn.
 
 def _stage(convs: dict[str, nn.Module], modules: dict[str, nn.Module], conv: str, chain: list[str]) -> ConvStage:
     return ConvStage(convs[conv], relu=any(type(modules[t]) is nn.ReLU for t in chain),
-                     pool=any(_pool_fits(modules[t]) for t in chain))
+                     pool=any(_pool_fits(modules[t]) for t in chain)).to(convs[conv].weight.device)
 
 
 def measured_twin(model: nn.Module, xs: tuple[Tensor, ...], timer: Timer, min_gain: float, channels_last: bool,
