@@ -1,15 +1,17 @@
-"""A convolution with the ReLU and 2x2 max-pool after it run as one stage (``benchkit::conv_stage``), in a
-whole-model twin that deploy times beside the others, dense included.
+"""Convolutions run as fused stages (``benchkit::conv_stage``: the convolution, its ReLU and the 2x2
+max-pool after it in one pass) where each is measured faster, in a whole-model twin that deploy times
+beside the others, dense included.
 
 Why: channel pruning leaves narrow convolutions, where oneDNN is least efficient, and the max-pool after
 one is a pass over memory that the FLOP theory does not count and that does not shrink with the FLOPs. On
 LeNet-5 at 4x layer-wise channel pruning (5 and 12 filters, batch 64, one thread, this project's CPU) the
-two convolutions and pools took 0.51 + 0.19 ms, a third of dense's time for a twelfth of its FLOPs.
-:mod:`benchkit.deployment.fused`'s ``conv_stage`` computes a convolution, its bias, a ReLU and the 2x2
-max-pool in one pass, vectorised over 16 samples of the batch, so it pays at batch 16 and above and not at
-batch 1. Whether a stage pays is measured per convolution, in each variant and its layout, on the
-convolution's real input (deploy's ``keep``), and the dense model gets the same twin: a speedup the kernel
-alone gives is never credited to pruning.
+two convolutions and pools took 0.51 + 0.19 ms, a third of dense's time for a twelfth of its FLOPs; as
+stages, 0.10 ms. In resnet18 at 4x the 7x7 stem (3->36 channels) ran 1.33 ms in channels-last and 0.79 ms
+as a stage. :mod:`benchkit.deployment.fused`'s ``conv_stage`` is vectorised over 16 samples of the batch,
+so it pays at batch 16 and above, not at batch 1, and loses to oneDNN on wide layers. So whether a stage
+pays is measured per convolution, in each variant and its layout, on the convolution's real input
+(:func:`measured_twin`), and the dense model gets the same twin: a speedup the kernel alone gives is
+never credited to pruning.
 
 Chains are found on the ``torch.fx`` graph: a ``Conv2d`` (dilation 1, groups 1, the same stride both
 ways, zero padding given as numbers) followed only by ``ReLU`` or ``Identity`` modules (a folded BatchNorm
@@ -19,6 +21,9 @@ module tree is edited, as :mod:`benchkit.deployment.fold` does: the convolution 
 :class:`ConvStage`, the modules it absorbed become ``nn.Identity``, so the model keeps its class and its
 layer names. A module called elsewhere too (a residual block's ReLU after the add, say) is not absorbed and
 its chain stops before it; a functional ``torch.relu`` is not either (editing modules cannot remove it).
+Chains that share a module (LeNet-5 calls one pool after both convolutions) are edited together: where one
+is kept and another not, the shared module becomes Identity and the other runs its own modules in its
+convolution's slot (an ``nn.Sequential``).
 """
 
 from __future__ import annotations
