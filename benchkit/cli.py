@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-fold-batchnorm", action="store_true",
                    help="keep BatchNorm layers as they are (default: each one that only follows a convolution is "
                         "folded into it, in every variant timed, dense included)")
-    d.add_argument("--no-fuse-pooling", action="store_true",
-                   help="do not time the twins whose convolutions run fused with the 2x2 max-pools after them "
-                        "(benchkit::conv_pool; default: timed for every variant, dense included)")
+    d.add_argument("--no-fused-stages", action="store_true",
+                   help="do not time the twins whose convolutions run as fused stages with their ReLU and 2x2 "
+                        "max-pool (benchkit::conv_stage; default: timed for every variant, dense included, each "
+                        "convolution kept as a stage only where measured faster)")
     d.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime check")
     d.add_argument("--no-sizes", action="store_true", help="skip writing the storage formats")
     v = sub.add_parser("verify", help="check a study's reproduction card (or the ShrinkBench checklist) against runs",
@@ -469,7 +470,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     deploy_checkpoint(source, out, config=args.config, device=args.device, batch_size=args.batch_size,
                       threads=args.threads, forms=forms, warmup=args.warmup, repeats=args.repeats,
                       onnx=not args.no_onnx, sizes=not args.no_sizes, compile=args.compile, align=args.align,
-                      fold_batchnorm=not args.no_fold_batchnorm, fuse_pooling=not args.no_fuse_pooling)
+                      fold_batchnorm=not args.no_fold_batchnorm, fused_stages=not args.no_fused_stages)
     print((out / "deploy_report.md").read_text(), end="")
     print(f"written to {out}")
     return EXIT_OK

@@ -266,8 +266,8 @@ def test_cli_deploy_writes_model_report_sizes_and_onnx(tmp_path, capsys, monkeyp
     run = write_checkpoint(tmp_path / "run")
     out = tmp_path / "out"
     assert main(["deploy", str(run), "--out", str(out), "--batch-size", "4", "--threads", "1", "--repeats", "2",
-                 "--warmup", "0", "--compile", "--align", "1", "--no-fold-batchnorm", "--no-fuse-pooling"]) == 0
-    assert [(kw["fold_batchnorm"], kw["fuse_pooling"]) for kw in asked] == [(False, False)]
+                 "--warmup", "0", "--compile", "--align", "1", "--no-fold-batchnorm", "--no-fused-stages"]) == 0
+    assert [(kw["fold_batchnorm"], kw["fused_stages"]) for kw in asked] == [(False, False)]
     printed = capsys.readouterr().out
     assert "deployed as" in printed and f"written to {out}" in printed
     report = json.loads((out / "deploy.json").read_text())

@@ -275,7 +275,7 @@ def test_deploy_keeps_the_fused_dense_model_when_it_is_fastest_and_can_be_told_n
     assert not any("_stages" in k for k in dep.times_ms)
     assert dep.stage_note == "fused convolution stages (benchkit::conv_stage) were timed; the kept model has none"
     calls = []
-    dep = bk.deploy(net, x, forms=["dense"], align=1, fuse_pooling=False, timer=fake_timer({}, None, calls))
+    dep = bk.deploy(net, x, forms=["dense"], align=1, fused_stages=False, timer=fake_timer({}, None, calls))
     assert not any("_stages" in k for label, names in calls for k in names) and dep.stage_note == ""
 
 

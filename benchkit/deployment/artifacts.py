@@ -77,7 +77,7 @@ def deploy_checkpoint(source: str | Path, out: str | Path, *, config: str | Path
                       device: str = "cpu", batch_size: int = 64, threads: int | None = None,
                       forms: Sequence[str] | None = None, warmup: int = 3, repeats: int = 20,
                       onnx: bool = True, sizes: bool = True, compile: bool = False, align: int = 8,
-                      fold_batchnorm: bool = True, fuse_pooling: bool = True) -> dict[str, Any]:
+                      fold_batchnorm: bool = True, fused_stages: bool = True) -> dict[str, Any]:
     """Deploy a run's final model and write the files of the module docstring; returns deploy.json's
     content."""
     for name in forms or ():
@@ -90,7 +90,7 @@ def deploy_checkpoint(source: str | Path, out: str | Path, *, config: str | Path
     example = random_inputs(model, (batch_size, *shape))
     dep: Deployment = deploy(model, example, device=device, batch_size=batch_size, threads=threads, forms=forms,
                              warmup=warmup, repeats=repeats, compile=compile, align=align,
-                             fold_batchnorm=fold_batchnorm, fuse_pooling=fuse_pooling)
+                             fold_batchnorm=fold_batchnorm, fused_stages=fused_stages)
     saved = dep.save(out / "deployed")
     dep.table().to_csv(out / "deploy_layers.csv", index=False)
     report: dict[str, Any] = {"source": str(checkpoint), "config": str(config_path), "input_shape": list(shape),

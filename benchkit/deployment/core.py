@@ -265,7 +265,7 @@ def deploy(
     channels_last: bool | None = None,
     compile: bool = False,
     fold_batchnorm: bool = True,
-    fuse_pooling: bool = True,
+    fused_stages: bool = True,
     timer: Timer | None = None,
 ) -> Deployment:
     """Deploy a pruned (``torch.nn.utils.prune``-masked, or plain) model; see the module docstring.
@@ -284,7 +284,7 @@ def deploy(
     (default: when the model has a Conv2d) also times every variant with its parameters in channels-last
     layout (:mod:`benchkit.deployment.layout`), dense included. ``fold_batchnorm`` folds every BatchNorm that
     only follows a convolution into it, in every variant, dense included (:mod:`benchkit.deployment.fold`).
-    ``fuse_pooling`` (fp32 on CPU, where benchkit's kernels build) also times every variant with its
+    ``fused_stages`` (fp32 on CPU, where benchkit's kernels build) also times every variant with its
     convolutions run as fused stages (ReLU and 2x2 max-pool included) where each is measured faster on its
     real input (:mod:`benchkit.deployment.stages`), dense included.
 
@@ -389,7 +389,7 @@ def deploy(
                     twin.set_submodule(layer, layout.channels_last_copy(net_layers[layer]))
             return twin, ""
         twins.append((layout.SUFFIX, channels_last_twin))
-    stage_why = _stages_apply(base, dev, dtype) if fuse_pooling else ""
+    stage_why = _stages_apply(base, dev, dtype) if fused_stages else ""
     stage_times: dict[tuple[str, str], dict[str, float]] = {}  # (twin, layer): "stage" and "unfused" ms
     if stage_why is None:
         def stage_twin(name: str, model: nn.Module) -> tuple[nn.Module | None, str]:

@@ -1,4 +1,4 @@
-// Helpers shared by benchkit's CPU kernels (csr_linear.cpp, conv_pool.cpp): 16-float vectors and
+// Helpers shared by benchkit's CPU kernels (csr_linear.cpp, conv_stage.cpp): 16-float vectors and
 // blocked transposes. Compiled with them by benchkit/deployment/fused.py.
 #pragma once
 
