@@ -2,7 +2,10 @@
 
 * :func:`benchkit.deployment.core.deploy` (``bk.deploy``): per-layer forms chosen by measurement;
 * :mod:`~benchkit.deployment.forms`: the forms (dense, CSR kernels, 2:4 semi-structured on CUDA);
-* :mod:`~benchkit.deployment.fused`: benchkit's own CPU kernel for sparse Linear layers (``fused_csr``);
+* :mod:`~benchkit.deployment.fused`: benchkit's own CPU kernels (``csr_linear`` for the ``fused_csr`` form,
+  ``conv_stage`` for fused convolution stages);
+* :mod:`~benchkit.deployment.fold`: BatchNorms folded into the convolutions before them, in every variant;
+* :mod:`~benchkit.deployment.stages`: convolutions with their ReLU and max-pool as fused stages, where faster;
 * :mod:`~benchkit.deployment.compiled`: the whole-model ``torch.compile`` step (``compile=True``);
 * :mod:`~benchkit.deployment.layout`: the channels-last twin of a convolutional model's variants;
 * :mod:`~benchkit.deployment.compact`: whole dead channels removed with Torch-Pruning;
