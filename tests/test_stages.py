@@ -38,6 +38,7 @@ def torch_stage(x, weight, bias, stride, padding, relu, pool):
     (18, 3, 7, (15, 13), (3, 3), 2, (1, 1), False, True, True),    # stride 2 and a pool, odd sizes
     (16, 6, 11, (9, 10), (3, 3), 1, (1, 1), True, False, False),   # rows of 10 outputs: 4 + 4 + 2 per row
     (3, 4, 5, (5, 7), (1, 1), 2, (0, 0), False, True, False),      # a 1x1 stride-2 shortcut
+    (17, 64, 4, (64, 64), (3, 3), 1, (1, 1), True, True, True),    # buffers over 16 MB: allocated per call
 ])
 @pytest.mark.parametrize("layouts", ["nchw", "channels_last in", "channels_last out", "channels_last both"])
 def test_kernel_equals_conv_relu_maxpool(n, cin, cout, hw, k, stride, pad, relu, bias, pool, layouts):

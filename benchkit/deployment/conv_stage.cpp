@@ -154,10 +154,15 @@ at::Tensor conv_stage(const at::Tensor& x, const at::Tensor& weight, const c10::
   float* yp = y.data_ptr<float>();
   const int64_t in_plane = in * h * wd, out_plane = g.out * g.oh * g.ow, xt_size = in * hp * wp * L;
   at::parallel_for(0, (n + L - 1) / L, 1, [&](int64_t begin, int64_t end) {
-    // kept per thread between calls (a fresh buffer of this size is page faults on every call)
-    thread_local std::vector<float> xt_buf, yt_buf;
-    float* xt = aligned(xt_buf, static_cast<size_t>(xt_size));
-    float* yt = aligned(yt_buf, static_cast<size_t>(out_plane * L));
+    // kept per thread between calls (a fresh buffer is page faults on every call), up to 16 MB: a larger
+    // one (a wide layer at ImageNet's size: 16 samples x 64 x 226 x 226 floats is 209 MB) is freed after
+    // the call rather than held for the life of the process
+    constexpr int64_t kKeep = int64_t{1} << 22;  // floats
+    thread_local std::vector<float> xt_kept, yt_kept;
+    std::vector<float> xt_own, yt_own;
+    const bool keep = xt_size + out_plane * L <= kKeep;
+    float* xt = aligned(keep ? xt_kept : xt_own, static_cast<size_t>(xt_size));
+    float* yt = aligned(keep ? yt_kept : yt_own, static_cast<size_t>(out_plane * L));
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * L, mb = std::min<int64_t>(L, n - n0);
       if (mb < L || pad_h > 0 || pad_w > 0) std::fill(xt, xt + xt_size, 0.0f);  // padding, idle lanes

@@ -45,9 +45,10 @@ SUFFIX = "_stages"  # a twin's name is its variant's plus this
 
 class ConvStage(nn.Module):
     """``Conv2d``, then ``ReLU`` when ``relu``, then ``MaxPool2d(2)`` when ``pool``, through
-    ``benchkit::conv_stage``. ``channels_last_output`` (set by
-    :func:`benchkit.deployment.layout.channels_last_copy`) makes it write channels-last outputs, as a dense
-    convolution with channels-last weights does. :meth:`portable` is the same stage in torch modules."""
+    ``benchkit::conv_stage``. ``channels_last_output`` makes it write channels-last outputs, as a dense
+    convolution with channels-last weights does, for a stage inside a channels-last model (set by
+    :func:`measured_twin`, and by :func:`benchkit.deployment.layout.channels_last_copy`). :meth:`portable`
+    is the same stage in torch modules."""
 
     def __init__(self, conv: nn.Conv2d, relu: bool, pool: bool):
         super().__init__()
