@@ -8,8 +8,8 @@
       Goal: measured speedup >= 0.7 x the compacted theoretical one (FLOPs before / after compaction).
 
   (a) and (b) have two rows per case: ``runtime eager`` (bk.deploy's default, against the fastest eager
-  dense model: NCHW, or channels-last for a convolutional one, or with its convolutions fused with the
-  max-pools after them, BatchNorms folded as deploy folds them, or the model as given) and ``runtime
+  dense model: NCHW, or channels-last for a convolutional one, or either with its convolutions run as
+  fused stages where measured faster, BatchNorms folded as deploy folds them, or the model as given) and ``runtime
   compiled`` (``bk.deploy(compile=True)``, against the fastest of those and their compiled twins, timed in
   the same interleaved run: neither the compiler's, the fused kernel's, the folding's nor the layout's gain
   is credited to pruning).

@@ -145,6 +145,7 @@ def test_fused_csr_without_a_compiler_is_skipped_with_the_reason(tmp_path, monke
     assert reason is not None and "kernels could not be built" in reason and "C++ compiler" in reason
     dep = bk.deploy(pruned(), torch.randn(4, 3, 6, 6), forms=["fused_csr", "csr"], timer=fake_timer({"csr": 0.1}))
     assert dep.layers[2].not_measured["fused_csr"] == reason and dep.layers[2].form == "csr"
+    assert dep.stage_note == f"no fused convolution stages: {reason}"  # nor are the convolution stages timed
 
 
 def test_grouped_and_string_padded_convs_are_left_dense():

@@ -7,10 +7,11 @@ one pays two layout copies around it, and at 512x512 / batch 64 those copies alo
 below the speedup a 98%-sparse weight should give (results/deploy/parts.md). This kernel reads ``x`` and
 writes ``y`` row-major, transposing one block of samples at a time in cache, with the bias fused.
 
-Both are compiled on first use, as one extension, with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; 7-25 s on
-this project's VM, once, then cached under ``~/.cache/torch_extensions`` by source and flags) for this machine's
-CPU (``-march=native``; the extension's name carries a hash of the CPU's flags, so a home folder shared
-by other CPUs gets its own build). Where it cannot be built, :func:`available` says why and the form is
+Both are compiled on first use, as one extension, with ``torch.utils.cpp_extension`` (a C++ compiler and
+ninja; 7-25 s on this project's VM, once, then cached under ``~/.cache/torch_extensions`` by source and
+flags) for this machine's CPU (``-march=native``; the extension's name carries a hash of the CPU's flags,
+so a home folder shared by other CPUs gets its own build, and of the sources and header). Where they
+cannot be built, :func:`available` says why and the forms and stages that need them are
 reported as not measured; nothing else changes. A model saved by :meth:`Deployment.save` never needs
 them: its layers are written as their torch-only twins (``portable()``: the ``csr`` form, which runs on
 ``F.embedding_bag``; a convolution, ReLU and max-pool), which torch alone runs.
@@ -67,7 +68,7 @@ def available() -> str | None:
         except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: the form is skipped
             text = str(err).strip().splitlines()
             _STATE["error"] = (f"benchkit's kernels could not be built here ({type(err).__name__}: "
-                               f"{text[0][:200] if text else ''}); it needs a C++ compiler and ninja")
+                               f"{text[0][:200] if text else ''}); they need a C++ compiler and ninja")
             return str(_STATE["error"])
         _STATE["ops"] = {"csr_linear": torch.ops.benchkit.csr_linear.default,
                           "conv_stage": torch.ops.benchkit.conv_stage.default}
