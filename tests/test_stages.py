@@ -355,3 +355,24 @@ def test_measured_twin_keeps_what_is_faster_and_writes_the_layout_it_was_timed_i
     got = run(twin, x)
     assert (got - want).abs().max().item() < 1e-5
     assert measured_twin(net, (x,), lambda label, fns: {"stage": 1.0, "unfused": 1.0}, 0.05, False)[0] is None
+
+
+class Unbatched(nn.Module):
+    """Calls its convolution on one image (3-D): the kernel takes 4-D inputs only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(1, 4, 3), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.conv(x[0])).unsqueeze(0)
+
+
+def test_a_convolution_called_on_what_the_kernel_does_not_take_is_not_offered():
+    net = Unbatched().eval()
+    x = torch.randn(16, 1, 10, 10)
+    timed = []
+    twin, times = measured_twin(net, (x,), lambda label, fns: timed.append(label) or {}, 0.05, False)
+    assert twin is None and times == {} and timed == []
+    dep = bk.deploy(net, x, align=1, timer=fake_timer({"stage": 0.1}))
+    assert (dep.model(x) - run(net, x)).abs().max().item() <= dep.tolerance

@@ -211,10 +211,10 @@ def measured_twin(model: nn.Module, xs: tuple[Tensor, ...], timer: Timer, min_ga
     times: dict[str, dict[str, float]] = {}
 
     def keep(layer: str, unfused: nn.Module, stage: ConvStage) -> bool:
-        if layer not in inputs:
-            return False
+        x = inputs.get(layer)
+        if x is None or x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu":
+            return False  # not called, or on what the kernel does not take (an unbatched image, say)
         stage.channels_last_output = channels_last
-        x = inputs[layer]
         times[layer] = timer(f"{label} {layer}".strip(), {"unfused": lambda: unfused(x), "stage": lambda: stage(x)})
         return times[layer]["stage"] * (1 + min_gain) <= times[layer]["unfused"]
     done = fuse_stages(twin, keep, dense).convolutions
