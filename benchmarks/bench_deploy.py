@@ -103,7 +103,7 @@ def dense_peers(dense: nn.Module, x: torch.Tensor, args) -> dict:
     dense one of its runtime, so neither the compiler, the folding nor the layout is credited to pruning."""
     models = deploys_dense(dense, x, args)
     peers = {"dense": partial(dense, x), **{k: partial(m, x) for k, m in models.items()}}
-    fresh_cache()  # the deploy calls before compiled up to 8 variants: room for these (see compiled.py)
+    fresh_cache()  # the deploy calls before compiled up to 16 variants: room for these (see compiled.py)
     for k, m in models.items():
         compiled, why = compile_copy(m, (x,), threads=1)
         if compiled is None:

@@ -20,10 +20,10 @@ A trap this module guards against: every module compiled with ``nn.Module.compil
 object in torch's cache, which holds 8 entries by default (``torch._dynamo.config.recompile_limit``); past
 it, torch *silently* runs the module eagerly (a logged warning), and a "compiled" timing would be an eager
 one. So the first call is made with ``fail_on_recompile_limit_hit`` (the variant is then reported not
-measured) and a limit of :data:`RECOMPILE_LIMIT` (deploy compiles up to 12 variants of one model: 4 kinds,
-each also channels-last and fused with its pools), and deploy clears torch's compile caches
-(:func:`fresh_cache`) before compiling its variants: a process that deploys many models (the benchmark
-deploys 30) compiles each of them for real.
+measured) and a limit of :data:`RECOMPILE_LIMIT` (deploy compiles up to 16 variants of one model: 4 kinds,
+each also channels-last, and each of those with fused convolution stages), and deploy clears torch's
+compile caches (:func:`fresh_cache`) before compiling its variants: a process that deploys many models
+(the benchmark deploys 30) compiles each of them for real.
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ class ConvStage(nn.Module):
         self.channels_last_output = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return fused.op("conv_stage")(x, self.weight.contiguous(), self.bias, self.stride, self.padding[0],
-                                      self.padding[1], self.relu, 2 if self.pool else 1, self.channels_last_output)
+        return fused.op("conv_stage")(x, self.weight, self.bias, self.stride, self.padding[0], self.padding[1],
+                                      self.relu, 2 if self.pool else 1, self.channels_last_output)
 
     def portable(self) -> nn.Module:
         """Conv2d, ReLU and MaxPool2d(2) as fused: what a saved model holds, torch alone runs it."""
